@@ -1,0 +1,37 @@
+"""Sessions: `nox -s tests` (the suite), `nox -s demo` (the quickstart on the embedded data).
+
+Torch: `MDCSRN_TORCH` picks the torch requirement (default `torch==2.13.0`; on a machine whose
+pip finds a local CPU wheel of it, that wheel, otherwise PyPI's build for the platform, CUDA
+on Linux). Set e.g. `MDCSRN_TORCH="torch>=2.4"` to take what pip resolves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("MDCSRN_TORCH", "torch==2.13.0")
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    # torch first, so the package's `torch>=2.4` is already met and pulls nothing bigger
+    session.install(TORCH)
+    session.install("-e", f".{extras}")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (slow end-to-end tests included; `-- -m "not slow"` to skip them)."""
+    install(session, "[test]")
+    session.run("pytest", "-q", "-ra", *session.posargs, env={"WANDB_SILENT": "true"})
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Train the quickstart model on the embedded MNI152 data (CPU, a few minutes)."""
+    install(session)
+    session.run("mdcsrn-train", "experiment=quickstart", *session.posargs)

@@ -1,0 +1,18 @@
+"""Where the Hydra configs live and how commands compose them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def config_dir() -> str:
+    """Absolute path of ``conf/``: ``$MDCSRN_CONFIG_DIR`` or the repository's ``conf/``."""
+    env = os.environ.get("MDCSRN_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"{path}: no Hydra configs (train.yaml) here; install the package editable "
+            "(`pip install -e .`) from its repository or set MDCSRN_CONFIG_DIR to its conf/ folder"
+        )
+    return str(path)

@@ -1,0 +1,34 @@
+"""Mean +- std tables in the paper's format (Table 1/2), as markdown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+COLUMNS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("nrmse", "NRMSE", 4))
+
+
+def mean_std(rows: Sequence[Mapping[str, float]], key: str) -> tuple[float, float]:
+    values = np.asarray([r[key] for r in rows], dtype=np.float64)
+    return float(values.mean()), float(values.std())
+
+
+def summarise_methods(per_method: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """``{method: [per-subject rows]}`` -> ``{method: {"psnr": mean, "psnr_std": std, ...}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for method, rows in per_method.items():
+        out[method] = {"n_subjects": len(rows)}
+        for key, _, _ in COLUMNS:
+            out[method][key], out[method][f"{key}_std"] = mean_std(rows, key)
+    return out
+
+
+def markdown_table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """One row per method: PSNR / SSIM / NRMSE as mean +- std."""
+    lines = ["| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    for method, s in summary.items():
+        cells = [f"{s[k]:.{d}f} ± {s[k + '_std']:.{d}f}" for k, _, d in COLUMNS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Read a generator back from a Lightning checkpoint of either module (L1 or WGAN-GP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or holds no generator we can rebuild."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def generator_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The generator's weights: the ``net.`` entries of the module's state dict."""
+    state = checkpoint.get("state_dict", {})
+    return {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+
+
+def load_generator(path: str | Path, expected_config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the generator from the config stored in the checkpoint and load its weights.
+
+    With ``expected_config``, the stored architecture must match it (e.g. a GAN run that
+    starts from an L1 checkpoint); a mismatch is a :class:`CheckpointError` naming both.
+    """
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get("net_config")
+    if not config:
+        raise CheckpointError(f"{path}: no 'net_config' in the checkpoint; not written by mdcsrn-train")
+    if expected_config is not None:
+        differ = {k for k in set(config) | set(expected_config) if config.get(k) != expected_config.get(k)}
+        # options that do not change the weights may differ
+        differ -= {"memory_efficient"}
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {config.get(k)!r} vs config {expected_config.get(k)!r}" for k in sorted(differ))
+            raise CheckpointError(f"{path}: holds another architecture ({detail})")
+    net = instantiate(config)
+    try:
+        net.load_state_dict(generator_state(checkpoint))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({exc})") from exc
+    return net, config

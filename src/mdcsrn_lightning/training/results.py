@@ -1,0 +1,51 @@
+"""After fit: the model beside the interpolation baselines on the test split, as files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torchio as tio
+from omegaconf import DictConfig
+
+from mdcsrn_lightning.evaluation.interpolation import interpolation_scores
+from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
+from mdcsrn_lightning.models import count_parameters
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir: Path, checkpoint: str) -> Path:
+    """Write ``metrics.json`` (model and baselines, mean +- std over test subjects), print a table."""
+    per_method: dict[str, list[dict[str, float]]] = {"model": list(module.test_rows)}
+    for batch in datamodule.test_dataloader():
+        for i in range(batch["hr"][tio.DATA].shape[0]):
+            hr = batch["hr"][tio.DATA][i, 0].numpy()
+            scores = interpolation_scores(hr, cfg.data.factors, list(cfg.get("baselines", [])), module.metric_axis)
+            for name, row in scores.items():
+                per_method.setdefault(name, []).append(row)
+    summary = summarise_methods(per_method)
+    result = {
+        "split": "test",
+        "methods": summary,
+        "params": count_parameters(module.net),
+        "checkpoint": checkpoint,
+        "panel": str(module.panel_dir() / "test.png"),
+        "model_config": module.net_config,
+        "factors": list(cfg.data.factors),
+        "input_interpolation": cfg.data.get("interpolation"),
+    }
+    path = output_dir / "metrics.json"
+    write_json_atomic(path, result)
+    print(f"\nTest split ({summary['model']['n_subjects']} subject(s)), slice-wise in the degraded plane:")
+    print(markdown_table(summary))
+    return path
