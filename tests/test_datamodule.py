@@ -404,3 +404,12 @@ def test_lightning_calls_set_epoch_through_the_train_loader(tmp_path: Path) -> N
     trainer.fit(model, datamodule=dm)
     assert {(e, s) for e, s, _ in model.seen} == {(0, 0), (1, 1), (2, 2)}
     assert len(model.seen) == 3 * 2 * 2  # 3 epochs x 2 subjects x 2 patches
+
+
+def test_a_set_with_fraction_zero_has_no_loader_and_says_so(tmp_path: Path) -> None:
+    dm = _dm(_cohort(tmp_path / "data", n=5), split_fractions=(3, 1, 0, 1))
+    dm.setup("fit")
+    assert [len(dm.split[s]) for s in ("train", "val", "eval", "test")] == [3, 1, 0, 1]
+    assert len(dm.val_dataloader()) == 1 and len(dm.test_dataloader()) == 1
+    with pytest.raises(ValueError, match="the eval set is empty"):
+        dm.eval_dataloader()

@@ -154,7 +154,8 @@ def test_embedded_slabs_tile_the_template_and_lr_is_cut_from_the_whole(monkeypat
     ids = src.subject_ids()
     assert ids == sorted(ids) and len(ids) == 4
     vols = [src.load(i) for i in ids]
-    assert np.array_equal(np.concatenate([v.hr for v in vols], axis=2), template)
+    lo, hi = src.extent()
+    assert np.array_equal(np.concatenate([v.hr for v in vols], axis=2), template[:, :, lo:hi])
     assert [v.hr.shape[2] for v in vols] == [b - a for a, b in src.slab_bounds()]
     # Each slab's affine maps its voxel (0, 0, 0) to the template's voxel (0, 0, start).
     for v, (start, _) in zip(vols, src.slab_bounds()):
@@ -163,14 +164,14 @@ def test_embedded_slabs_tile_the_template_and_lr_is_cut_from_the_whole(monkeypat
 
     lrs = [src.degraded(i, (2, 2, 1), "linear") for i in ids]
     whole = real(np.asarray(template), (2, 2, 1), "linear")
-    assert np.array_equal(np.concatenate(lrs, axis=2), whole)
+    assert np.array_equal(np.concatenate(lrs, axis=2), whole[:, :, lo:hi])
     assert calls == [(99, 117, 95)]  # once, on the whole template, for all slabs
     # Along the undegraded axis, cutting commutes with the degradation (why axis=2 is the default).
     assert np.allclose(real(vols[1].hr, (2, 2, 1), "linear"), lrs[1], atol=1e-4)
 
 
 def test_embedded_slabs_across_a_degraded_axis_still_come_from_the_whole_volume() -> None:
-    src = EmbeddedMNI152Source(resolution=2, num_slabs=3, axis=0)
+    src = EmbeddedMNI152Source(resolution=2, num_slabs=3, axis=0, crop=False)
     whole = degradation.degrade(np.asarray(src.template()[0]), (2, 2, 1), "linear")
     ids = src.subject_ids()
     lrs = [src.degraded(i, (2, 2, 1), "linear") for i in ids]
@@ -180,7 +181,7 @@ def test_embedded_slabs_across_a_degraded_axis_still_come_from_the_whole_volume(
 
 
 def test_embedded_other_axis_and_argument_checks() -> None:
-    src = EmbeddedMNI152Source(resolution=2, num_slabs=3, axis=0)
+    src = EmbeddedMNI152Source(resolution=2, num_slabs=3, axis=0, crop=False)
     assert sum(src.load(i).hr.shape[0] for i in src.subject_ids()) == 99
     assert "slab 2/3" in src.location(src.subject_ids()[1])
     with pytest.raises(ValueError, match="resolution must be 1 or 2"):
@@ -191,3 +192,19 @@ def test_embedded_other_axis_and_argument_checks() -> None:
         EmbeddedMNI152Source(axis=3)
     with pytest.raises(ValueError, match="exceeds the template's 95 slices"):
         EmbeddedMNI152Source(resolution=2, num_slabs=96)
+
+
+@pytest.mark.parametrize("resolution", [1, 2])
+def test_embedded_crop_keeps_only_slices_the_metrics_can_score(resolution: int) -> None:
+    cropped = EmbeddedMNI152Source(resolution=resolution, num_slabs=5)
+    whole = EmbeddedMNI152Source(resolution=resolution, num_slabs=5, crop=False)
+    template = cropped.template()[0] / cropped.template_scale()
+    fraction = (template > 0.05).mean(axis=(0, 1))
+    lo, hi = cropped.extent()
+    assert whole.extent() == (0, template.shape[2])
+    assert 0 < lo < hi < template.shape[2]
+    assert (fraction[lo:hi] >= 0.10).all() and fraction[lo - 1] < 0.10 and fraction[hi] < 0.10
+    # every slab of the cropped source holds only scorable slices; uncropped, the first is air
+    assert all(fraction[a:b].min() >= 0.10 for a, b in cropped.slab_bounds())
+    a, b = whole.slab_bounds()[0]
+    assert fraction[a:b].min() < 0.10

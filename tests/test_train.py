@@ -70,3 +70,17 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_cli_bad_input_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdcsrn_lightning.cli.train", "logger=csv", "data=folder",
+         f"data.source.root={missing}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mdcsrn-train: error: ") and str(missing) in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

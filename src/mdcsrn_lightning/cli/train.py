@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mdcsrn_lightning.config import config_dir
+from mdcsrn_lightning.data.sources import VolumeError
+from mdcsrn_lightning.data.split import SplitError
+from mdcsrn_lightning.training.checkpoint import CheckpointError
 from mdcsrn_lightning.training.results import write_test_results
 
 
@@ -93,7 +97,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (VolumeError, SplitError, CheckpointError) as exc:
+        # bad input: one line naming the file and the problem, no traceback
+        sys.exit(f"mdcsrn-train: error: {exc}")
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 

@@ -409,9 +409,12 @@ class SRDataModule(LightningDataModule):
         self.datasets = {
             s: tio.SubjectsDataset([subjects[n] for n in split[s]], transform=train_transform if s == "train" else None)
             for s in SPLIT_NAMES
+            if split[s]  # a set with fraction 0 (e.g. no eval set for a small cohort) has no loader
         }
         if hp.val_batch_size > 1:
             for s in ("val", "eval", "test"):
+                if s not in self.datasets:
+                    continue
                 shapes = {self._entries[n].shape for n in split[s]}
                 if len(shapes) > 1:
                     raise ValueError(
@@ -480,8 +483,10 @@ class SRDataModule(LightningDataModule):
     def dataloader(self, split: SplitName) -> DataLoader:
         """Whole-volume loader of any set (``"train"`` too: e.g. to evaluate on training subjects)."""
         self._require_setup()
-        if split not in self.datasets:
+        if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        if split not in self.datasets:
+            raise ValueError(f"the {split} set is empty (split_fractions={list(self.hparams.split_fractions)})")
         return tio.SubjectsLoader(
             self.datasets[split],
             batch_size=self.hparams.val_batch_size,

@@ -374,15 +374,21 @@ class EmbeddedMNI152Source(VolumeSource):
     normalised by the whole template's 99.9th percentile (``SubjectVolumes.scale``).
     Each slab's affine is the template's, shifted to the slab's first voxel.
 
+    With ``crop=True`` (default) the slabs are cut from the slices that hold head only: from
+    the first to the last slice along ``axis`` in which >= 10% of the voxels exceed 5% of the
+    99.9th percentile (the metrics' foreground rule). Otherwise the lowest slab at 1 mm is
+    empty air, which no metric can score.
+
     Args:
         resolution: 1 or 2 (mm).
         num_slabs: number of pseudo-subjects (``>= 1``; 4 give one per set of a split).
         axis: axis along which the template is cut (0, 1 or 2).
+        crop: cut the slabs from the foreground slices only (see above).
     """
 
     _SHAPES = {1: (197, 233, 189), 2: (99, 117, 95)}
 
-    def __init__(self, resolution: Literal[1, 2] = 1, num_slabs: int = 4, axis: int = 2) -> None:
+    def __init__(self, resolution: Literal[1, 2] = 1, num_slabs: int = 4, axis: int = 2, crop: bool = True) -> None:
         if resolution not in (1, 2) or isinstance(resolution, bool):
             raise ValueError(f"resolution must be 1 or 2 (mm), got {resolution!r}")
         if axis not in (0, 1, 2) or isinstance(axis, bool):
@@ -395,10 +401,14 @@ class EmbeddedMNI152Source(VolumeSource):
         self.resolution = int(resolution)
         self.num_slabs = num_slabs
         self.axis = axis
+        self.crop = bool(crop)
         self._lr: dict[tuple[tuple[float, ...], str], np.ndarray] = {}
 
     def __repr__(self) -> str:
-        return f"EmbeddedMNI152Source(resolution={self.resolution}, num_slabs={self.num_slabs}, axis={self.axis})"
+        return (
+            f"EmbeddedMNI152Source(resolution={self.resolution}, num_slabs={self.num_slabs}, "
+            f"axis={self.axis}, crop={self.crop})"
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -409,9 +419,22 @@ class EmbeddedMNI152Source(VolumeSource):
         """The whole template: ``((X, Y, Z) float32 read-only, (4, 4) affine)``."""
         return _template(self.resolution)
 
+    def extent(self) -> tuple[int, int]:
+        """``[start, stop)`` along ``axis`` from which the slabs are cut (see ``crop``)."""
+        if not self.crop:
+            return 0, self.shape[self.axis]
+        data = self.template()[0]
+        other = tuple(a for a in range(3) if a != self.axis)
+        fraction = (data > 0.05 * self.template_scale()).mean(axis=other)
+        kept = np.flatnonzero(fraction >= 0.10)
+        return int(kept[0]), int(kept[-1]) + 1
+
     def slab_bounds(self) -> list[tuple[int, int]]:
         """``[start, stop)`` of every slab along ``axis``; sizes differ by at most one."""
-        edges = [int(round(i * self.shape[self.axis] / self.num_slabs)) for i in range(self.num_slabs + 1)]
+        lo, hi = self.extent()
+        if self.num_slabs > hi - lo:
+            raise ValueError(f"num_slabs={self.num_slabs} exceeds the {hi - lo} foreground slices along axis {self.axis}")
+        edges = [lo + int(round(i * (hi - lo) / self.num_slabs)) for i in range(self.num_slabs + 1)]
         return list(zip(edges[:-1], edges[1:]))
 
     def subject_ids(self) -> list[str]:
@@ -443,7 +466,10 @@ class EmbeddedMNI152Source(VolumeSource):
 
     def cache_token(self, subject_id: str) -> str:
         i = self._index(subject_id)
-        return f"embedded-mni152|{self.resolution}|{self.num_slabs}|{self.axis}|{i}|{_file_token(mni152_template_path())}"
+        return (
+            f"embedded-mni152|{self.resolution}|{self.num_slabs}|{self.axis}|{self.crop}|{i}|"
+            f"{_file_token(mni152_template_path())}"
+        )
 
     def load(self, subject_id: str) -> SubjectVolumes:
         index = self._index(subject_id)

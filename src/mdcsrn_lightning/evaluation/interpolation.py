@@ -23,9 +23,13 @@ def interpolation_scores(
     factors: Sequence[float],
     methods: Sequence[Interpolation],
     axis: int = 2,
+    scale: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score each interpolation of one (X, Y, Z) HR volume: ``{name: {"psnr", "ssim", "nrmse"}}``."""
+    """Score each interpolation of one (X, Y, Z) HR volume: ``{name: {"psnr", "ssim", "nrmse"}}``.
+
+    ``scale``: as in :func:`slice_metrics` (``None``: the HR's own 99.9th percentile).
+    """
     return {
-        BASELINE_NAMES[m]: slice_metrics(degrade(hr, factors=factors, interpolation=m), hr, axis=axis)
+        BASELINE_NAMES[m]: slice_metrics(degrade(hr, factors=factors, interpolation=m), hr, axis=axis, scale=scale)
         for m in methods
     }

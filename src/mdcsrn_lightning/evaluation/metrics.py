@@ -128,6 +128,7 @@ def slice_metrics(
     fg_threshold: float = 0.05,
     min_fg_fraction: float = 0.10,
     already_scaled: bool = False,
+    scale: float | None = None,
 ) -> dict[str, float]:
     """One subject: ``sr``, ``hr`` of shape ``(X, Y, Z)`` -> ``{"psnr", "ssim", "nrmse", "n_slices"}``.
 
@@ -139,6 +140,9 @@ def slice_metrics(
     Args:
         already_scaled: ``True`` if both are already on the ``[0, 1]`` HR scale
             (:func:`scale_to_unit`); otherwise both are scaled by the HR's 99.9th percentile.
+        scale: divide both by this instead of the HR's own percentile (then clip to
+            ``[0, 1]``): for a part of a volume (a slab) normalised by the whole volume's
+            percentile, where the part's own percentile is not the reference.
     """
     sr_arr = _to_numpy3d(sr, "sr")
     hr_arr = _to_numpy3d(hr, "hr")
@@ -147,7 +151,10 @@ def slice_metrics(
     if not -3 <= axis < 3:
         raise ValueError(f"axis must be in [-3, 2], got {axis}")
     if not already_scaled:
-        scale = _unit_scale(hr_arr)  # the HR's scale for both
+        if scale is None:
+            scale = _unit_scale(hr_arr)  # the HR's scale for both
+        elif not scale > 0.0:
+            raise ValueError(f"scale must be > 0, got {scale}")
         sr_arr, hr_arr = _scale(sr_arr, scale), _scale(hr_arr, scale)
 
     keep = foreground_slices(hr_arr, axis=axis, fg_threshold=fg_threshold, min_fg_fraction=min_fg_fraction)

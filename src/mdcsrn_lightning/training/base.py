@@ -80,10 +80,21 @@ class SRModule(LightningModule):
         sr = self(lr)
         row = {"mse": float(torch.mean((sr.float() - hr.float()) ** 2))}
         volumes = {name: t[0, 0].float().cpu().numpy() for name, t in (("LR", lr), ("SR", sr), ("HR", hr))}
+        scale = self.metric_scale()
         for prefix, key in (("", "SR"), ("input_", "LR")):
-            scores = slice_metrics(volumes[key], volumes["HR"], axis=self.metric_axis)
+            scores = slice_metrics(volumes[key], volumes["HR"], axis=self.metric_axis, scale=scale)
             row.update({f"{prefix}{m}": float(scores[m]) for m in METRICS})
         return row, volumes
+
+    def metric_scale(self) -> float | None:
+        """1.0 when the data module already divided by the reference percentile, else None.
+
+        Normalised data keep that scale: a slab of the embedded template is divided by the
+        whole template's percentile, which its own percentile would not reproduce.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        normalize = getattr(getattr(datamodule, "hparams", None), "normalize", None)
+        return 1.0 if normalize == "percentile" else None
 
     def _log_rows(self, stage: str, rows: list[dict[str, float]]) -> None:
         if not rows:
