@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,10 @@ class SRModule(LightningModule):
     def _evaluate_subject(self, batch: dict[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         lr = batch["lr"][tio.DATA]
         hr = batch["hr"][tio.DATA]
+        start = time.perf_counter()
         sr = self(lr)
-        row = {"mse": float(torch.mean((sr.float() - hr.float()) ** 2))}
+        seconds = time.perf_counter() - start
+        row = {"mse": float(torch.mean((sr.float() - hr.float()) ** 2)), "seconds": seconds}
         volumes = {name: t[0, 0].float().cpu().numpy() for name, t in (("LR", lr), ("SR", sr), ("HR", hr))}
         scale = self.metric_scale()
         for prefix, key in (("", "SR"), ("input_", "LR")):

@@ -40,6 +40,9 @@ def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir
         "split": "test",
         "methods": summary,
         "params": count_parameters(module.net),
+        # one whole-volume forward pass per test subject, on this run's device
+        "seconds_per_volume": float(sum(r["seconds"] for r in module.test_rows) / max(len(module.test_rows), 1)),
+        "volume_shape": list(datamodule.test_dataloader().dataset[0]["hr"].shape[1:]),
         "checkpoint": checkpoint,
         "panel": str(module.panel_dir() / "test.png"),
         "model_config": module.net_config,
