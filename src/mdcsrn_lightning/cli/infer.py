@@ -1,0 +1,98 @@
+"""`mdcsrn-infer`: NIfTI in, super-resolved NIfTI out; the last stdout line is JSON.
+
+    mdcsrn-infer input=scan.nii.gz output=sr.nii.gz ckpt=model.ckpt
+    mdcsrn-infer input=scans/ output=sr/ ckpt=model.ckpt overwrite=true
+    mdcsrn-infer input=hr.nii.gz output=sr.nii.gz ckpt=model.ckpt degrade=true
+
+A bad request prints one line ``mdcsrn-infer: error: <file>: <problem>`` on stderr, exits
+with status 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mdcsrn_lightning.config import config_dir
+from mdcsrn_lightning.data.sources import VolumeError
+from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
+from mdcsrn_lightning.training.checkpoint import CheckpointError
+
+PROG = "mdcsrn-infer"
+
+
+def fail(message: str, prog: str = PROG) -> None:
+    """Print ``<prog>: error: <message>`` (one line) on stderr and exit with status 2."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _required(cfg: DictConfig, key: str, example: str) -> Any:
+    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+        raise InferenceError(f"{key}: required ({key}={example})")
+    return cfg[key]
+
+
+def patch_options(cfg: DictConfig) -> PatchOptions:
+    p = cfg.patches
+    size = p.size if isinstance(p.size, int) else list(p.size)
+    margin = p.margin if isinstance(p.margin, int) else list(p.margin)
+    return PatchOptions(
+        patch_size=size,
+        margin=margin,
+        overlap_mode=str(p.overlap_mode),
+        batch_size=int(p.batch_size),
+        bn_mode=str(cfg.bn_mode),
+        device=str(cfg.device),
+        precision=str(cfg.precision),
+        progress=bool(cfg.get("progress", False)),
+    )
+
+
+def infer(cfg: DictConfig) -> dict[str, Any]:
+    """Run inference as configured; returns the JSON-ready summary."""
+    source = str(_required(cfg, "input", "scan.nii.gz"))
+    target = str(_required(cfg, "output", "sr.nii.gz"))
+    start = time.perf_counter()
+
+    def report(result: Prediction) -> None:
+        print(f"wrote {result.output}  shape {list(result.shape)}  {result.seconds:.1f} s", flush=True)
+
+    results = predict(
+        source,
+        target,
+        cfg.get("ckpt"),
+        options=patch_options(cfg),
+        degrade=bool(cfg.degrade),
+        factors=[float(f) for f in cfg.factors],
+        degrade_interpolation=cfg.get("degrade_interpolation"),
+        overwrite=bool(cfg.overwrite),
+        percentile=float(cfg.percentile),
+        on_done=report,
+    )
+    return {
+        "outputs": [r.output for r in results],
+        "inputs": [r.input for r in results],
+        "checkpoint": results[0].extra.get("checkpoint") if results else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = infer(cfg)
+    except (InferenceError, VolumeError, CheckpointError) as exc:
+        fail(str(exc))
+    except ValueError as exc:  # a bad option value (overlap_mode, patch size, ...)
+        fail(str(exc))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""Evaluate interpolation baselines and trained generators on HR references (paper Tables 2-3).
+
+One reference's path: HR ``(X, Y, Z)`` -> k-space degradation (once per interpolation,
+:func:`~mdcsrn_lightning.data.degradation.degrade`) -> each method's output on the HR grid:
+
+* ``nearest`` / ``trilinear`` / ``tricubic`` / ``zero_filled``: the degraded volume itself
+  (the LR grid put back on the HR grid by that interpolation);
+* a checkpoint: the generator run patch-wise (:mod:`mdcsrn_lightning.inference`) on the
+  LR made with the interpolation it was trained with (``input_interpolation``; default:
+  read from the checkpoint, else ``linear``), normalised as in training (divided by the
+  HR's 99.9th percentile, multiplied back after);
+
+-> scores against the HR:
+
+* PSNR / SSIM / NRMSE slice by slice in the degraded plane (:func:`~.metrics.slice_metrics`,
+  the SPEC protocol), one value per subject, then mean +- std over subjects (Table 2);
+* NIQE / PIQE on the slices whose HR is more than 25 % foreground (:mod:`.perceptual`),
+  plus a plain statement for each metric that cannot be computed (Ma, PI);
+* Dice / Jaccard between stand-in tissue segmentations of the output and of the HR
+  (:mod:`.segmentation`; not the paper's HighRes3DNet, and labelled so);
+* a slice panel per subject (every method, the HR, and error maps on one colour scale).
+
+:func:`write_outputs` puts the markdown tables, ``per_subject.csv``, ``summary.csv`` and
+``results.json`` into an output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from mdcsrn_lightning.data.degradation import degrade, slice_axis
+from mdcsrn_lightning.evaluation.metrics import foreground_slices, scale_to_unit, slice_metrics
+from mdcsrn_lightning.evaluation.perceptual import (
+    available_metrics,
+    perceptual_scores,
+    summarise_perceptual,
+)
+from mdcsrn_lightning.evaluation.segmentation import CLASS_NAMES, STAND_IN_LABEL, TissueModel, segmentation_consistency
+from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
+
+__all__ = [
+    "BASELINES",
+    "CheckpointMethod",
+    "EvalResult",
+    "Reference",
+    "checkpoint_methods",
+    "evaluate",
+    "references_from_files",
+    "references_from_source",
+    "write_outputs",
+]
+
+# Method name -> degradation interpolation (the paper's names, and the degradation's).
+BASELINES: dict[str, str] = {
+    "nearest": "nearest",
+    "trilinear": "linear",
+    "tricubic": "cubic",
+    "zero_filled": "zero_filled",
+}
+_ALIASES = {"linear": "trilinear", "cubic": "tricubic", "sinc": "zero_filled", "zero-filled": "zero_filled"}
+PERCEPTUAL_FOREGROUND = 0.25  # paper: slices where the brain covers more than 25 %
+HR_NAME = "HR"
+
+
+# ---------------------------------------------------------------------- references
+@dataclass
+class Reference:
+    """One HR subject to evaluate on.
+
+    Attributes:
+        name: subject id (also the panel file name).
+        hr: ``(X, Y, Z)`` float32, raw intensities.
+        location: file path or description, for messages.
+        scale: intensity reference of the training normalisation (``None``: the HR's 99.9th
+            percentile).
+        lr: an LR that comes with the data (on the HR grid), used as the checkpoints'
+            input instead of a degradation; baselines always degrade ``hr``.
+        degrader: ``(factors, interpolation) -> LR`` when the data source must make the LR
+            itself (e.g. slabs of a template degraded whole); ``None``: degrade ``hr``.
+    """
+
+    name: str
+    hr: np.ndarray
+    location: str = ""
+    scale: float | None = None
+    lr: np.ndarray | None = None
+    degrader: Callable[[Sequence[float], str], np.ndarray | None] | None = None
+
+    def degraded(self, factors: Sequence[float], interpolation: str) -> np.ndarray:
+        if self.degrader is not None:
+            lr = self.degrader(factors, interpolation)
+            if lr is not None:
+                return np.asarray(lr, dtype=np.float32)
+        return degrade(self.hr, factors=factors, interpolation=interpolation)  # type: ignore[arg-type]
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    from mdcsrn_lightning.inference.nifti_io import nifti_stem
+
+    names = [nifti_stem(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p).replace(os.sep, "_").strip("_") for p in paths]
+
+
+def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Reference]:
+    """HR NIfTI files -> references. Every file is read and checked first (one bad file: error)."""
+    from mdcsrn_lightning.inference.nifti_io import read_volume
+
+    if not paths:
+        raise ValueError("inputs: no HR files given")
+    files = [Path(p) for p in paths]
+    names = _unique_names(files)
+    return [Reference(name=n, hr=read_volume(p).data, location=str(p)) for n, p in zip(names, files)]
+
+
+def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:
+    """Lazily load subjects of a :class:`~mdcsrn_lightning.data.sources.VolumeSource`."""
+    for name in names:
+        vol = source.load(name)
+
+        def degrader(factors: Sequence[float], interpolation: str, _name: str = name) -> np.ndarray | None:
+            return source.degraded(_name, factors, interpolation)
+
+        yield Reference(
+            name=name,
+            hr=np.asarray(vol.hr, dtype=np.float32),
+            location=vol.location or source.location(name),
+            scale=vol.scale,
+            lr=vol.lr,
+            degrader=degrader,
+        )
+
+
+# ---------------------------------------------------------------------- checkpoints
+@dataclass
+class CheckpointMethod:
+    """A trained generator as an evaluation method."""
+
+    name: str
+    net: nn.Module
+    path: str = ""
+    input_interpolation: str = "linear"
+    normalize: str = "percentile"
+    trained_factors: list[float] | None = None
+
+
+def _checkpoint_name(path: Path) -> str:
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}/{path.stem}"
+    return path.stem
+
+
+def checkpoint_methods(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    names: Sequence[str] | None = None,
+    input_interpolation: str | None = None,
+) -> list[CheckpointMethod]:
+    """Load generators from checkpoints (either module); names default to ``<run>/<file stem>``.
+
+    ``input_interpolation=None``: each checkpoint's training interpolation (if recorded,
+    else ``linear``).
+    """
+    from mdcsrn_lightning.inference.predict import load_model, trained_data_settings
+
+    if names and len(names) != len(paths):
+        raise ValueError(f"ckpt_names: {len(names)} names for {len(paths)} checkpoints")
+    out = []
+    for i, p in enumerate(paths):
+        net, _, path = load_model(p)
+        settings = trained_data_settings(path)
+        interp = input_interpolation or str(settings.get("interpolation") or "linear")
+        name = names[i] if names else _checkpoint_name(path)
+        factors = settings.get("factors")
+        out.append(
+            CheckpointMethod(
+                name=name,
+                net=net,
+                path=str(path),
+                input_interpolation=interp,
+                normalize=str(settings.get("normalize") or "percentile"),
+                trained_factors=[float(f) for f in factors] if factors is not None else None,
+            )
+        )
+    seen: dict[str, int] = {}
+    for m in out:  # make names unique
+        if m.name in seen or m.name in BASELINES:
+            seen[m.name] = seen.get(m.name, 1) + 1
+            m.name = f"{m.name}#{seen[m.name]}"
+        else:
+            seen[m.name] = 1
+    return out
+
+
+def baseline_names(methods: Sequence[str]) -> list[str]:
+    """Canonical baseline names (``linear`` -> ``trilinear``, ...); unknown names are an error."""
+    out = []
+    for m in methods:
+        name = _ALIASES.get(str(m), str(m))
+        if name not in BASELINES:
+            raise ValueError(f"methods: unknown method {m!r}; choose from {sorted(BASELINES)} (checkpoints go in ckpts=)")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------- evaluation
+@dataclass
+class EvalResult:
+    """Everything :func:`evaluate` measured."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per (subject, method)
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)  # reference metrics
+    perceptual: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    segmentation: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    statements: list[str] = field(default_factory=list)
+    panels: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """``{method: {"psnr", "ssim", "nrmse"}}`` of the means over subjects."""
+        return {m: {k: s[k] for k in ("psnr", "ssim", "nrmse")} for m, s in self.summary.items()}
+
+
+def _mean_std(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[float, float] | None:
+    vals = np.array([float(r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(float(r[key]))])
+    if len(vals) == 0:
+        return None
+    return float(vals.mean()), float(vals.std())
+
+
+def evaluate(
+    references: Iterable[Reference],
+    methods: Sequence[str] = ("nearest", "trilinear", "tricubic", "zero_filled"),
+    checkpoints: Sequence[CheckpointMethod] = (),
+    *,
+    factors: Sequence[float] = (2, 2, 1),
+    options: Any = None,
+    perceptual: Sequence[str] = ("niqe", "piqe", "ma", "pi"),
+    segmentation: bool = True,
+    panel_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Score every method on every reference (see the module docstring).
+
+    Args:
+        references: HR subjects (:func:`references_from_files`, :func:`references_from_source`).
+        methods: interpolation baselines (``nearest``, ``trilinear``, ``tricubic``,
+            ``zero_filled``; ``linear``/``cubic`` accepted).
+        checkpoints: generators (:func:`checkpoint_methods`).
+        factors: k-space reduction per axis; metrics use slices across the most degraded plane.
+        options: :class:`~mdcsrn_lightning.inference.predict.PatchOptions` for the generators.
+        perceptual: no-reference metrics to report; those that cannot run are stated.
+        segmentation: compute the stand-in segmentation consistency.
+        panel_dir: write ``<panel_dir>/<subject>.png`` per subject (``None``: no panels).
+        log: called with one progress line per subject and method.
+    """
+    from mdcsrn_lightning.inference.predict import PatchOptions, predict_volume
+
+    options = options or PatchOptions()
+    names = baseline_names(methods)
+    if not names and not checkpoints:
+        raise ValueError("nothing to evaluate: give methods=[...] and/or ckpts=[...]")
+    factors = [float(f) for f in factors]
+    axis = slice_axis(factors)
+    say = log or (lambda _msg: None)
+    want_perc = [p.lower() for p in perceptual]
+    result = EvalResult(
+        settings={
+            "factors": factors,
+            "slice_axis": axis,
+            "methods": names,
+            "checkpoints": {c.name: {"path": c.path, "input_interpolation": c.input_interpolation} for c in checkpoints},
+            "perceptual": want_perc,
+            "segmentation": bool(segmentation),
+            "patches": options.kwargs() if hasattr(options, "kwargs") else dict(options),
+        }
+    )
+    for c in checkpoints:
+        if c.trained_factors is not None and [float(f) for f in c.trained_factors] != factors:
+            result.statements.append(
+                f"{c.name}: trained with factors {c.trained_factors} but evaluated at {factors}."
+            )
+    start = time.perf_counter()
+    n_refs = 0
+    for ref in references:
+        n_refs += 1
+        hr = np.asarray(ref.hr, dtype=np.float32)
+        hr_unit = scale_to_unit(hr, hr)
+        perc_slices = foreground_slices(hr_unit, axis=axis, min_fg_fraction=PERCEPTUAL_FOREGROUND)
+        tissue = TissueModel.fit(hr) if segmentation else None
+        hr_seg = tissue.segment(hr) if tissue is not None else None
+        lr_cache: dict[str, np.ndarray] = {}
+
+        def lr_for(interp: str) -> np.ndarray:
+            if interp not in lr_cache:
+                lr_cache[interp] = ref.degraded(factors, interp)
+            return lr_cache[interp]
+
+        outputs: dict[str, np.ndarray] = {}
+        for name in [*names, *(c.name for c in checkpoints)]:
+            t0 = time.perf_counter()
+            if name in BASELINES:
+                sr = lr_for(BASELINES[name])
+                kind = "interpolation"
+            else:
+                c = next(c for c in checkpoints if c.name == name)
+                lr = ref.lr if ref.lr is not None else lr_for(c.input_interpolation)
+                if c.normalize == "none":
+                    scale = 1.0
+                else:
+                    scale = ref.scale if ref.scale is not None else float(np.percentile(hr, 99.9))
+                sr = predict_volume(c.net, lr, options, scale=scale)
+                kind = "checkpoint"
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}
+            row.update(slice_metrics(sr, hr, axis=axis))
+            result.rows.append(row)
+            outputs[name] = sr
+            say(f"{ref.name}  {name:<20s} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  ({seconds:.1f} s)")
+
+        # No-reference metrics on the HR too ("Original Resolution" of the paper's table).
+        perc_rows: dict[str, dict[str, Any]] = {}
+        if want_perc:
+            for name, vol in [*outputs.items(), (HR_NAME, hr)]:
+                pr = perceptual_scores(scale_to_unit(vol, hr), perc_slices, axis=axis, metrics=want_perc)
+                perc_rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
+                for metric, text in pr.problems.items():
+                    if text not in result.statements:
+                        result.statements.append(text)
+                for metric, n in pr.skipped.items():
+                    result.statements.append(
+                        f"{metric.upper()}: {n} of {pr.n_slices} slices of {ref.name} / {name} could not be scored and were left out."
+                    )
+        for row in result.rows[-len(outputs) :]:
+            row.update({k: v for k, v in perc_rows.get(row["method"], {}).items()})
+            if hr_seg is not None:
+                row.update(segmentation_consistency(outputs[row["method"]], hr, model=tissue, hr_segmentation=hr_seg))
+        if want_perc:
+            result.rows.append({"subject": ref.name, "method": HR_NAME, "kind": "reference", **perc_rows[HR_NAME]})
+
+        if panel_dir is not None:
+            path = Path(panel_dir) / f"{_safe(ref.name)}.png"
+            images = {n: _middle(scale_to_unit(v, hr), axis) for n, v in outputs.items()}
+            images[HR_NAME] = _middle(hr_unit, axis)
+            save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
+            result.panels.append(str(path))
+    if n_refs == 0:
+        raise ValueError("no reference volumes to evaluate")
+
+    method_rows = {}
+    for name in [*names, *(c.name for c in checkpoints)]:
+        method_rows[name] = [r for r in result.rows if r["method"] == name]
+    result.summary = summarise_methods(method_rows)
+    for name, rows in method_rows.items():
+        sec = _mean_std(rows, "seconds")
+        if sec is not None:
+            result.summary[name]["seconds"] = sec[0]
+    if want_perc:
+        for name in [*method_rows, HR_NAME]:
+            rows = [r for r in result.rows if r["method"] == name]
+            result.perceptual[name] = summarise_perceptual(
+                [{k: r[k] for k in want_perc if k in r} for r in rows]
+            )
+    if segmentation:
+        keys = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES), *(f"jaccard_{c}" for c in CLASS_NAMES)]
+        for name, rows in method_rows.items():
+            result.segmentation[name] = {k: v for k in keys if (v := _mean_std(rows, k)) is not None}
+    result.settings["n_subjects"] = n_refs
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------- panels
+def _middle(volume: np.ndarray, axis: int) -> np.ndarray:
+    return np.take(volume, volume.shape[axis] // 2, axis=axis)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
+
+
+def save_method_panel(
+    path: str | os.PathLike[str],
+    images: Mapping[str, np.ndarray],
+    *,
+    reference: str = HR_NAME,
+    title: str | None = None,
+) -> Path:
+    """Two rows: every image on the ``[0, 1]`` grey scale, and ``|image - reference|`` below it.
+
+    All error maps share one colour scale (the 99.5th percentile of all of them), so they
+    can be compared with each other. Written atomically (temporary file, then rename).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = images[reference]
+    errors = {n: np.abs(img - ref) for n, img in images.items() if n != reference}
+    vmax = max(float(np.percentile(np.stack(list(errors.values())), 99.5)), 1e-6) if errors else 1.0
+    cols = len(images)
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6), squeeze=False)
+    for j, (name, img) in enumerate(images.items()):
+        ax = axes[0, j]
+        ax.imshow(np.rot90(img), cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+        ax = axes[1, j]
+        ax.axis("off")
+        if name in errors:
+            im = ax.imshow(np.rot90(errors[name]), cmap="magma", vmin=0.0, vmax=vmax)
+            ax.set_title(f"|{name} - {reference}|", fontsize=8)
+    if errors:
+        # In the free slot under the reference (or beside the last map) so the maps keep their size.
+        free = [j for j, n in enumerate(images) if n not in errors]
+        fig.colorbar(im, ax=axes[1, free[0] if free else -1], fraction=0.5, label="abs. error (HR scale)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------- reports
+def _fmt(pair: tuple[float, float] | None, digits: int) -> str:
+    if pair is None:
+        return "n/a"
+    mean, std = pair
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_report(result: EvalResult) -> str:
+    """The three tables (reference, perceptual, segmentation) and the statements, as markdown."""
+    n = result.settings.get("n_subjects", 0)
+    axis = result.settings.get("slice_axis", 2)
+    lines = [
+        f"### Reference metrics: slice-wise across the degraded plane (slices along axis {axis}), "
+        f"mean ± std over {n} subject(s)",
+        "",
+        markdown_table(result.summary),
+    ]
+    if result.perceptual:
+        wanted = result.settings.get("perceptual", [])
+        lines += [
+            "",
+            f"### No-reference perceptual metrics (lower is better): slices with > "
+            f"{PERCEPTUAL_FOREGROUND:.0%} foreground, mean ± std over subjects",
+            "",
+            "| method | " + " | ".join(m.upper() for m in wanted) + " |",
+            "|---" * (len(wanted) + 1) + "|",
+        ]
+        for name, stats in result.perceptual.items():
+            cells = [_fmt(stats.get(m), 2) if m in stats else "not computed" for m in wanted]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.segmentation:
+        cols = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES)]
+        lines += [
+            "",
+            f"### Segmentation consistency with the HR - {STAND_IN_LABEL}",
+            "",
+            "| method | Dice | Jaccard | " + " | ".join(f"Dice {c.upper()}" for c in CLASS_NAMES) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
+        for name, stats in result.segmentation.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(stats.get(c), 4) for c in cols) + " |")
+    if result.statements:
+        lines += ["", "Notes:"] + [f"- {s}" for s in result.statements]
+    return "\n".join(lines)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in keys})
+    return buf.getvalue()
+
+
+def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
+    """One flat row per method: ``<metric>`` (mean) and ``<metric>_std`` for every metric."""
+    rows = []
+    for name in [*result.summary, *(k for k in result.perceptual if k not in result.summary)]:
+        row: dict[str, Any] = {"method": name}
+        row.update(result.summary.get(name, {}))
+        for group in (result.perceptual.get(name, {}), result.segmentation.get(name, {})):
+            for k, (mean, std) in group.items():
+                row[k], row[f"{k}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write ``report.md``, ``per_subject.csv``, ``summary.csv`` and ``results.json``; returns their paths."""
+    out = Path(output_dir)
+    paths = {
+        "report": out / "report.md",
+        "per_subject_csv": out / "per_subject.csv",
+        "summary_csv": out / "summary.csv",
+        "json": out / "results.json",
+    }
+    _atomic_text(paths["report"], markdown_report(result) + "\n")
+    _atomic_text(paths["per_subject_csv"], _csv(result.rows))
+    _atomic_text(paths["summary_csv"], _csv(summary_rows(result)))
+    payload = {
+        "means": result.means(),
+        "summary": result.summary,
+        "perceptual": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in result.perceptual.items()},
+        "segmentation": {
+            "label": STAND_IN_LABEL,
+            "methods": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in result.segmentation.items()},
+        },
+        "perceptual_availability": available_metrics(),
+        "statements": result.statements,
+        "per_subject": result.rows,
+        "panels": result.panels,
+        "settings": result.settings,
+        "seconds": result.seconds,
+    }
+    _atomic_text(paths["json"], json.dumps(_jsonable(payload), indent=2) + "\n")
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,217 @@
+"""Whole-volume super-resolution by patches (paper 4.1 "SR Generation").
+
+The volume is cut into overlapping patches with TorchIO's :class:`~torchio.GridSampler`
+(``patch_overlap = 2 * margin``), each patch goes through the generator, and
+:class:`~torchio.GridAggregator` puts the outputs back together:
+
+* ``overlap_mode="crop"`` (default, the paper's way: 70^3 patches, margin 3, "merged
+  without averaging"): each output patch loses ``margin`` voxels on every face that lies
+  inside the volume and is pasted as is. Faces on the volume border are kept, and the
+  volume is **not** padded: a border patch is then computed exactly as the whole-volume
+  pass computes the border, with the convolutions' own zero padding applied to every
+  layer. (Padding the *input* with zeros would not do that: the first layer turns the
+  zeros into non-zero features, which the second layer then sees where the whole-volume
+  pass sees zero padding.) So with ``margin >= net.receptive_field_radius()``, BN in eval
+  mode and float32, the result equals one forward pass over the whole volume (no seams).
+  With the paper's margin 3 and a deeper net, patch faces inside the volume see less
+  context than the whole-volume pass; that is the paper's trade-off.
+* ``"average"`` / ``"hann"``: overlapping outputs are blended with equal / Hann weights.
+
+Any volume shape works: along an axis shorter than the patch, the patch is the whole axis
+(one patch, no overlap).
+
+``bn_mode="train"`` runs BatchNorm with the statistics of each batch of patches instead
+of the running averages (the paper did this at test time with batch 1). It works on a
+copy of the network, so the caller's running statistics are not touched.
+
+Pure torch/TorchIO/numpy: no files, no Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torchio as tio
+from torch import nn
+
+__all__ = [
+    "OverlapMode",
+    "BNMode",
+    "grid_for",
+    "resolve_device",
+    "super_resolve",
+]
+
+OverlapMode = Literal["crop", "average", "hann"]
+BNMode = Literal["eval", "train"]
+_OVERLAP_MODES = ("crop", "average", "hann")
+_BN_MODES = ("eval", "train")
+_PRECISIONS = {"32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+
+
+def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        out = (int(value),) * 3
+    else:
+        out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+        if len(out) != 3:
+            raise ValueError(f"{name} must be one integer or three, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def grid_for(
+    shape: Sequence[int], patch_size: int | Sequence[int] = 70, margin: int | Sequence[int] = 3
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The ``(patch_size, patch_overlap)`` that :func:`super_resolve` hands to the GridSampler.
+
+    Per axis: the patch is clamped to the volume; where one patch covers the axis the
+    overlap is 0, otherwise ``2 * margin`` (which must be smaller than the patch).
+    """
+    if len(shape) != 3:
+        raise ValueError(f"need a 3D shape, got {tuple(shape)}")
+    size = _triple(patch_size, "patch_size")
+    mar = _triple(margin, "margin")
+    if min(size) < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size!r}")
+    if min(mar) < 0:
+        raise ValueError(f"margin must be >= 0, got {margin!r}")
+    patch, overlap = [], []
+    for n, p, m in zip(shape, size, mar):
+        p = min(p, int(n))
+        o = 0 if p == n else 2 * m
+        if o >= p:
+            raise ValueError(
+                f"patch size {p} leaves nothing inside a margin of {m} on each side; "
+                f"use patches larger than 2 * margin = {2 * m}"
+            )
+        patch.append(p)
+        overlap.append(o)
+    return tuple(patch), tuple(overlap)  # type: ignore[return-value]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _prepare_net(net: nn.Module, bn_mode: BNMode, device: torch.device) -> nn.Module:
+    if bn_mode not in _BN_MODES:
+        raise ValueError(f"bn_mode must be one of {_BN_MODES}, got {bn_mode!r}")
+    if bn_mode == "train":
+        net = copy.deepcopy(net)  # batch statistics must not leak into the caller's buffers
+    net = net.to(device).eval()
+    if bn_mode == "train":
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return net
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+
+        # disable=None: shown only on a terminal (no bar noise in logs and pipes)
+        return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="patch", file=sys.stderr, leave=False)
+    except ImportError:  # pragma: no cover - tqdm comes with lightning
+        return _StderrProgress(total, enabled, desc)
+
+
+class _StderrProgress:  # pragma: no cover - fallback only
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self.total, self.enabled, self.desc, self.n = total, enabled, desc, 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.enabled:
+            print(f"\r{self.desc}: {self.n}/{self.total} patches", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def super_resolve(
+    net: nn.Module,
+    volume: np.ndarray | torch.Tensor,
+    *,
+    patch_size: int | Sequence[int] = 70,
+    margin: int | Sequence[int] = 3,
+    overlap_mode: OverlapMode = "crop",
+    batch_size: int = 1,
+    bn_mode: BNMode = "eval",
+    device: str | torch.device | None = "auto",
+    precision: str = "32",
+    progress: bool = False,
+) -> np.ndarray:
+    """``(X, Y, Z)`` LR volume on the HR grid -> ``(X, Y, Z)`` float32 SR volume.
+
+    The volume must already be on the network's intensity scale (training divides by the
+    HR's 99.9th percentile; :mod:`mdcsrn_lightning.inference.predict` does this for files).
+
+    Args:
+        net: generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)``.
+        volume: 3D array or tensor.
+        patch_size: patch edge (one int or three); clamped to the volume per axis.
+        margin: voxels dropped (``crop``) or blended (``average``/``hann``) at inner patch
+            faces; the GridSampler overlap is ``2 * margin``.
+        overlap_mode: ``"crop"`` (paper), ``"average"`` or ``"hann"``.
+        batch_size: patches per forward pass.
+        bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics).
+        device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda:1"``, ...
+        precision: ``"32"`` or ``"bf16"`` (autocast to bfloat16; on CUDA, or on CPU
+            where slower but supported). The output is float32 either way.
+        progress: show a progress bar on stderr.
+    """
+    if overlap_mode not in _OVERLAP_MODES:
+        raise ValueError(f"overlap_mode must be one of {_OVERLAP_MODES}, got {overlap_mode!r}")
+    if str(precision) not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {tuple(vol.shape)}")
+    vol = vol.detach().to(torch.float32).cpu()
+    if not torch.isfinite(vol).all():
+        raise ValueError("volume contains NaN or Inf")
+
+    dev = resolve_device(device)
+    amp_dtype = _PRECISIONS[str(precision)]
+    model = _prepare_net(net, bn_mode, dev)
+    patch, overlap = grid_for(tuple(vol.shape), patch_size, margin)
+
+    subject = tio.Subject(image=tio.ScalarImage(tensor=vol[None]))
+    # padding_mode=None: border patches are not padded (see the module docstring).
+    sampler = tio.GridSampler(subject, patch_size=patch, patch_overlap=overlap, padding_mode=None)
+    aggregator = tio.GridAggregator(sampler, overlap_mode=overlap_mode)
+    locations = torch.as_tensor(np.asarray(sampler.locations), dtype=torch.int64)
+    # The sampler's own volume (unpadded, so identical to ``vol``): patches are sliced
+    # from it at the sampler's locations, the same crops ``sampler[i]`` returns.
+    data = sampler.subject["image"].data[0]
+
+    bar = _progress(len(locations), progress, "mdcsrn SR")
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(locations), int(batch_size)):
+                locs = locations[start : start + int(batch_size)]
+                batch = torch.stack([data[i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in locs.tolist()])
+                batch = batch[:, None].to(dev)
+                if amp_dtype is torch.float32:
+                    out = model(batch)
+                else:
+                    with torch.autocast(device_type=dev.type, dtype=amp_dtype):
+                        out = model(batch)
+                aggregator.add_batch(out.float().cpu(), locs)
+                bar.update(len(locs))
+    finally:
+        bar.close()
+    return aggregator.get_output_tensor()[0].numpy().astype(np.float32, copy=False)
