@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -44,9 +43,20 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchio.transforms.augmentation import RandomTransform
 
+from mdcsrn_lightning.atomic import atomic_path
 from mdcsrn_lightning.data import degradation
-from mdcsrn_lightning.data.sources import VolumeError, VolumeSource, check_patch_fits, read_volume
-from mdcsrn_lightning.data.split import SPLIT_NAMES, SplitName, check_fractions, load_or_create_split
+from mdcsrn_lightning.data.sources import (
+    VolumeError,
+    VolumeSource,
+    check_patch_fits,
+    read_volume,
+)
+from mdcsrn_lightning.data.split import (
+    SPLIT_NAMES,
+    SplitName,
+    check_fractions,
+    load_or_create_split,
+)
 
 __all__ = ["Normalize", "PatchSamplerName", "RandomRot90", "Rot90", "SRDataModule"]
 
@@ -187,20 +197,8 @@ class _NpyReader:
 
 # --------------------------------------------------------------------------- disk cache
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        write(fh)
 
 
 @dataclass

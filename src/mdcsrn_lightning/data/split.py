@@ -21,10 +21,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
+
+from mdcsrn_lightning.atomic import write_json
 
 __all__ = [
     "SPLIT_NAMES",
@@ -130,21 +131,7 @@ def write_split(path: str | os.PathLike[str], split: dict[str, list[str]], **met
     payload: dict[str, object] = {"format": _FORMAT, **meta}
     payload["counts"] = {k: len(split[k]) for k in SPLIT_NAMES}
     payload.update({k: list(split[k]) for k in SPLIT_NAMES})
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        # Never leave a half-written temp file behind.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_json(target, payload, indent=1)
 
 
 def read_split(path: str | os.PathLike[str], known_subjects: Sequence[str] | None = None) -> dict[str, list[str]]:

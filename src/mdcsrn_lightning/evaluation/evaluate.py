@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +40,24 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mdcsrn_lightning.atomic import atomic_path, write_text
 from mdcsrn_lightning.data.degradation import degrade, slice_axis
-from mdcsrn_lightning.evaluation.metrics import foreground_slices, scale_to_unit, slice_metrics
+from mdcsrn_lightning.evaluation.metrics import (
+    foreground_slices,
+    scale_to_unit,
+    slice_metrics,
+)
 from mdcsrn_lightning.evaluation.perceptual import (
     available_metrics,
     perceptual_scores,
     summarise_perceptual,
 )
-from mdcsrn_lightning.evaluation.segmentation import CLASS_NAMES, STAND_IN_LABEL, TissueModel, segmentation_consistency
+from mdcsrn_lightning.evaluation.segmentation import (
+    CLASS_NAMES,
+    STAND_IN_LABEL,
+    TissueModel,
+    segmentation_consistency,
+)
 from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
 
 __all__ = [
@@ -434,16 +443,11 @@ def save_method_panel(
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -495,15 +499,7 @@ def markdown_report(result: EvalResult) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text(path, text)
 
 
 def _csv(rows: Sequence[Mapping[str, Any]]) -> str:

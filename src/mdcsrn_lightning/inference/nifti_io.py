@@ -14,13 +14,13 @@ interrupted run never leaves half a file; an existing file is replaced only with
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from mdcsrn_lightning.atomic import atomic_path
 from mdcsrn_lightning.data.sources import VolumeError
 
 __all__ = [
@@ -188,20 +188,8 @@ def write_like(
     # unchanged (passing an affine would re-derive them).
     image = type(like.image)(arr.astype(np.float32).reshape(like.shape), None, header)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{nifti_stem(output)}.", suffix=".part" + suffix, dir=output.parent)
-    os.close(fd)
-    try:
+    with atomic_path(output) as tmp:
         nib.save(image, tmp)
-        # mkstemp creates 0600; give the file the usual permissions of a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         if output.exists() and not overwrite:  # appeared while we were writing
             raise NiftiError(f"{output}: already exists; pass overwrite=true to replace it")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return output

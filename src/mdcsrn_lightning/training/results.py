@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torchio as tio
 from omegaconf import DictConfig
 
+from mdcsrn_lightning.atomic import write_json
 from mdcsrn_lightning.evaluation.interpolation import interpolation_scores
 from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
 from mdcsrn_lightning.models import count_parameters
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir: Path, checkpoint: str) -> Path:
@@ -50,7 +40,7 @@ def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir
         "input_interpolation": cfg.data.get("interpolation"),
     }
     path = output_dir / "metrics.json"
-    write_json_atomic(path, result)
+    write_json(path, result)
     print(f"\nTest split ({summary['model']['n_subjects']} subject(s)), slice-wise in the degraded plane:")
     print(markdown_table(summary))
     return path
