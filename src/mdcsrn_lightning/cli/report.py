@@ -1,0 +1,51 @@
+"""`mdcsrn-report`: the paper's tables and figures from runs and sweeps, offline.
+
+    mdcsrn-report logs/train/multiruns/<time>                 # one sweep (a whole table)
+    mdcsrn-report logs/train/multiruns/<t1> logs/train/multiruns/<t2> --out report/
+    mdcsrn-report logs/train/runs/<run> path/to/wandb/offline-run-<id>
+
+Prints one markdown table per W&B group (sweep): the interpolation baselines once, then one
+row per run (named by its tags), PSNR / SSIM / NRMSE as mean ± std, #params and seconds
+per volume. Writes report.md, report.csv, val_psnr.png (validation PSNR of every run),
+panels.png and panels/<table>__<row>.png (each run's test slice panel) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mdcsrn_lightning.evaluation.report import ReportError, build_report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mdcsrn-report",
+        description=(
+            "Paper-format tables (markdown, CSV) and figures from mdcsrn-train run folders, "
+            "multirun (sweep) folders, or W&B offline run folders."
+        ),
+    )
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="run, multirun or W&B offline-run folders (searched recursively)")
+    parser.add_argument("--out", default="report", help="output folder (default: ./report)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only (no matplotlib)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = build_report(args.paths)
+    except (ReportError, ValueError, OSError) as exc:
+        sys.exit(f"mdcsrn-report: error: {exc}")
+    written = report.write(args.out, figures=not args.no_figures)
+    print(report.markdown(), end="")
+    print(f"\nWrote {written['markdown']} and {written['csv']}", end="")
+    figures = [str(written[k]) for k in ("val_psnr", "panels") if k in written]
+    print(f", {', '.join(figures)}" if figures else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

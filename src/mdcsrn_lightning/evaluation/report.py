@@ -1,0 +1,634 @@
+"""Paper-format tables and figures from finished runs (no W&B web UI, no network).
+
+A *run* is a folder written by ``mdcsrn-train``: ``metrics.json`` (model and interpolation
+baselines on the test split, see ``training/results.py``), ``.hydra/`` (its config, tags and
+overrides), ``csv/metrics.csv`` (the CSV logger: ``val/psnr`` by ``step``) and
+``panels/test.png``. A W&B offline run folder (``wandb/offline-run-*``) with no such run
+around it is read from its ``run-*.wandb`` log (group, tags, config, history, summary;
+parsed here, no network and no W&B login) or from ``files/wandb-summary.json`` and
+``files/config.yaml`` where a synced run has them; it gives means only (no std).
+
+Runs are grouped into *tables* by their W&B group (the sweep: ``table1_exp3``), else by
+their multirun folder. Each table lists the interpolation baselines once (every run on the
+same data scores them identically; if they differ, each distinct result is listed) and
+then one row per run, named by its tags (the paper's row), else by the overrides that
+differ between the table's runs, else by its folder name.
+
+    report = build_report([Path("logs/train/multiruns/2026-11-26_07-00-00_000000")])
+    print(report.markdown())
+    report.write(Path("report"))   # report.md, report.csv, val_psnr.png, panels.png, panels/
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mdcsrn_lightning.atomic import atomic_path, write_text
+
+__all__ = [
+    "BASELINE_ORDER",
+    "Report",
+    "ReportError",
+    "Row",
+    "Run",
+    "Table",
+    "build_report",
+    "find_runs",
+    "format_params",
+    "read_run",
+    "read_wandb_log",
+    "read_wandb_run",
+]
+
+# Interpolation baselines as every run's metrics.json names them (paper: NN = nearest,
+# bicubic ~ tricubic), in the order the tables list them.
+BASELINE_ORDER = ("nearest", "trilinear", "tricubic", "zero_filled")
+METRICS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("nrmse", "NRMSE", 4))
+_SKIP_DIRS = {"checkpoints", "csv", "panels", "wandb", ".hydra", ".submitit", "cache"}
+
+
+class ReportError(ValueError):
+    """Nothing to report: a missing path, or no runs in it."""
+
+
+@dataclass
+class Run:
+    """One finished (or failed) training run, as read from its folder."""
+
+    path: Path
+    table: str
+    tags: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    job_num: int | None = None
+    # {method: {"psnr", "psnr_std", "ssim", ...}}; "model" is the trained network
+    methods: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: int | None = None
+    seconds_per_volume: float | None = None
+    volume_shape: list[int] | None = None
+    split: str | None = None
+    # (step, val/psnr) of the validation passes
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    panel: Path | None = None
+    source: str = "metrics.json"
+
+    @property
+    def has_results(self) -> bool:
+        return "model" in self.methods
+
+
+@dataclass
+class Row:
+    """One table row: a run's model or an interpolation baseline."""
+
+    name: str
+    kind: str  # "model" | "baseline"
+    scores: dict[str, float] | None
+    params: int | None = None
+    seconds_per_volume: float | None = None
+    run: Run | None = None
+
+
+@dataclass
+class Table:
+    name: str
+    runs: list[Run]
+    rows: list[Row]
+
+    def markdown(self) -> str:
+        """The paper's layout: PSNR / SSIM / NRMSE as mean ± std, #params, seconds per volume."""
+        header = "| | " + " | ".join(title for _, title, _ in METRICS) + " | #params | time (s) |"
+        lines = [header, "|---" * (len(METRICS) + 3) + "|"]
+        for row in self.rows:
+            cells = [_format_score(row.scores, key, digits) for key, _, digits in METRICS]
+            params = format_params(row.params) if row.kind == "model" else "N/A"
+            seconds = _format_seconds(row.seconds_per_volume) if row.kind == "model" else "N/A"
+            lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {params} | {seconds} |")
+        return "\n".join(lines)
+
+    def caption(self) -> str:
+        done = [r for r in self.runs if r.has_results]
+        parts = [f"{len(self.runs)} run(s)"]
+        if len(done) < len(self.runs):
+            parts.append(f"{len(self.runs) - len(done)} without results (failed or still running: '—')")
+        splits = sorted({r.split for r in done if r.split})
+        subjects = sorted({int(r.methods["model"].get("n_subjects", 0)) for r in done if "n_subjects" in r.methods["model"]})
+        shapes = sorted({"x".join(map(str, r.volume_shape)) for r in done if r.volume_shape})
+        if splits:
+            parts.append(f"{'/'.join(splits)} split")
+        if subjects:
+            parts.append(f"{'/'.join(map(str, subjects))} subject(s)")
+        if shapes:
+            parts.append(f"volume {'/'.join(shapes)}")
+        text = "; ".join(parts) + ". Mean ± std over subjects, slice-wise in the degraded plane"
+        if any(r.source == "wandb" for r in self.runs):
+            text += " (runs read from W&B logs alone: means only)"
+        return text + "; time: seconds per whole-volume forward pass on the run's device."
+
+
+@dataclass
+class Report:
+    tables: list[Table]
+
+    @property
+    def runs(self) -> list[Run]:
+        return [run for table in self.tables for run in table.runs]
+
+    def markdown(self, figures: Sequence[str] = ()) -> str:
+        out = []
+        for table in self.tables:
+            out += [f"## {table.name}", "", table.caption(), "", table.markdown(), ""]
+        for fig in figures:
+            out += [f"![{Path(fig).stem}]({fig})", ""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def csv(self) -> str:
+        """One line per row of every table, numbers unformatted."""
+        buf = io.StringIO()
+        columns = ["table", "row", "kind"]
+        for key, _, _ in METRICS:
+            columns += [key, f"{key}_std"]
+        columns += ["n_subjects", "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir", "source"]
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for table in self.tables:
+            for row in table.rows:
+                line: dict[str, Any] = {"table": table.name, "row": row.name, "kind": row.kind}
+                for key in ("psnr", "psnr_std", "ssim", "ssim_std", "nrmse", "nrmse_std", "n_subjects"):
+                    line[key] = "" if row.scores is None or key not in row.scores else row.scores[key]
+                if row.params is not None:
+                    line["params"] = row.params
+                    line["params_M"] = round(row.params / 1e6, 4)
+                if row.seconds_per_volume is not None:
+                    line["seconds_per_volume"] = row.seconds_per_volume
+                if row.run is not None:
+                    line["split"] = row.run.split or ""
+                    line["volume_shape"] = "x".join(map(str, row.run.volume_shape or []))
+                    line["run_dir"] = str(row.run.path)
+                    line["source"] = row.run.source
+                writer.writerow(line)
+        return buf.getvalue()
+
+    def write(self, out_dir: Path, figures: bool = True) -> dict[str, Path]:
+        """Write ``report.md``, ``report.csv`` and (``figures``) ``val_psnr.png``,
+        ``panels.png`` and ``panels/<table>__<row>.png`` into ``out_dir``; returns them."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        names: list[str] = []
+        if figures:
+            curves = plot_val_psnr(self, out_dir / "val_psnr.png")
+            if curves is not None:
+                written["val_psnr"] = curves
+                names.append(curves.name)
+            panels = collect_panels(self, out_dir)
+            if panels:
+                written.update({f"panel:{k}": v for k, v in panels.items()})
+                composite = compose_panels(panels, out_dir / "panels.png")
+                if composite is not None:
+                    written["panels"] = composite
+                    names.append(composite.name)
+        written["markdown"] = _write_text(out_dir / "report.md", "# Results\n\n" + self.markdown(names))
+        written["csv"] = _write_text(out_dir / "report.csv", self.csv())
+        return written
+
+
+# ------------------------------------------------------------------------ formatting
+def format_params(n: int | None) -> str:
+    """Parameters in millions as the paper prints them: 228961 -> '0.23M' (small: '0.0046M')."""
+    if n is None:
+        return "—"
+    m = n / 1e6
+    if m >= 0.01:
+        return f"{m:.2f}M"
+    return f"{m:.2g}M"
+
+
+def _format_seconds(s: float | None) -> str:
+    return "—" if s is None or not math.isfinite(s) else f"{s:.2f}"
+
+
+def _format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> str:
+    if scores is None or key not in scores:
+        return "—"
+    text = f"{scores[key]:.{digits}f}"
+    std = scores.get(f"{key}_std")
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return write_text(path, text)
+
+
+# ------------------------------------------------------------------------ reading runs
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """``(step, val/psnr)`` from the CSV logger's ``metrics.csv`` (``csv/`` or ``csv/version_*``)."""
+    files = sorted((run_dir / "csv").glob("**/metrics.csv")) if (run_dir / "csv").is_dir() else []
+    points: dict[int, float] = {}
+    for path in files:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line in csv.DictReader(f):
+                value, step = line.get("val/psnr"), line.get("step")
+                if value not in (None, "") and step not in (None, ""):
+                    points[int(float(step))] = float(value)
+    return sorted(points.items())
+
+
+def _multirun_root(run_dir: Path) -> Path | None:
+    parent = run_dir.parent
+    return parent if (parent / "multirun.yaml").is_file() else None
+
+
+def read_run(run_dir: Path) -> Run:
+    """A run folder of ``mdcsrn-train`` (``metrics.json`` may be missing: a failed run)."""
+    run_dir = Path(run_dir)
+    config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    hydra_cfg = (_load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+    overrides = _load_yaml(run_dir / ".hydra" / "overrides.yaml") or []
+    group = ((config.get("logger") or {}).get("wandb") or {}).get("group")
+    root = _multirun_root(run_dir)
+    table = str(group) if group else (root.name if root is not None else "runs")
+    job_num = (hydra_cfg.get("job") or {}).get("num")
+    run = Run(
+        path=run_dir,
+        table=table,
+        tags=[str(t) for t in (config.get("tags") or [])],
+        overrides=[str(o) for o in overrides],
+        job_num=int(job_num) if isinstance(job_num, int) else None,
+        curve=_read_curve(run_dir),
+    )
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        data = json.loads(metrics_path.read_text(encoding="utf-8"))
+        run.methods = {k: dict(v) for k, v in (data.get("methods") or {}).items()}
+        run.params = data.get("params")
+        run.seconds_per_volume = data.get("seconds_per_volume")
+        run.volume_shape = data.get("volume_shape")
+        run.split = data.get("split")
+        panel = Path(data["panel"]) if data.get("panel") else run_dir / "panels" / "test.png"
+        if not panel.is_file():  # moved run folders: the recorded path is stale
+            panel = run_dir / "panels" / "test.png"
+        run.panel = panel if panel.is_file() else None
+    else:
+        panel = run_dir / "panels" / "test.png"
+        run.panel = panel if panel.is_file() else None
+    return run
+
+
+def _wandb_value(config: Mapping[str, Any], key: str) -> Any:
+    entry = config.get(key)
+    return entry.get("value") if isinstance(entry, Mapping) and "value" in entry else entry
+
+
+# The .wandb file: a header (":W&B", 0xBEE1, version 0), then LevelDB-log records of
+# protobuf ``wandb.proto.wandb_internal_pb2.Record`` in 32 KiB blocks.
+_WANDB_BLOCK = 32768
+_WANDB_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_records(path: Path) -> Iterable[bytes]:
+    import struct
+
+    data = Path(path).read_bytes()
+    if len(data) < _WANDB_HEADER or data[:4] != b":W&B":
+        raise ReportError(f"{path}: not a W&B run log (.wandb)")
+    pos, pending = _WANDB_HEADER, b""
+    while pos + _WANDB_HEADER <= len(data):
+        left = _WANDB_BLOCK - pos % _WANDB_BLOCK
+        if left < _WANDB_HEADER:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _WANDB_HEADER])
+        if length == 0 and kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        chunk = data[pos + _WANDB_HEADER : pos + _WANDB_HEADER + length]
+        pos += _WANDB_HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_wandb_log(path: Path) -> dict[str, Any]:
+    """What a ``run-*.wandb`` file holds that a report needs, read offline.
+
+    Returns ``{"group", "tags", "job_type", "config", "summary", "history"}``: config and
+    summary as ``{key: value}`` (nested keys joined by '/'), history as a list of rows.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict[str, Any] = {"group": None, "tags": [], "job_type": None, "config": {}, "summary": {}, "history": []}
+    for data in _wandb_records(path):
+        record = pb.Record()
+        try:
+            record.ParseFromString(data)
+        except Exception:  # noqa: BLE001 - a torn last record of a killed run
+            continue
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["group"] = record.run.run_group or None
+            out["tags"] = list(record.run.tags)
+            out["job_type"] = record.run.job_type or None
+            for item in record.run.config.update:
+                out["config"][_item_key(item)] = _json_value(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][_item_key(item)] = _json_value(item.value_json)
+        elif kind == "history":
+            out["history"].append({_item_key(i): _json_value(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][_item_key(item)] = _json_value(item.value_json)
+    return out
+
+
+def read_wandb_run(folder: Path) -> Run:
+    """A W&B run folder alone (``offline-run-*``): means of the test metrics, no std."""
+    folder = Path(folder)
+    files = folder / "files"
+    logs = sorted(folder.glob("run-*.wandb"))
+    if (files / "wandb-summary.json").is_file():
+        summary = json.loads((files / "wandb-summary.json").read_text(encoding="utf-8"))
+        raw = _load_yaml(files / "config.yaml") or {}
+        config = {k: _wandb_value(raw, k) for k in raw}
+        logged = read_wandb_log(logs[0]) if logs else {"group": None, "tags": [], "history": []}
+    elif logs:
+        logged = read_wandb_log(logs[0])
+        summary, config = logged["summary"], logged["config"]
+    else:
+        raise ReportError(f"{folder}: neither files/wandb-summary.json nor a run-*.wandb log")
+    logger_cfg = config.get("logger") if isinstance(config.get("logger"), Mapping) else {}
+    group = logged.get("group") or (logger_cfg.get("wandb") or {}).get("group")
+    tags = logged.get("tags") or config.get("tags") or []
+    run = Run(path=folder, table=str(group) if group else "wandb", tags=[str(t) for t in tags], source="wandb")
+    model = {key: float(summary[f"test/{key}"]) for key, _, _ in METRICS if isinstance(summary.get(f"test/{key}"), (int, float))}
+    if model:
+        run.methods["model"] = model
+        run.split = "test"
+    params = config.get("params", summary.get("params"))
+    run.params = int(params) if isinstance(params, (int, float)) else None
+    if isinstance(summary.get("test/seconds"), (int, float)):
+        run.seconds_per_volume = float(summary["test/seconds"])
+    points = {}
+    for row in logged.get("history", []):
+        step = row.get("trainer/global_step", row.get("_step"))
+        if isinstance(row.get("val/psnr"), (int, float)) and isinstance(step, (int, float)):
+            points[int(step)] = float(row["val/psnr"])
+    run.curve = sorted(points.items())
+    return run
+
+
+def _is_wandb_run_dir(path: Path) -> bool:
+    return (path / "files" / "wandb-summary.json").is_file() or any(path.glob("run-*.wandb"))
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def _walk(path: Path) -> Iterable[Path]:
+    """Folders under ``path`` (itself included), not descending into a run's own subfolders."""
+    yield path
+    try:
+        children = sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError:
+        return
+    for child in children:
+        if child.name.startswith("."):  # .hydra, .submitit, ...: never runs themselves
+            continue
+        if child.name in _SKIP_DIRS and _is_run_dir(path):
+            # a run's checkpoints/csv/panels hold no runs; its wandb/ is read through the run
+            continue
+        if child.name.startswith("offline-run-") or child.name.startswith("run-"):
+            yield child
+            continue
+        yield from _walk(child)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Every run in ``paths`` (run folders, multirun folders, parents of them, W&B run folders).
+
+    Raises:
+        ReportError: a path that does not exist, or no run in any of them.
+    """
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for given in paths:
+        path = Path(given)
+        if path.is_file() and path.name == "metrics.json":
+            path = path.parent
+        if not path.exists():
+            raise ReportError(f"{path}: no such file or directory")
+        found: list[Run] = []
+        for folder in _walk(path):
+            resolved = folder.resolve()
+            if resolved in seen:
+                continue
+            if _is_run_dir(folder):
+                seen.add(resolved)
+                found.append(read_run(folder))
+            elif _is_wandb_run_dir(folder) and not any(
+                p in seen for p in resolved.parents
+            ):
+                # W&B folders inside a run folder are read through the run; alone, from the summary
+                seen.add(resolved)
+                found.append(read_wandb_run(folder))
+        found.sort(key=lambda r: (str(_multirun_root(r.path) or r.path.parent), r.job_num if r.job_num is not None else -1, str(r.path)))
+        runs += found
+    if not runs:
+        raise ReportError(
+            ", ".join(map(str, paths)) + ": no runs found (no metrics.json, .hydra/config.yaml or "
+            "W&B offline-run-* folder inside)"
+        )
+    return runs
+
+
+# ------------------------------------------------------------------------ tables
+def _row_names(runs: Sequence[Run]) -> list[str]:
+    """Tags (the paper row), else the overrides in which the runs differ, else the folder."""
+    override_sets = [set(r.overrides) for r in runs]
+    common = set.intersection(*override_sets) if override_sets else set()
+    names = []
+    for run in runs:
+        if run.tags:
+            name = " ".join(run.tags)
+        else:
+            differing = [o for o in run.overrides if o not in common]
+            name = " ".join(differing) if differing and len(runs) > 1 else run.path.name
+        names.append(name)
+    # duplicates (the same row trained twice, e.g. two seeds): tell them apart by folder
+    for name in set(names):
+        if names.count(name) > 1:
+            names = [f"{n} [{r.path.name}]" if n == name else n for n, r in zip(names, runs)]
+    return names
+
+
+def _scores_key(scores: Mapping[str, float]) -> tuple[float, ...]:
+    return tuple(round(float(scores.get(k, float("nan"))), 6) for k, _, _ in METRICS)
+
+
+def _baseline_rows(runs: Sequence[Run], names: Sequence[str]) -> list[Row]:
+    """Each interpolation baseline once; several rows only where runs disagree (other data)."""
+    found: dict[str, dict[tuple[float, ...], tuple[dict[str, float], list[str]]]] = {}
+    for run, name in zip(runs, names):
+        for method, scores in run.methods.items():
+            if method == "model":
+                continue
+            entry = found.setdefault(method, {}).setdefault(_scores_key(scores), (scores, []))
+            entry[1].append(name)
+    order = [m for m in BASELINE_ORDER if m in found] + sorted(m for m in found if m not in BASELINE_ORDER)
+    rows = []
+    for method in order:
+        variants = found[method]
+        for scores, who in variants.values():
+            label = method if len(variants) == 1 else f"{method} ({', '.join(who)})"
+            rows.append(Row(name=label, kind="baseline", scores=dict(scores)))
+    return rows
+
+
+def build_tables(runs: Sequence[Run]) -> list[Table]:
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(run.table, []).append(run)
+    tables = []
+    for name, members in grouped.items():
+        names = _row_names(members)
+        rows = _baseline_rows(members, names)
+        for run, row_name in zip(members, names):
+            rows.append(
+                Row(
+                    name=row_name,
+                    kind="model",
+                    scores=run.methods.get("model"),
+                    params=run.params,
+                    seconds_per_volume=run.seconds_per_volume,
+                    run=run,
+                )
+            )
+        tables.append(Table(name=name, runs=members, rows=rows))
+    return tables
+
+
+def build_report(paths: Sequence[str | Path]) -> Report:
+    """Find the runs in ``paths`` and lay them out as the paper's tables."""
+    return Report(tables=build_tables(find_runs(paths)))
+
+
+# ------------------------------------------------------------------------ figures
+def _model_rows(report: Report) -> list[tuple[str, Row]]:
+    several = len(report.tables) > 1
+    return [
+        (f"{t.name}/{r.name}" if several else r.name, r)
+        for t in report.tables
+        for r in t.rows
+        if r.kind == "model" and r.run is not None
+    ]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return path
+
+
+def plot_val_psnr(report: Report, path: Path) -> Path | None:
+    """Validation PSNR against training step, every run on one plot (None: no curves)."""
+    curves = [(label, row.run.curve) for label, row in _model_rows(report) if row.run and row.run.curve]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for label, curve in curves:
+            steps, values = zip(*curve)
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def collect_panels(report: Report, out_dir: Path) -> dict[str, Path]:
+    """Copy each run's test slice panel to ``out_dir/panels/<table>__<row>.png``."""
+    panels: dict[str, Path] = {}
+    for label, row in _model_rows(report):
+        if row.run is None or row.run.panel is None:
+            continue
+        target = out_dir / "panels" / f"{_safe_name(row.run.table)}__{_safe_name(row.name)}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(row.run.panel, target)
+        panels[label] = target
+    return panels
+
+
+def compose_panels(panels: Mapping[str, Path], path: Path) -> Path | None:
+    """The slice panels of all runs stacked into one figure, titled by row."""
+    if not panels:
+        return None
+    plt = _pyplot()
+    images = {label: plt.imread(str(p)) for label, p in panels.items()}
+    width = max(im.shape[1] for im in images.values()) / 100
+    heights = [im.shape[0] / 100 + 0.3 for im in images.values()]
+    fig, axes = plt.subplots(len(images), 1, figsize=(width, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    try:
+        for ax, (label, image) in zip(axes[:, 0], images.items()):
+            ax.imshow(image)
+            ax.set_title(label, fontsize=10, loc="left")
+            ax.axis("off")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
