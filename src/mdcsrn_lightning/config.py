@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
+
+# `${release_weights:}` in configs: the checkpoint shipped with the package
+OmegaConf.register_new_resolver("release_weights", lambda: str(RELEASED_WEIGHTS), replace=True)
+
 
 def config_dir() -> str:
     """Absolute path of ``conf/``: ``$MDCSRN_CONFIG_DIR`` or the repository's ``conf/``."""

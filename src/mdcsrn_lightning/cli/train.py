@@ -52,9 +52,7 @@ def _print_outputs(output_dir: Path, trainer: L.Trainer) -> None:
     print(f"\nRun directory: {output_dir}")
     if ckpt is not None and ckpt.best_model_path:
         print(f"  best checkpoint: {ckpt.best_model_path}")
-    if ckpt is not None and ckpt.last_model_path:
-        print(f"  last checkpoint: {ckpt.last_model_path}")
-    for name in ("metrics.json", "panels/test.png", "split.json"):
+    for name in ("checkpoints/last.ckpt", "metrics.json", "panels/test.png", "split.json"):
         if (output_dir / name).exists():
             print(f"  {name}: {output_dir / name}")
 

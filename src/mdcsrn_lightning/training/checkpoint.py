@@ -53,3 +53,24 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({exc})") from exc
     return net, config
+
+
+# What a released (slim) checkpoint keeps: enough to rebuild and run the generator and to
+# know how its input was made; no optimizer state, no critic.
+_SLIM_KEYS = ("net_config", "datamodule_hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")
+
+
+def slim_checkpoint(source: str | Path, target: str | Path, **metadata: Any) -> Path:
+    """Write the generator part of a training checkpoint to ``target`` (for release).
+
+    The result loads with :func:`load_generator` and ``torch.load(..., weights_only=True)``.
+    """
+    from mdcsrn_lightning.atomic import atomic_path
+
+    checkpoint = read_checkpoint(source)
+    slim = {k: checkpoint[k] for k in _SLIM_KEYS if k in checkpoint}
+    slim["state_dict"] = {f"net.{k}": v for k, v in generator_state(checkpoint).items()}
+    slim["release"] = dict(metadata)
+    with atomic_path(target) as tmp:
+        torch.save(slim, tmp)
+    return Path(target)
