@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s demo` (the quickstart on the embedded data).
+"""Sessions: `nox -s tests` (the suite), `nox -s demo` (the quickstart, L1 then GAN, on the embedded data).
 
 Torch: `MDCSRN_TORCH` picks the torch requirement (default `torch==2.13.0`; on a machine whose
 pip finds a local CPU wheel of it, that wheel, otherwise PyPI's build for the platform, CUDA
@@ -8,6 +8,8 @@ on Linux). Set e.g. `MDCSRN_TORCH="torch>=2.4"` to take what pip resolves.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import nox
 
@@ -32,6 +34,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Train the quickstart model on the embedded MNI152 data (CPU, a few minutes)."""
+    """The quickstart on the embedded MNI152 data: L1 training, then WGAN-GP fine-tuning (CPU)."""
     install(session)
-    session.run("mdcsrn-train", "experiment=quickstart", *session.posargs)
+    run_dir = Path("logs", "demo", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    l1_dir, gan_dir = run_dir / "quickstart", run_dir / "quickstart_gan"
+    session.run("mdcsrn-train", "experiment=quickstart", f"hydra.run.dir={l1_dir}", *session.posargs)
+    best = sorted((l1_dir / "checkpoints").glob("epoch_*.ckpt"))[-1]
+    session.run(
+        "mdcsrn-train", "experiment=quickstart_gan", f"module.init_ckpt={best}", f"hydra.run.dir={gan_dir}",
+        *session.posargs,
+    )
+    session.log(f"L1 model: {l1_dir} (metrics.json, panels/, checkpoints/); GAN fine-tuning: {gan_dir}")
