@@ -6,11 +6,17 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from mdcsrn_lightning.benchmark import conv_macs_per_voxel, infer_task, markdown, queue_task, train_task
+from mdcsrn_lightning.benchmark.measure import PeakMemory, alternate
 from mdcsrn_lightning.cli.bench import bench
 from mdcsrn_lightning.config import config_dir
+from mdcsrn_lightning.models import MDCSRN
 
 
 def run_cli(*overrides: str) -> dict:
@@ -35,3 +41,116 @@ def test_timing_reports_seconds_and_voxels_per_second() -> None:
     result = bench(cfg)
     assert result["size"] == [6, 7, 8] and result["seconds_min"] > 0
     assert result["voxels_per_second"] == 6 * 7 * 8 / result["seconds_median"]
+
+
+# ---------------------------------------------------------------------- side-by-side tasks
+TINY_MODEL = {"_target_": "mdcsrn_lightning.models.mdcsrn.MDCSRN", "num_blocks": 1, "units_per_block": 2, "growth_rate": 4}
+
+
+def test_conv_macs_count_every_conv_weight_per_voxel() -> None:
+    # b8u4 k=12: stem 648, 8 blocks of 53,424, compressors 52,416, reconstruction 600
+    assert conv_macs_per_voxel(MDCSRN(8, 4, 12)) == 648 + 8 * 53_424 + 52_416 + 600
+    with pytest.raises(ValueError, match="grid size"):
+        conv_macs_per_voxel(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3)))
+
+
+def test_alternate_rotates_the_order_and_peak_memory_sees_an_allocation() -> None:
+    calls: list[str] = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2)
+    assert calls == ["a", "b", "b", "a"] and len(times["a"]) == 2
+    with PeakMemory("cpu") as mem:
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        del block
+    assert mem.increase >= 60 << 20
+
+
+def test_infer_task_compares_engines_with_the_reference() -> None:
+    result = infer_task(
+        TINY_MODEL, engines=["reference", "torch", "stream:3", "onnxruntime"], size=[6, 7, 8], repeats=2,
+        memory="inprocess", device="cpu", log=lambda _: None,
+    )
+    rows = result["engines"]
+    assert result["gemm"]["gflops_peak"] > 0 and result["conv_gflop"] > 0
+    for name in ("reference", "torch", "stream:3"):
+        row = rows[name]
+        assert row["max_abs_diff"] < 1e-5 and row["seconds_min"] > 0 and 0 < row["peak_share"] < 1
+        assert {"speedup_vs_reference", "mvox_per_s", "gflops", "peak_rss_mb", "rss_increase_mb"} <= set(row)
+    assert rows["reference"]["speedup_vs_reference"] == 1.0
+    assert "skipped" in rows["onnxruntime"] or rows["onnxruntime"]["max_abs_diff"] < 1e-4
+    assert result["best_engine"] in rows
+    table = markdown(result)
+    assert table.count("\n| ") >= 5 and "% of GEMM peak" in table
+
+
+def test_train_task_times_each_option_against_the_reference() -> None:
+    result = train_task(
+        TINY_MODEL, settings=["reference", "torch", "channels_last", "memory_efficient"], batches=[[2, 8]],
+        repeats=1, memory="inprocess", device="cpu", log=lambda _: None,
+    )
+    run = result["runs"][0]
+    assert (run["batch"], run["patch"]) == (2, 8)
+    for row in run["settings"].values():
+        assert row["seconds_median"] > 0 and row["patches_per_s"] > 0 and "peak_rss_mb" in row
+    assert run["best_setting"] != "reference"
+    assert "| memory_efficient |" in markdown(result)
+    with pytest.raises(ValueError, match="unknown training option"):
+        train_task(TINY_MODEL, settings=["fp8"], batches=[[1, 4]], repeats=1, memory="none", device="cpu")
+
+
+def test_queue_task_measures_delivery_against_consumption() -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "data.source.resolution=2", "data.source.num_slabs=6", "data.patch_size=8", "data.samples_per_volume=2",
+            "data.batch_size=2", "data.queue_length=4",
+        ])
+    data = OmegaConf.to_container(cfg.data, resolve=False)
+    result = queue_task(data, TINY_MODEL, batches=3, consume_settings=["torch"], consume_repeats=1, device="cpu", log=lambda _: None)
+    assert result["queue"]["patches"] == 6 and result["queue"]["patches_per_s"] > 0
+    assert result["consume"]["torch"]["patches_per_s"] > 0 and result["ratio_vs_fastest_step"] > 0
+    assert "queue delivers" in markdown(result)
+
+
+@pytest.mark.slow
+def test_cli_prints_a_table_then_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdcsrn_lightning.cli.bench", "depth=b1u2", "width=k4", "bench.size=[6,6,6]",
+         "bench.repeats=1", "bench.engines=[reference,torch]", "bench.memory=subprocess", "bench.device=cpu"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert "| reference |" in proc.stdout and result["engines"]["torch"]["peak_rss_mb"] > 50
+    assert result["machine"]["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------------- lean training options
+def test_channels_last_and_memory_efficient_fit(train_cfg) -> None:
+    from mdcsrn_lightning.cli.train import train
+
+    cfg = train_cfg("module.channels_last=true", "model.memory_efficient=true", "trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.slow
+def test_compile_fit(train_cfg) -> None:
+    from mdcsrn_lightning.cli.train import train
+
+    cfg = train_cfg("module.compile=true", "trainer.fast_dev_run=true", "test=false")
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.slow
+def test_volume_task_streams_exactly_and_checks_itself(tmp_path) -> None:
+    from mdcsrn_lightning.benchmark import volume_task
+
+    result = volume_task(
+        TINY_MODEL, shape=[22, 20, 18], slab=4, crop=14, device="cpu", workdir=str(tmp_path), log=lambda _: None,
+    )
+    assert result["receptive_field_radius"] == 3
+    assert result["stream"]["peak_rss_mb"] > 50 and result["stream"]["seconds"] > 0
+    assert result["crops_max_abs_diff"] < 1e-5
+    assert result["patches"]["max_abs_diff_vs_stream"] < 1e-5 and result["patches"]["margin"] == 3
+    assert "streamed whole volume" in markdown(result)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference.patches import grid_for, super_resolve
 from mdcsrn_lightning.inference.predict import (
@@ -202,8 +203,8 @@ def test_inputs_outputs_and_checkpoint_resolution(tmp_path: Path) -> None:
     assert plan_outputs([Path("x/a.nii.gz")], tmp_path / "o.nii.gz", False) == [tmp_path / "o.nii.gz"]
     assert plan_outputs([Path("x/a.nii.gz")], tmp_path / "dir", False) == [tmp_path / "dir" / "a_sr.nii.gz"]
     assert plan_outputs([Path("a.nii"), Path("b.nii")], tmp_path / "d", True) == [tmp_path / "d" / "a.nii", tmp_path / "d" / "b.nii"]
-    with pytest.raises(InferenceError, match="no checkpoint given"):
-        resolve_checkpoint(None)
+    # no checkpoint given: the released weights
+    assert resolve_checkpoint(None) == RELEASED_WEIGHTS
     with pytest.raises(InferenceError, match="not found"):
         resolve_checkpoint(tmp_path / "nope.ckpt")
 
@@ -322,7 +323,8 @@ def test_infer_one_bad_file_in_a_folder_writes_nothing(tmp_path: Path, monkeypat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("which", ["missing_arg", "missing_file", "unreadable", "no_config", "wrong_weights"])
+# (no ckpt argument at all runs the released weights: tests/test_release.py)
+@pytest.mark.parametrize("which", ["missing_file", "unreadable", "no_config", "wrong_weights"])
 def test_infer_bad_checkpoint(tmp_path: Path, monkeypatch, capsys, which: str) -> None:
     ckpt = tmp_path / "model.ckpt"
     if which == "unreadable":
@@ -331,14 +333,12 @@ def test_infer_bad_checkpoint(tmp_path: Path, monkeypatch, capsys, which: str) -
         torch.save({"state_dict": {}}, ckpt)
     elif which == "wrong_weights":
         torch.save({"state_dict": {"net.stem.weight": torch.zeros(1)}, "net_config": dict(TINY_CONFIG)}, ckpt)
-    args = [f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}"]
-    if which != "missing_arg":
-        args.append(f"ckpt={ckpt}")
+    args = [f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}"]
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, *args)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mdcsrn-infer: error: ")
-    assert ("ckpt" in lines[0]) if which == "missing_arg" else (str(ckpt) in lines[0])
+    assert str(ckpt) in lines[0]
     assert not (tmp_path / "sr.nii.gz").exists()
 
 

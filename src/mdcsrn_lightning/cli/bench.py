@@ -1,15 +1,20 @@
-"""`mdcsrn-bench`: how big and how fast a generator is; the last stdout line is JSON.
+"""`mdcsrn-bench`: side-by-side benchmarks; a markdown table, then one JSON line (the last).
 
-    mdcsrn-bench depth=b8u4 width=k12
-    mdcsrn-bench depth=b4u4 bench.size=[64,64,64] bench.repeats=5
-    mdcsrn-bench model=mdcsrn_r depth=b1u16 bench.timing=false
+    mdcsrn-bench depth=b8u4 width=k12 bench.timing=false          # parameter count only
+    mdcsrn-bench depth=b8u4 bench.size=[64,64,64] bench.engines=[reference,torch,compile,onnxruntime,openvino]
+    mdcsrn-bench bench.task=train                                  # seconds per Adam step, options on/off
+    mdcsrn-bench bench.task=queue                                  # TorchIO queue vs training step
+    mdcsrn-bench depth=b8u4 bench.task=volume                      # exact 181x217x181 pass, peak RSS
+
+Every setting of a task is timed in alternating rounds in one process (ratios hold on a
+noisy machine); see :mod:`mdcsrn_lightning.benchmark.tasks`.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -17,57 +22,78 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mdcsrn_lightning.benchmark import infer_task, machine, markdown, queue_task, train_task, volume_task
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.models import count_parameters
 
+TASKS = ("infer", "train", "queue", "volume")
 
-def time_forward(net: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> list[float]:
-    """Seconds of each of ``repeats`` eval forward passes (after ``warmup`` untimed ones)."""
-    net.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            net(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+
+def _model_name(model: dict[str, Any]) -> str:
+    try:
+        name = f"b{model['num_blocks']}u{model['units_per_block']} k={model['growth_rate']}"
+        return name + ("-r" if model.get("reconstruction") == "conv" else "")
+    except (KeyError, TypeError):
+        return str(model.get("_target_", "generator"))
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
     b = cfg.bench
-    if b.task != "infer":
-        raise ValueError(f"bench.task={b.task!r}: only 'infer' is implemented")
+    if b.task not in TASKS:
+        raise ValueError(f"bench.task={b.task!r}: choose one of {TASKS}")
     if b.threads:
         torch.set_num_threads(int(b.threads))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
     torch.manual_seed(b.seed)
     net = instantiate(cfg.model)
-    result: dict[str, Any] = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "params": count_parameters(net),
-    }
+    result: dict[str, Any] = {"model": model, "params": count_parameters(net)}
     result["params_M"] = round(result["params"] / 1e6, 2)
-    if b.timing:
-        size = [int(s) for s in b.size]
-        x = torch.rand(int(b.batch), 1, *size)
-        times = time_forward(net, x, int(b.repeats), int(b.warmup))
-        voxels = x.numel()
-        result.update(
-            {
-                "size": size,
-                "batch": int(b.batch),
-                "threads": torch.get_num_threads(),
-                "seconds_median": statistics.median(times),
-                "seconds_min": min(times),
-                "voxels_per_second": voxels / statistics.median(times),
-            }
+    del net
+    if not b.timing:
+        return result
+    common = {"device": str(b.device), "seed": int(b.seed)}
+    if b.task == "infer":
+        out = infer_task(
+            model, engines=list(b.engines), size=list(b.size), batch=int(b.batch), repeats=int(b.repeats),
+            warmup=int(b.warmup), memory=str(b.memory), slab=b.slab, gemm_size=int(b.gemm_size), **common,
         )
+    elif b.task == "train":
+        out = train_task(
+            model, settings=list(b.train.settings), batches=[list(x) for x in b.train.batches],
+            repeats=int(b.repeats), warmup=int(b.warmup), memory=str(b.memory), **common,
+        )
+    elif b.task == "queue":
+        data = OmegaConf.to_container(cfg.data, resolve=False)
+        assert isinstance(data, dict)
+        out = queue_task(
+            data, model, batches=int(b.queue.batches), consume_settings=list(b.queue.consume_settings),
+            consume_repeats=int(b.queue.consume_repeats), **common,
+        )
+    else:
+        v = b.volume
+        out = volume_task(
+            model, shape=list(v.shape), slab=int(v.slab), crop=int(v.crop), patches_check=bool(v.patches_check),
+            workdir=v.workdir, **common,
+        )
+    result.update(out)
+    result["model_name"] = _model_name(model)
+    result["machine"] = machine()
     return result
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> None:
-    print(json.dumps(bench(cfg)))
+    result = bench(cfg)
+    table = markdown(result) if cfg.bench.timing else ""
+    if table:
+        print(table, flush=True)
+        if cfg.bench.table:
+            path = Path(str(cfg.bench.table))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+    sys.stdout.flush()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def _required(cfg: DictConfig, key: str, example: str) -> Any:
 
 def patch_options(cfg: DictConfig) -> PatchOptions:
     p = cfg.patches
-    size = p.size if isinstance(p.size, int) else list(p.size)
-    margin = p.margin if isinstance(p.margin, int) else list(p.margin)
+
+    def value(v: Any) -> Any:
+        return v if v is None or isinstance(v, (int, str)) else [int(x) for x in v]
+
+    size, margin = value(p.size), value(p.margin)
     return PatchOptions(
         patch_size=size,
         margin=margin,
@@ -51,6 +54,9 @@ def patch_options(cfg: DictConfig) -> PatchOptions:
         device=str(cfg.device),
         precision=str(cfg.precision),
         progress=bool(cfg.get("progress", False)),
+        engine=str(cfg.get("engine", "torch")),
+        stream=bool(cfg.get("stream", False)),
+        slab=int(cfg.get("slab", 16)),
     )
 
 

@@ -17,6 +17,18 @@ The volume is cut into overlapping patches with TorchIO's :class:`~torchio.GridS
   context than the whole-volume pass; that is the paper's trade-off.
 * ``"average"`` / ``"hann"``: overlapping outputs are blended with equal / Hann weights.
 
+``margin="auto"`` is the network's receptive-field radius (``1 + b*u`` for mDCSRN: 17 for
+b4u4, 33 for b8u4), so the patch output equals the whole-volume pass exactly; patches must
+then be larger than ``2 * radius`` along every axis the volume is cut. ``patch_size="auto"``
+picks the largest cube that fits in half of the free memory of the device (CUDA: free
+memory; CPU: ``MemAvailable``), from an estimate of the generator's activation memory per
+voxel (:func:`bytes_per_voxel`). For an exact result with little memory on any volume, see
+also :mod:`mdcsrn_lightning.inference.streaming` (no patches at all).
+
+``net`` may be an ``nn.Module`` or any callable engine from
+:mod:`mdcsrn_lightning.inference.engines` (ONNX Runtime, OpenVINO, torch.compile): a
+callable ``(B, C, D, H, W) tensor -> tensor`` with a ``device`` attribute (CPU if absent).
+
 Any volume shape works: along an axis shorter than the patch, the patch is the whole axis
 (one patch, no overlap).
 
@@ -31,7 +43,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -42,8 +54,12 @@ from torch import nn
 __all__ = [
     "OverlapMode",
     "BNMode",
+    "auto_patch_size",
+    "bytes_per_voxel",
+    "free_memory_bytes",
     "grid_for",
     "resolve_device",
+    "resolve_margin",
     "super_resolve",
 ]
 
@@ -95,6 +111,79 @@ def grid_for(
     return tuple(patch), tuple(overlap)  # type: ignore[return-value]
 
 
+def resolve_margin(net: object, margin: int | Sequence[int] | str) -> int | Sequence[int]:
+    """``"auto"`` -> ``net.receptive_field_radius()`` (exact patches); anything else as given."""
+    if isinstance(margin, str):
+        if margin != "auto":
+            raise ValueError(f"margin must be an integer, three integers or 'auto', got {margin!r}")
+        radius = getattr(net, "receptive_field_radius", None)
+        if radius is None:
+            raise ValueError(f"margin='auto' needs a network with receptive_field_radius(); {type(net).__name__} has none")
+        return int(radius())
+    return margin
+
+
+def bytes_per_voxel(net: object, batch_size: int = 1) -> int:
+    """Estimated peak activation bytes per input voxel of one float32 eval forward pass.
+
+    mDCSRN: the reconstruction's input concatenation plus the list of levels it is made
+    from (``2 * width``), plus a block's working set (its features, a unit's normalised
+    copies); other networks: 256 float32 channels.
+    """
+    inner = getattr(net, "net", net)  # engines keep the module as .net
+    if all(hasattr(inner, a) for a in ("num_blocks", "units_per_block", "growth_rate")):
+        k, b, u = int(inner.growth_rate), int(inner.num_blocks), int(inner.units_per_block)  # type: ignore[attr-defined]
+        block = 2 * k + u * k
+        width = 2 * k + b * block
+        channels = 2 * width + 4 * block + 8 * k
+    else:
+        channels = 256
+    return 4 * channels * max(1, int(batch_size))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: CUDA's free memory; on CPU ``MemAvailable`` (Linux), else 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_patch_size(
+    net: object,
+    margin: int | Sequence[int] = 3,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    fraction: float = 0.5,
+    multiple: int = 8,
+    maximum: int = 256,
+) -> int:
+    """The patch edge for ``patch_size="auto"``: the largest cube (a multiple of ``multiple``,
+    at most ``maximum``) whose estimated activations fit ``fraction`` of the free memory.
+
+    Raises if that cube leaves nothing inside ``2 * margin``.
+    """
+    dev = torch.device(device)
+    budget = fraction * free_memory_bytes(dev)
+    edge = int((budget / bytes_per_voxel(net, batch_size)) ** (1 / 3))
+    edge = min(int(maximum), edge - edge % multiple)
+    need = 2 * max(_triple(margin, "margin")) + 1
+    if edge < need:
+        raise ValueError(
+            f"patch_size=auto: only {edge}^3 patches fit in {budget / 2**30:.1f} GiB, and a margin of "
+            f"{max(_triple(margin, 'margin'))} needs more than {need - 1}; give patch_size and a smaller margin, "
+            "or use the streaming whole-volume pass"
+        )
+    return edge
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
     if device is None or str(device) == "auto":
@@ -105,6 +194,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def _prepare_net(net: nn.Module, bn_mode: BNMode, device: torch.device) -> nn.Module:
     if bn_mode not in _BN_MODES:
         raise ValueError(f"bn_mode must be one of {_BN_MODES}, got {bn_mode!r}")
+    if not isinstance(net, nn.Module):  # an engine: eval-mode BN is baked in
+        if bn_mode != "eval":
+            raise ValueError(f"bn_mode=train needs the torch engine; {getattr(net, 'name', type(net).__name__)} runs eval-mode BatchNorm")
+        return net
     if bn_mode == "train":
         net = copy.deepcopy(net)  # batch statistics must not leak into the caller's buffers
     net = net.to(device).eval()
@@ -140,11 +233,11 @@ class _StderrProgress:  # pragma: no cover - fallback only
 
 
 def super_resolve(
-    net: nn.Module,
+    net: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     volume: np.ndarray | torch.Tensor,
     *,
-    patch_size: int | Sequence[int] = 70,
-    margin: int | Sequence[int] = 3,
+    patch_size: int | Sequence[int] | str | None = 70,
+    margin: int | Sequence[int] | str = 3,
     overlap_mode: OverlapMode = "crop",
     batch_size: int = 1,
     bn_mode: BNMode = "eval",
@@ -158,11 +251,14 @@ def super_resolve(
     HR's 99.9th percentile; :mod:`mdcsrn_lightning.inference.predict` does this for files).
 
     Args:
-        net: generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)``.
+        net: generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)``, or an engine
+            (:mod:`.engines`).
         volume: 3D array or tensor.
         patch_size: patch edge (one int or three); clamped to the volume per axis.
+            ``"auto"`` or ``None``: from free memory (:func:`auto_patch_size`).
         margin: voxels dropped (``crop``) or blended (``average``/``hann``) at inner patch
-            faces; the GridSampler overlap is ``2 * margin``.
+            faces; the GridSampler overlap is ``2 * margin``. ``"auto"``: the receptive
+            field radius, so the result equals one whole-volume pass.
         overlap_mode: ``"crop"`` (paper), ``"average"`` or ``"hann"``.
         batch_size: patches per forward pass.
         bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics).
@@ -184,9 +280,19 @@ def super_resolve(
     if not torch.isfinite(vol).all():
         raise ValueError("volume contains NaN or Inf")
 
-    dev = resolve_device(device)
+    if isinstance(net, nn.Module):
+        dev = resolve_device(device)
+    else:
+        dev = torch.device(getattr(net, "device", "cpu"))
     amp_dtype = _PRECISIONS[str(precision)]
-    model = _prepare_net(net, bn_mode, dev)
+    model = _prepare_net(net, bn_mode, dev)  # type: ignore[arg-type]
+    margin = resolve_margin(net, margin)
+    if patch_size is None:
+        patch_size = "auto"
+    if isinstance(patch_size, str):
+        if patch_size != "auto":
+            raise ValueError(f"patch_size must be an integer, three integers or 'auto', got {patch_size!r}")
+        patch_size = auto_patch_size(net, margin, dev, int(batch_size))
     patch, overlap = grid_for(tuple(vol.shape), patch_size, margin)
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=vol[None]))

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.inference.nifti_io import (
     check_output_path,
@@ -58,8 +59,8 @@ __all__ = [
     "trained_data_settings",
 ]
 
-# A later release adds default weights; until then a checkpoint must be given.
-DEFAULT_CHECKPOINT: str | None = None
+# With no ckpt given: the weights released with the package (release/MODEL_CARD.md).
+DEFAULT_CHECKPOINT: str | None = str(RELEASED_WEIGHTS)
 _GLOB_CHARS = set("*?[")
 
 
@@ -69,19 +70,51 @@ class InferenceError(ValueError):
 
 @dataclass
 class PatchOptions:
-    """How the generator is run over a volume (see :func:`.patches.super_resolve`)."""
+    """How the generator is run over a volume.
 
-    patch_size: int | Sequence[int] = 70
-    margin: int | Sequence[int] = 3
+    The first fields are :func:`.patches.super_resolve`'s (``patch_size`` and ``margin``
+    also take ``"auto"``). ``engine``: ``torch`` (default), ``compile``, ``onnxruntime``,
+    ``openvino`` or ``auto`` (:mod:`.engines`). ``stream=True`` replaces the patches by the
+    exact streamed whole-volume pass (:mod:`.streaming`, torch only) computing ``slab``
+    slices per step.
+    """
+
+    patch_size: int | Sequence[int] | str = 70
+    margin: int | Sequence[int] | str = 3
     overlap_mode: str = "crop"
     batch_size: int = 1
     bn_mode: str = "eval"
     device: str = "auto"
     precision: str = "32"
     progress: bool = False
+    engine: str = "torch"
+    stream: bool = False
+    slab: int = 16
 
     def kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        """The :func:`.patches.super_resolve` keyword arguments."""
+        out = asdict(self)
+        for key in ("engine", "stream", "slab"):
+            out.pop(key)
+        return out
+
+
+def prepare_runner(net: nn.Module, options: PatchOptions | None = None) -> Any:
+    """What runs the patches: ``net`` itself (engine ``torch``, or streaming) or an engine built
+    from it once (exported on the fly for ONNX Runtime / OpenVINO)."""
+    options = options or PatchOptions()
+    if options.stream or str(options.engine) == "torch" or not isinstance(net, nn.Module):
+        return net
+    from mdcsrn_lightning.inference.engines import build_engine
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    device = resolve_device(options.device)
+    name = str(options.engine)
+    if name != "auto" and options.bn_mode != "eval":
+        raise InferenceError(f"engine={name}: bn_mode=train needs engine=torch")
+    if name == "auto" and options.bn_mode != "eval":
+        return net
+    return build_engine(net, name, device)
 
 
 @dataclass
@@ -104,7 +137,7 @@ class Prediction:
 
 # ------------------------------------------------------------------------ checkpoint
 def resolve_checkpoint(ckpt: str | os.PathLike[str] | None) -> Path:
-    """The checkpoint to use: ``ckpt`` if given, else the default weights (none yet)."""
+    """The checkpoint to use: ``ckpt`` if given, else the released weights."""
     if ckpt is None or str(ckpt).strip() in ("", "None", "null"):
         if DEFAULT_CHECKPOINT is None:
             raise InferenceError("ckpt: no checkpoint given; pass ckpt=path/to/model.ckpt")
@@ -230,7 +263,17 @@ def predict_volume(
     options = options or PatchOptions()
     if scale is None:
         scale = normalisation_scale(lr, percentile)
-    sr = super_resolve(net, np.asarray(lr, dtype=np.float32) / np.float32(scale), **options.kwargs())
+    volume = np.asarray(lr, dtype=np.float32) / np.float32(scale)
+    if options.stream:
+        if not isinstance(net, nn.Module):
+            raise InferenceError("stream=true needs engine=torch (it runs the network layer by layer)")
+        if options.bn_mode != "eval":
+            raise InferenceError("stream=true needs bn_mode=eval (batch statistics cannot be streamed)")
+        from mdcsrn_lightning.inference.streaming import stream_super_resolve
+
+        sr = stream_super_resolve(net, volume, slab=int(options.slab), device=options.device, progress=options.progress)
+    else:
+        sr = super_resolve(prepare_runner(net, options), volume, **options.kwargs())
     return (sr * np.float32(scale)).astype(np.float32, copy=False)
 
 
@@ -258,6 +301,7 @@ def predict_file(
     """
     if net is None:
         net, _, _ = load_model(ckpt)
+        net = prepare_runner(net, options)
     src = Path(input)
     volume = read_volume(src)
     check_output_path(output, overwrite=overwrite, protect=(src,))
@@ -301,6 +345,10 @@ def predict(
     ``on_done(prediction)`` is called after each file.
     """
     net, _, ckpt_path = load_model(ckpt)
+    try:
+        runner = prepare_runner(net, options)  # exported once for all files
+    except (ImportError, RuntimeError) as exc:
+        raise InferenceError(f"engine={(options or PatchOptions()).engine}: {exc}") from exc
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
     for src, dst in zip(inputs, outputs):
@@ -314,7 +362,7 @@ def predict(
         result = predict_file(
             src,
             dst,
-            net=net,
+            net=runner,
             options=options,
             degrade=degrade,
             factors=factors,

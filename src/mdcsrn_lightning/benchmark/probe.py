@@ -1,0 +1,94 @@
+"""One benchmark setting in a fresh process, for its peak memory (peak RSS only grows).
+
+    python -m mdcsrn_lightning.benchmark.probe '<json spec>'
+
+The spec is written by :mod:`mdcsrn_lightning.benchmark.tasks`. The process builds the
+setting, runs it once (warm-up: compilation, export, Adam's state), resets the peak RSS
+(Linux), runs it once more and prints one JSON line: the peak RSS during the measured
+call (the whole process: interpreter, torch, weights, data and the call's working memory),
+its increase over the RSS before the call, and the peak while building and warming up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdcsrn_lightning.benchmark.measure import MB, PeakMemory, peak_rss_bytes, rss_bytes
+from mdcsrn_lightning.benchmark.runners import build_net, make_infer_runner, make_train_step
+
+
+def probe(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec.get("device", "cpu"))
+    task = spec["task"]
+    start_rss = rss_bytes()
+    if task == "infer":
+        net = build_net(spec["model"], int(spec["seed"]))
+        shape = [int(spec["batch"]), int(getattr(net, "in_channels", 1)), *[int(s) for s in spec["size"]]]
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(int(spec["seed"]) + 3)).to(device)
+        run = make_infer_runner(spec["setting"], net, device, spec.get("slab"))
+        for _ in range(int(spec.get("warmup", 1))):
+            run(x)
+
+        def call() -> Any:
+            return run(x)
+
+    elif task == "train":
+        step = make_train_step(spec["setting"], spec["model"], int(spec["batch"]), int(spec["patch"]), device, int(spec["seed"]))
+        for _ in range(int(spec.get("warmup", 1))):
+            step()
+        call = step
+    elif task == "volume":
+        from mdcsrn_lightning.inference.patches import super_resolve
+        from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, stream_super_resolve
+
+        net = build_net(spec["model"], int(spec["seed"])).eval()
+        volume = np.load(spec["input"], mmap_mode="r")
+        mode = spec["setting"]
+
+        def call() -> Any:
+            if mode == "stream":
+                out = stream_super_resolve(net, np.asarray(volume), slab=spec.get("slab", 16), device=device)
+            elif mode == "patches_stream":
+                out = super_resolve(
+                    StreamingMDCSRN(net, spec.get("slab", 16)), np.asarray(volume),
+                    patch_size=spec["patch_size"], margin="auto", device=device,
+                )
+            else:
+                raise ValueError(f"unknown volume setting {mode!r}")
+            np.save(spec["output"], out)
+            return out
+
+    else:
+        raise ValueError(f"unknown probe task {task!r}")
+    setup_peak = peak_rss_bytes()  # building, exporting, compiling, the warm-up call
+    with PeakMemory(device) as mem:
+        begin = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - begin
+    out = {
+        "setting": spec["setting"],
+        "seconds": seconds,
+        "rss_at_start_mb": round(start_rss / MB, 1),
+        **mem.as_dict(),
+        "peak_reset": mem.exact,
+    }
+    if device.type == "cpu":
+        out["setup_peak_rss_mb"] = round(setup_peak / MB, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    print(json.dumps(probe(json.loads(argv[0]))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The ``mdcsrn-bench`` tasks: side-by-side inference engines, training steps, the patch
+queue, and the exact whole-volume pass. Each returns a JSON-ready dict; tables in
+:mod:`.report`.
+
+Timing rule: every setting of a task is built in one process and timed in alternating
+rounds (each round runs each setting once, the order rotating), so the ratios between
+settings hold even on a shared, noisy machine. Memory is measured apart (``memory``):
+``subprocess`` runs each setting in a fresh process (absolute peak RSS, not biased by the
+other settings), ``inprocess`` reports the RSS increase during one call (CPU: peak reset
+through ``/proc/self/clear_refs``), ``none`` skips it. On CUDA, memory is
+``torch.cuda.max_memory_allocated`` in the process.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mdcsrn_lightning.benchmark.measure import (
+    MB,
+    PeakMemory,
+    alternate,
+    conv_macs_per_voxel,
+    gemm_gflops,
+    run_probe,
+    summarize,
+)
+from mdcsrn_lightning.benchmark.runners import Unavailable, build_net, make_infer_runner, make_train_step
+from mdcsrn_lightning.models import count_parameters
+
+__all__ = ["infer_task", "queue_task", "train_task", "volume_task"]
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"[mdcsrn-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name in ("auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _memory(
+    mode: str, spec: dict[str, Any], device: torch.device, call: Callable[[], Any], log: Log
+) -> dict[str, Any]:
+    if mode in ("none", None, False):
+        return {}
+    if mode == "subprocess" and device.type == "cpu":
+        log(f"memory probe (fresh process): {spec['setting']}")
+        result = run_probe(spec)
+        if "error" in result:
+            return {"memory_error": result["error"]}
+        keys = ("peak_rss_mb", "rss_increase_mb", "setup_peak_rss_mb")
+        return {k: result[k] for k in keys if k in result}
+    if mode in ("inprocess", "subprocess"):
+        with PeakMemory(device) as mem:
+            call()
+        return mem.as_dict()
+    raise ValueError(f"bench.memory must be none, inprocess or subprocess, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- infer
+def infer_task(
+    model_cfg: dict[str, Any],
+    *,
+    engines: Sequence[str] = ("torch",),
+    size: Sequence[int] = (32, 32, 32),
+    batch: int = 1,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str = "auto",
+    memory: str = "inprocess",
+    slab: int | None = 16,
+    seed: int = 0,
+    gemm_size: int = 2048,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Eval forward of one ``batch x C x size`` input by each engine, side by side."""
+    dev = _device(device)
+    net = build_net(model_cfg, seed).eval().to(dev)
+    channels = int(getattr(net, "in_channels", 1))
+    size = [int(s) for s in size]
+    x = torch.rand(batch, channels, *size, generator=torch.Generator().manual_seed(seed + 3)).to(dev)
+    voxels = x.numel() // channels
+    macs = conv_macs_per_voxel(net) * voxels
+    result: dict[str, Any] = {
+        "task": "infer",
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "size": size,
+        "batch": int(batch),
+        "voxels": voxels,
+        "conv_gmacs": round(macs / 1e9, 3),
+        "conv_gflop": round(2 * macs / 1e9, 3),
+    }
+
+    runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in engines:
+        start = time.perf_counter()
+        try:
+            run = make_infer_runner(name, net, dev, slab)
+            outputs[name] = run(x).float().cpu()
+            for _ in range(max(0, int(warmup) - 1)):
+                run(x)
+        except Unavailable as exc:
+            rows[name] = {"skipped": str(exc)}
+            log(f"{name}: skipped ({exc})")
+            continue
+        runners[name] = run
+        rows[name] = {"setup_seconds": round(time.perf_counter() - start, 2)}
+        log(f"{name}: ready in {rows[name]['setup_seconds']} s")
+    reference = outputs.get("reference")
+    if reference is None:
+        reference = make_infer_runner("reference", net, dev)(x).float().cpu()
+
+    gemm: list[float] = []
+
+    def probe_gemm(_: int) -> None:
+        gemm.append(gemm_gflops(gemm_size, device=dev))
+
+    times = alternate({n: (lambda r=r: r(x)) for n, r in runners.items()}, int(repeats), probe_gemm, dev, log)
+    gemm_peak = max(gemm) if gemm else gemm_gflops(gemm_size, device=dev)
+    gemm_median = statistics.median(gemm) if gemm else gemm_peak
+    result["gemm"] = {"n": gemm_size, "gflops_peak": round(gemm_peak, 1), "gflops_median": round(gemm_median, 1)}
+    ref_times = times.get("reference")
+    for name, run in runners.items():
+        row = rows[name]
+        row.update(summarize(times[name]))
+        med, best = row["seconds_median"], row["seconds_min"]
+        row["mvox_per_s"] = voxels / med / 1e6
+        row["gflops"] = 2 * macs / med / 1e9
+        row["gflops_best"] = 2 * macs / best / 1e9
+        row["peak_share"] = row["gflops"] / gemm_peak
+        row["peak_share_best"] = row["gflops_best"] / gemm_peak
+        if ref_times:
+            row["speedup_vs_reference"] = statistics.median(ref_times) / med
+            row["speedup_vs_reference_best"] = min(ref_times) / best
+        row["max_abs_diff"] = float((outputs[name] - reference).abs().max())
+        spec = {
+            "task": "infer", "setting": name, "model": model_cfg, "seed": seed, "size": size,
+            "batch": int(batch), "device": str(dev), "threads": torch.get_num_threads(), "slab": slab,
+        }
+        row.update(_memory(memory, spec, dev, lambda run=run: run(x), log))
+    result["engines"] = rows
+    timed = {n: r for n, r in rows.items() if "seconds_median" in r}
+    if timed:
+        best_name = min(timed, key=lambda n: timed[n]["seconds_median"])
+        result["best_engine"] = best_name
+        first = timed[next(iter(timed))] if "torch" not in timed else timed["torch"]
+        # top-level keys (kept from the first bench): the package's generator, eager torch
+        result["seconds_median"] = first["seconds_median"]
+        result["seconds_min"] = first["seconds_min"]
+        result["voxels_per_second"] = voxels / first["seconds_median"]
+    return result
+
+
+# --------------------------------------------------------------------------- train
+def train_task(
+    model_cfg: dict[str, Any],
+    *,
+    settings: Sequence[str] = ("reference", "torch", "channels_last", "memory_efficient"),
+    batches: Sequence[Sequence[int]] = ((6, 40), (1, 40)),
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str = "auto",
+    memory: str = "subprocess",
+    seed: int = 0,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Seconds per Adam step (L1 loss) of each setting at each ``(batch, patch)``."""
+    dev = _device(device)
+    result: dict[str, Any] = {"task": "train", "device": str(dev), "threads": torch.get_num_threads(), "runs": []}
+    for batch, patch in batches:
+        batch, patch = int(batch), int(patch)
+        steps: dict[str, Callable[[], float]] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        for name in settings:
+            start = time.perf_counter()
+            try:
+                step = make_train_step(name, model_cfg, batch, patch, dev, seed)
+                for _ in range(max(1, int(warmup))):
+                    step()
+            except Unavailable as exc:
+                rows[name] = {"skipped": str(exc)}
+                continue
+            steps[name] = step
+            rows[name] = {"setup_seconds": round(time.perf_counter() - start, 2)}
+            log(f"train {batch}x{patch}^3 {name}: ready in {rows[name]['setup_seconds']} s")
+        times = alternate({n: s for n, s in steps.items()}, int(repeats), None, dev, log)
+        ref = times.get("reference")
+        for name, step in steps.items():
+            row = rows[name]
+            row.update(summarize(times[name]))
+            row["patches_per_s"] = batch / row["seconds_median"]
+            if ref:
+                row["speedup_vs_reference"] = statistics.median(ref) / row["seconds_median"]
+                row["speedup_vs_reference_best"] = min(ref) / row["seconds_min"]
+            spec = {
+                "task": "train", "setting": name, "model": model_cfg, "seed": seed, "batch": batch,
+                "patch": patch, "device": str(dev), "threads": torch.get_num_threads(),
+            }
+            row.update(_memory(memory, spec, dev, step, log))
+        del steps
+        ref_peak = rows.get("reference", {}).get("peak_rss_mb") or rows.get("reference", {}).get("peak_cuda_allocated_mb")
+        for row in rows.values():
+            peak = row.get("peak_rss_mb") or row.get("peak_cuda_allocated_mb")
+            if ref_peak and peak:
+                row["peak_vs_reference"] = peak / ref_peak
+            inc, ref_inc = row.get("rss_increase_mb"), rows.get("reference", {}).get("rss_increase_mb")
+            if inc and ref_inc:
+                row["increase_vs_reference"] = inc / ref_inc
+        timed = {n: r for n, r in rows.items() if "seconds_median" in r and n != "reference"}
+        run = {"batch": batch, "patch": patch, "settings": rows}
+        if timed:
+            run["best_setting"] = min(timed, key=lambda n: timed[n]["seconds_median"])
+        result["runs"].append(run)
+    return result
+
+
+# --------------------------------------------------------------------------- queue
+def queue_task(
+    data_cfg: dict[str, Any],
+    model_cfg: dict[str, Any],
+    *,
+    batches: int = 40,
+    consume_settings: Sequence[str] = ("torch", "channels_last"),
+    consume_repeats: int = 2,
+    device: str = "auto",
+    seed: int = 0,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Patches/s the TorchIO queue delivers vs patches/s a training step consumes."""
+    from hydra.utils import instantiate
+
+    dev = _device(device)
+    cfg = dict(data_cfg)
+    tmp = tempfile.mkdtemp(prefix="mdcsrn-bench-queue-")
+    cfg["split_file"] = str(Path(tmp) / "split.json")
+    cfg["cache_dir"] = None
+    start = time.perf_counter()
+    dm = instantiate(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    setup_s = time.perf_counter() - start
+    log(f"queue: data module ready in {setup_s:.1f} s")
+    delivered = 0
+    first_batch_s = None
+    epoch = 0
+    start = time.perf_counter()
+    n = 0
+    while n < batches:
+        dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
+        for batch in dm.train_dataloader():
+            delivered += int(batch["lr"]["data"].shape[0])
+            n += 1
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - start
+            if n >= batches:
+                break
+        epoch += 1
+    seconds = time.perf_counter() - start
+    batch_size = int(cfg.get("batch_size", 6))
+    patch = cfg.get("patch_size", 40)
+    patch = int(patch if isinstance(patch, int) else patch[0])
+    queue = {
+        "setup_seconds": round(setup_s, 2),
+        "batches": n,
+        "patches": delivered,
+        "seconds": seconds,
+        "first_batch_seconds": first_batch_s,
+        "patches_per_s": delivered / seconds,
+        "batch_size": batch_size,
+        "patch_size": patch,
+        "samples_per_volume": cfg.get("samples_per_volume"),
+        "queue_length": cfg.get("queue_length"),
+        "num_workers": cfg.get("num_workers"),
+    }
+    log(f"queue: {delivered} patches in {seconds:.1f} s")
+    train = train_task(
+        model_cfg, settings=consume_settings, batches=[(batch_size, patch)], repeats=consume_repeats,
+        warmup=1, device=str(dev), memory="none", seed=seed, log=log,
+    )
+    consume = {
+        name: {"seconds_per_step": row["seconds_median"], "patches_per_s": row["patches_per_s"]}
+        for name, row in train["runs"][0]["settings"].items()
+        if "seconds_median" in row
+    }
+    fastest = max(consume.values(), key=lambda r: r["patches_per_s"]) if consume else None
+    return {
+        "task": "queue",
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "queue": queue,
+        "consume": consume,
+        "ratio_vs_fastest_step": queue["patches_per_s"] / fastest["patches_per_s"] if fastest else None,
+    }
+
+
+# --------------------------------------------------------------------------- volume
+def _mni_volume(shape: Sequence[int], factors: Sequence[float]) -> np.ndarray:
+    """The MNI152 template (nilearn wheel), degraded as the training LR, centre-cropped or
+    zero-padded to ``shape``, divided by its 99.9th percentile."""
+    from nilearn.datasets import load_mni152_template
+
+    from mdcsrn_lightning.data.degradation import degrade
+
+    hr = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
+    out = np.zeros(tuple(int(s) for s in shape), dtype=np.float32)
+    src, dst = [], []
+    for n, m in zip(hr.shape, out.shape):
+        a = max(0, (n - m) // 2)
+        b = max(0, (m - n) // 2)
+        length = min(n, m)
+        src.append(slice(a, a + length))
+        dst.append(slice(b, b + length))
+    out[tuple(dst)] = hr[tuple(src)]
+    lr = np.asarray(degrade(out, factors=factors), dtype=np.float32)
+    return lr / np.float32(np.percentile(lr, 99.9))
+
+
+def volume_task(
+    model_cfg: dict[str, Any],
+    *,
+    shape: Sequence[int] = (181, 217, 181),
+    slab: int = 16,
+    crop: int = 96,
+    patches_check: bool = True,
+    factors: Sequence[float] = (2, 2, 1),
+    device: str = "cpu",
+    seed: int = 0,
+    workdir: str | None = None,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """One exact whole-volume pass by streaming, its peak RSS (fresh process), and its checks:
+
+    * ``crops``: the plain reference net on ``crop^3`` sub-volumes at two corners and the
+      centre; inside each crop, voxels at least ``receptive_field_radius()`` from every
+      face that lies inside the volume see exactly what the whole-volume pass sees, so
+      there the two must agree (max abs difference reported);
+    * ``patches``: patch inference with ``margin="auto"`` over the whole volume (patches
+      that span two axes and overlap along the first, each run by the streaming pass)
+      against the streamed whole-volume output.
+    """
+    from mdcsrn_lightning.models.reference import ReferenceMDCSRN
+
+    dev = _device(device)
+    folder = Path(workdir or tempfile.mkdtemp(prefix="mdcsrn-bench-volume-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = _mni_volume(shape, factors)
+    np.save(folder / "input.npy", volume)
+    net = build_net(model_cfg, seed).eval()
+    radius = int(net.receptive_field_radius())  # type: ignore[operator]
+    macs = conv_macs_per_voxel(net) * volume.size
+    plain_bytes = 4 * volume.size * (net.reconstruction[0].in_channels)  # type: ignore[index]
+    result: dict[str, Any] = {
+        "task": "volume",
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "shape": list(volume.shape),
+        "params": count_parameters(net),
+        "receptive_field_radius": radius,
+        "slab": slab,
+        "conv_gflop": round(2 * macs / 1e9, 1),
+        "plain_reconstruction_input_gb": round(plain_bytes / 1e9, 1),
+    }
+    base = {"task": "volume", "model": model_cfg, "seed": seed, "device": str(dev),
+            "threads": torch.get_num_threads(), "input": str(folder / "input.npy"), "slab": slab}
+    log(f"volume {list(volume.shape)}: streamed whole-volume pass (fresh process)")
+    stream = run_probe({**base, "setting": "stream", "output": str(folder / "stream.npy")})
+    result["stream"] = stream
+    if "error" in stream:
+        return result
+    stream["mvox_per_s"] = volume.size / stream["seconds"] / 1e6
+    stream["gflops"] = 2 * macs / stream["seconds"] / 1e9
+    out = np.load(folder / "stream.npy")
+
+    # crops: plain reference forward passes on sub-volumes
+    ref = ReferenceMDCSRN.from_mdcsrn(net).eval()
+    checks = []
+    starts = [(0, 0, 0), tuple((n - crop) // 2 for n in volume.shape), tuple(n - crop for n in volume.shape)]
+    for st in starts:
+        sl = tuple(slice(s, s + crop) for s in st)
+        with torch.inference_mode():
+            plain = ref(torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None])[0, 0].numpy()
+        inner = []
+        for s, n in zip(st, volume.shape):
+            lo = 0 if s == 0 else radius
+            hi = crop if s + crop == n else crop - radius
+            inner.append(slice(lo, hi))
+        inner_t = tuple(inner)
+        diff = float(np.abs(plain[inner_t] - out[sl][inner_t]).max())
+        checks.append({"crop_start": list(st), "crop": crop, "exact_region": [[i.start, i.stop] for i in inner], "max_abs_diff": diff})
+        log(f"crop at {st}: max abs diff {diff:.2e}")
+    result["crops"] = checks
+    result["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
+
+    if patches_check:
+        depth = int(volume.shape[0])
+        patch0 = min(depth, int(math.ceil((depth + 2 * radius) / 2)))
+        patch_size = [patch0, int(volume.shape[1]), int(volume.shape[2])]
+        log(f"patch inference, margin=auto ({radius}), patches {patch_size} (fresh process)")
+        patches = run_probe({**base, "setting": "patches_stream", "patch_size": patch_size, "output": str(folder / "patches.npy")})
+        if "error" not in patches:
+            patches["patch_size"] = patch_size
+            patches["margin"] = radius
+            patches["max_abs_diff_vs_stream"] = float(np.abs(np.load(folder / "patches.npy") - out).max())
+        result["patches"] = patches
+    return result

@@ -1,0 +1,47 @@
+"""The released weights: small, self-describing, and the default of `mdcsrn-infer`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from mdcsrn_lightning.models import MDCSRN
+from mdcsrn_lightning.release import MODEL_CARD, RELEASED_WEIGHTS, released_weights
+from mdcsrn_lightning.training.checkpoint import load_generator
+
+REAL_T1 = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+def test_released_checkpoint_is_small_and_loads_weights_only() -> None:
+    assert released_weights().stat().st_size < 5 * 2**20
+    checkpoint = torch.load(RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in checkpoint
+    assert checkpoint["datamodule_hyper_parameters"]["interpolation"] == "zero_filled"
+    net, config = load_generator(RELEASED_WEIGHTS)
+    assert isinstance(net, MDCSRN) and config["global_residual"] is True
+    assert (config["num_blocks"], config["units_per_block"], config["growth_rate"]) == (2, 4, 8)
+    assert "mdcsrn-train experiment=release_cpu" in MODEL_CARD.read_text()
+
+
+def test_infer_without_ckpt_uses_released_weights_on_a_real_t1(tmp_path: Path) -> None:
+    out = tmp_path / "sr.nii.gz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdcsrn_lightning.cli.infer", f"input={REAL_T1}", f"output={out}", "progress=false"],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(RELEASED_WEIGHTS)
+    src, sr = nib.load(REAL_T1), nib.load(out)
+    assert sr.shape == src.shape and np.array_equal(sr.affine, src.affine)
+    assert sr.header.get_zooms() == src.header.get_zooms()
+    data = np.asarray(sr.dataobj)
+    assert data.dtype.name == "float32" and np.isfinite(data).all()
+    # the output stays on the input's intensity scale
+    assert abs(np.percentile(data, 99.9) / np.percentile(src.get_fdata(), 99.9) - 1) < 0.2
