@@ -21,6 +21,7 @@ TINY = [
     "logger=csv",
     "data.source.resolution=2",
     "data.source.num_slabs=6",
+    "data.split_fractions=[780,111,111,111]",
     "data.patch_size=8",
     "data.samples_per_volume=2",
     "data.batch_size=2",

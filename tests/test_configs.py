@@ -57,3 +57,12 @@ def test_trainer_groups_compose(train_cfg) -> None:
     assert train_cfg("trainer=gpu", tiny=False).trainer.accelerator == "gpu"
     ddp = train_cfg("trainer=ddp", tiny=False).trainer
     assert ddp.strategy == "ddp" and ddp.use_distributed_sampler is False
+
+
+def test_default_data_config_sets_up_with_paper_patches(train_cfg) -> None:
+    cfg = train_cfg(tiny=False)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert tuple(batch["hr"]["data"].shape) == (6, 1, 40, 40, 40)
+    assert {k: len(v) for k, v in datamodule.split.items()} == {"train": 1, "val": 1, "eval": 0, "test": 1}

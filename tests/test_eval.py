@@ -196,3 +196,33 @@ def test_mni152_baselines_reproduce_spec(tmp_path: Path, monkeypatch, capsys) ->
     assert set(payload["perceptual"]["HR"]) >= {"piqe"}
     assert (out / "panels" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.png").is_file()
     assert set(BASELINES) == set(SPEC_PSNR)
+
+
+def test_eval_of_a_run_reproduces_its_metrics_json(train_cfg, tmp_path: Path, monkeypatch, capsys) -> None:
+    """mdcsrn-eval on a training run's test split reports the numbers the run wrote.
+
+    A slab of the embedded template is scored on the whole template's intensity scale in
+    both (its own 99.9th percentile would shift every PSNR).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mdcsrn_lightning.cli.train import train
+    from tests.conftest import TINY
+
+    cfg = train_cfg()
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    written = json.loads((run / "metrics.json").read_text())
+    GlobalHydra.instance().clear()
+    data = [o for o in TINY if o.startswith("data.") and not o.startswith(("data.samples", "data.batch", "data.queue"))]
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, eval_cli,
+        "data=embedded", *data, f"data.split_file={run / 'split.json'}", f"ckpts=[{written['checkpoint']}]",
+        "ckpt_names=[model]", "methods=[trilinear]", "perceptual=[]", "segmentation=false", "panels=false",
+        f"output_dir={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+    )
+    assert code == 0, err
+    means = json.loads(stdout.strip().splitlines()[-1])
+    for method in ("model", "trilinear"):
+        for metric in ("psnr", "ssim", "nrmse"):
+            assert means[method][metric] == pytest.approx(written["methods"][method][metric], rel=1e-4), (method, metric)

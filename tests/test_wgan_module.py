@@ -403,6 +403,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 from mdcsrn_lightning.models.discriminator import Discriminator3D
 from mdcsrn_lightning.models.mdcsrn import MDCSRN
+from mdcsrn_lightning.training.callbacks import DistributedTeardown
 from mdcsrn_lightning.training.wgan_module import WGANGPModule
 
 class Batches(TensorDataset):
@@ -412,12 +413,16 @@ class Batches(TensorDataset):
 
 class Check(Callback):
     def on_train_end(self, trainer, m):
+        lines = []
         for name, mod in (("generator", m.net), ("critic", m.discriminator)):
             flat = torch.cat([p.detach().flatten() for p in mod.parameters()])
             out = [torch.zeros_like(flat) for _ in range(2)]
             dist.all_gather(out, flat)
-            print(f"RESULT rank{trainer.global_rank} {name} same={torch.equal(out[0], out[1])}", flush=True)
-        print(f"RESULT rank{trainer.global_rank} steps={m.critic_steps},{m.generator_steps},{trainer.global_step}", flush=True)
+            lines.append(f"rank{trainer.global_rank} {name} same={torch.equal(out[0], out[1])}")
+        lines.append(f"rank{trainer.global_rank} steps={m.critic_steps},{m.generator_steps},{trainer.global_step}")
+        # one file per rank: the two processes' stdout lines can interleave
+        with open(f"result_rank{trainer.global_rank}.txt", "w") as fh:
+            fh.write("\\n".join(lines) + "\\n")
 
 torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # different initial weights per process
 adam = functools.partial(torch.optim.Adam, lr=1e-2)
@@ -428,7 +433,7 @@ module = WGANGPModule(
 hr = torch.rand(16, 1, 8, 8, 8)
 trainer = L.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-    enable_progress_bar=False, enable_model_summary=False, callbacks=[Check()],
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[Check(), DistributedTeardown()],
 )
 trainer.fit(module, DataLoader(Batches(hr + 0.1 * torch.randn_like(hr), hr), batch_size=2, shuffle=True))
 """
@@ -442,7 +447,7 @@ def test_ddp_keeps_both_networks_in_sync(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = sorted(line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines() if "RESULT " in line)
+    results = sorted(line for f in tmp_path.glob("result_rank*.txt") for line in f.read_text().splitlines())
     # 16 samples, 2 processes, batch 2: 4 updates in each, C CG C
     assert results == [
         "rank0 critic same=True", "rank0 generator same=True", "rank0 steps=3,1,4",

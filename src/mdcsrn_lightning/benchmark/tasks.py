@@ -237,7 +237,7 @@ def queue_task(
     model_cfg: dict[str, Any],
     *,
     batches: int = 40,
-    consume_settings: Sequence[str] = ("torch", "channels_last"),
+    consume_settings: Sequence[str] = ("torch", "channels_last+compile"),
     consume_repeats: int = 2,
     device: str = "auto",
     seed: int = 0,

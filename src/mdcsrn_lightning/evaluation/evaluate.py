@@ -93,8 +93,9 @@ class Reference:
         name: subject id (also the panel file name).
         hr: ``(X, Y, Z)`` float32, raw intensities.
         location: file path or description, for messages.
-        scale: intensity reference of the training normalisation (``None``: the HR's 99.9th
-            percentile).
+        scale: intensity reference of the training normalisation and of the metrics
+            (``None``: the HR's 99.9th percentile; a slab of a template: the whole template's,
+            as in training, so both report the same numbers).
         lr: an LR that comes with the data (on the HR grid), used as the checkpoints'
             input instead of a degradation; baselines always degrade ``hr``.
         degrader: ``(factors, interpolation) -> LR`` when the data source must make the LR
@@ -310,7 +311,7 @@ def evaluate(
     for ref in references:
         n_refs += 1
         hr = np.asarray(ref.hr, dtype=np.float32)
-        hr_unit = scale_to_unit(hr, hr)
+        hr_unit = scale_to_unit(hr, hr, scale=ref.scale)
         perc_slices = foreground_slices(hr_unit, axis=axis, min_fg_fraction=PERCEPTUAL_FOREGROUND)
         tissue = TissueModel.fit(hr) if segmentation else None
         hr_seg = tissue.segment(hr) if tissue is not None else None
@@ -338,7 +339,7 @@ def evaluate(
                 kind = "checkpoint"
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}
-            row.update(slice_metrics(sr, hr, axis=axis))
+            row.update(slice_metrics(sr, hr, axis=axis, scale=ref.scale))
             result.rows.append(row)
             outputs[name] = sr
             say(f"{ref.name}  {name:<20s} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  ({seconds:.1f} s)")
@@ -347,7 +348,7 @@ def evaluate(
         perc_rows: dict[str, dict[str, Any]] = {}
         if want_perc:
             for name, vol in [*outputs.items(), (HR_NAME, hr)]:
-                pr = perceptual_scores(scale_to_unit(vol, hr), perc_slices, axis=axis, metrics=want_perc)
+                pr = perceptual_scores(scale_to_unit(vol, hr, scale=ref.scale), perc_slices, axis=axis, metrics=want_perc)
                 perc_rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
                 for metric, text in pr.problems.items():
                     if text not in result.statements:
@@ -365,7 +366,7 @@ def evaluate(
 
         if panel_dir is not None:
             path = Path(panel_dir) / f"{_safe(ref.name)}.png"
-            images = {n: _middle(scale_to_unit(v, hr), axis) for n, v in outputs.items()}
+            images = {n: _middle(scale_to_unit(v, hr, scale=ref.scale), axis) for n, v in outputs.items()}
             images[HR_NAME] = _middle(hr_unit, axis)
             save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
             result.panels.append(str(path))

@@ -63,14 +63,20 @@ def _to_numpy3d(x: ArrayLike, name: str) -> np.ndarray:
     return arr
 
 
-def scale_to_unit(volume: ArrayLike, reference: ArrayLike, percentile: float = 99.9) -> np.ndarray:
+def scale_to_unit(
+    volume: ArrayLike, reference: ArrayLike, percentile: float = 99.9, *, scale: float | None = None
+) -> np.ndarray:
     """``(X, Y, Z) -> (X, Y, Z)`` float64: ``volume / percentile(reference, 99.9)``, clipped to ``[0, 1]``.
 
-    Pass the HR as ``reference`` for both HR and SR/LR so they share one scale.
+    Pass the HR as ``reference`` for both HR and SR/LR so they share one scale; ``scale``
+    (if given) replaces the percentile, as in :func:`slice_metrics`.
     """
     vol = _to_numpy3d(volume, "volume")
-    ref = _to_numpy3d(reference, "reference")
-    return _scale(vol, _unit_scale(ref, percentile))
+    if scale is None:
+        scale = _unit_scale(_to_numpy3d(reference, "reference"), percentile)
+    elif not scale > 0.0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return _scale(vol, scale)
 
 
 def _unit_scale(ref: np.ndarray, percentile: float = 99.9) -> float:

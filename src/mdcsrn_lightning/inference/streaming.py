@@ -29,6 +29,10 @@ Two ideas, both exact:
    whole-volume pass: only idea 1).
 
 No overlap, no recomputation, no seams: each voxel of each layer is computed once.
+Measured (``mdcsrn-bench depth=b8u4 bench.task=volume``, 2 CPU cores): b8u4 on a
+181x217x181 volume in 122 s with 3.0 GB peak RSS (``slab=16``), equal to the plain
+reference within 2.1e-7; at 64^3 it is 1.2x faster than the plain eager pass (its 3x3x3
+convs go straight to oneDNN; see :func:`_conv`).
 
 BatchNorm must use its running statistics (eval mode; ``bn_mode="train"`` has batch
 statistics that depend on the whole batch, so it cannot be streamed).
