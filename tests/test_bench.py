@@ -41,6 +41,8 @@ def test_timing_reports_seconds_and_voxels_per_second() -> None:
     result = bench(cfg)
     assert result["size"] == [6, 7, 8] and result["seconds_min"] > 0
     assert result["voxels_per_second"] == 6 * 7 * 8 / result["seconds_median"]
+    # the top-level figures are the best engine's
+    assert result["seconds_median"] == result["engines"][result["best_engine"]]["seconds_median"]
 
 
 # ---------------------------------------------------------------------- side-by-side tasks
