@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from mdcsrn_lightning.benchmark.measure import (
-    MB,
     PeakMemory,
     alternate,
     conv_macs_per_voxel,

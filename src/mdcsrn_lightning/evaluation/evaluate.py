@@ -350,7 +350,7 @@ def evaluate(
             for name, vol in [*outputs.items(), (HR_NAME, hr)]:
                 pr = perceptual_scores(scale_to_unit(vol, hr, scale=ref.scale), perc_slices, axis=axis, metrics=want_perc)
                 perc_rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
-                for metric, text in pr.problems.items():
+                for text in pr.problems.values():
                     if text not in result.statements:
                         result.statements.append(text)
                 for metric, n in pr.skipped.items():
