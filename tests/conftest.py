@@ -5,10 +5,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 from mdcsrn_lightning.config import config_dir
 
@@ -32,6 +34,23 @@ TINY = [
     "baselines=[linear]",
 ]
 
+
+def randomize_batchnorm(net: nn.Module, *, affine: bool = True, strong_convs: bool = False) -> None:
+    """Non-trivial BN running statistics (and, with ``affine``, weights and biases); with
+    ``strong_convs`` large conv weights too, so a wrong channel slice, padding or BN mode
+    cannot hide behind near-identity layers. Draws from torch's global generator."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                if affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, nn.Conv3d) and strong_convs:
+                m.weight.normal_(0, 0.3)
+                assert m.bias is not None
+                m.bias.normal_(0, 0.1)
 
 def compose_train(overrides: Sequence[str], output_dir: Path, config_name: str = "train") -> DictConfig:
     """The real `mdcsrn-train` config, composed as Hydra would, writing under ``output_dir``."""

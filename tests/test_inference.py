@@ -27,6 +27,8 @@ from mdcsrn_lightning.inference.predict import (
 )
 from mdcsrn_lightning.models import MDCSRN
 
+from .conftest import randomize_batchnorm
+
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 TINY_CONFIG = {
     "_target_": "mdcsrn_lightning.models.mdcsrn.MDCSRN",
@@ -44,10 +46,7 @@ def tiny_net(seed: int = 0, **kwargs: Any) -> MDCSRN:
     """A tiny generator with non-trivial BatchNorm running statistics, in eval mode."""
     torch.manual_seed(seed)
     net = MDCSRN(**{**{k: v for k, v in TINY_CONFIG.items() if k != "_target_"}, **kwargs})
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(net, affine=False)
     return net.eval()
 
 

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from mdcsrn_lightning.models import MDCSRN, count_parameters
 from mdcsrn_lightning.models.reference import ReferenceMDCSRN, architecture_of, reference_like
 
-
-def _randomize_bn(net: nn.Module) -> None:
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+from .conftest import randomize_batchnorm
 
 
 @pytest.mark.parametrize(("recon", "residual"), [("direct", False), ("conv", False), ("direct", True)])
 def test_reference_has_the_same_state_dict_and_output(recon: str, residual: bool) -> None:
     torch.manual_seed(0)
     net = MDCSRN(2, 3, 4, recon, global_residual=residual)  # type: ignore[arg-type]
-    _randomize_bn(net)
+    randomize_batchnorm(net)
     ref = ReferenceMDCSRN(2, 3, 4, recon, global_residual=residual)
     assert list(ref.state_dict()) == list(net.state_dict())
     assert count_parameters(ref) == count_parameters(net)

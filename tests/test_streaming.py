@@ -13,23 +13,15 @@ from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, stream_forward
 from mdcsrn_lightning.models import MDCSRN
 from mdcsrn_lightning.models.reference import reference_like
 
+from .conftest import randomize_batchnorm
+
 
 def net_with_stats(*args: object, seed: int = 0, strong: bool = False, **kwargs: object) -> MDCSRN:
     """An eval-mode generator with non-trivial BN statistics (``strong``: and large conv
     weights, so that a wrong channel slice or padding cannot hide)."""
     torch.manual_seed(seed)
     net = MDCSRN(*args, **kwargs)  # type: ignore[arg-type]
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-            elif isinstance(m, nn.Conv3d) and strong:
-                m.weight.normal_(0, 0.3)
-                assert m.bias is not None
-                m.bias.normal_(0, 0.1)
+    randomize_batchnorm(net, strong_convs=strong)
     return net.eval()
 
 
