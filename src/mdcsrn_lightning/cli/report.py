@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mdcsrn_lightning.evaluation.report import ReportError, build_report
+from mdcsrn_lightning.evaluation.report import build_report
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = build_report(args.paths)
-    except (ReportError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ReportError is a ValueError
         sys.exit(f"mdcsrn-report: error: {exc}")
     written = report.write(args.out, figures=not args.no_figures)
     print(report.markdown(), end="")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from mdcsrn_lightning.atomic import atomic_path, write_text
 from mdcsrn_lightning.data.degradation import degrade, slice_axis
 from mdcsrn_lightning.evaluation.metrics import (
     foreground_slices,
+    reference_scale,
     scale_to_unit,
     slice_metrics,
 )
@@ -311,7 +313,9 @@ def evaluate(
     for ref in references:
         n_refs += 1
         hr = np.asarray(ref.hr, dtype=np.float32)
-        hr_unit = scale_to_unit(hr, hr, scale=ref.scale)
+        # one intensity scale for every method's metrics, perceptual scores and panels
+        unit = ref.scale if ref.scale is not None else reference_scale(hr)
+        hr_unit = scale_to_unit(hr, hr, scale=unit)
         perc_slices = foreground_slices(hr_unit, axis=axis, min_fg_fraction=PERCEPTUAL_FOREGROUND)
         tissue = TissueModel.fit(hr) if segmentation else None
         hr_seg = tissue.segment(hr) if tissue is not None else None
@@ -339,7 +343,7 @@ def evaluate(
                 kind = "checkpoint"
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}
-            row.update(slice_metrics(sr, hr, axis=axis, scale=ref.scale))
+            row.update(slice_metrics(sr, hr, axis=axis, scale=unit))
             result.rows.append(row)
             outputs[name] = sr
             say(f"{ref.name}  {name:<20s} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  ({seconds:.1f} s)")
@@ -347,8 +351,10 @@ def evaluate(
         # No-reference metrics on the HR too ("Original Resolution" of the paper's table).
         perc_rows: dict[str, dict[str, Any]] = {}
         if want_perc:
-            for name, vol in [*outputs.items(), (HR_NAME, hr)]:
-                pr = perceptual_scores(scale_to_unit(vol, hr, scale=ref.scale), perc_slices, axis=axis, metrics=want_perc)
+            # one scaled volume at a time (a generator, not a list: they are float64 copies)
+            scaled = ((n, scale_to_unit(v, hr, scale=unit)) for n, v in outputs.items())
+            for name, vol_unit in itertools.chain(scaled, [(HR_NAME, hr_unit)]):
+                pr = perceptual_scores(vol_unit, perc_slices, axis=axis, metrics=want_perc)
                 perc_rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
                 for text in pr.problems.values():
                     if text not in result.statements:
@@ -366,7 +372,7 @@ def evaluate(
 
         if panel_dir is not None:
             path = Path(panel_dir) / f"{_safe(ref.name)}.png"
-            images = {n: _middle(scale_to_unit(v, hr, scale=ref.scale), axis) for n, v in outputs.items()}
+            images = {n: _middle(scale_to_unit(v, hr, scale=unit), axis) for n, v in outputs.items()}
             images[HR_NAME] = _middle(hr_unit, axis)
             save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
             result.panels.append(str(path))
@@ -499,10 +505,6 @@ def markdown_report(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
 def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     keys: list[str] = []
     for r in rows:
@@ -550,9 +552,9 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "summary_csv": out / "summary.csv",
         "json": out / "results.json",
     }
-    _atomic_text(paths["report"], markdown_report(result) + "\n")
-    _atomic_text(paths["per_subject_csv"], _csv(result.rows))
-    _atomic_text(paths["summary_csv"], _csv(summary_rows(result)))
+    write_text(paths["report"], markdown_report(result) + "\n")
+    write_text(paths["per_subject_csv"], _csv(result.rows))
+    write_text(paths["summary_csv"], _csv(summary_rows(result)))
     payload = {
         "means": result.means(),
         "summary": result.summary,
@@ -568,5 +570,5 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "settings": result.settings,
         "seconds": result.seconds,
     }
-    _atomic_text(paths["json"], json.dumps(_jsonable(payload), indent=2) + "\n")
+    write_text(paths["json"], json.dumps(_jsonable(payload), indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}

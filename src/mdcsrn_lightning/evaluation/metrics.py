@@ -35,6 +35,7 @@ from torchmetrics.functional.image import (
 __all__ = [
     "METRICS",
     "foreground_slices",
+    "reference_scale",
     "scale_to_unit",
     "slice_metrics",
     "summarise",
@@ -72,11 +73,13 @@ def scale_to_unit(
     (if given) replaces the percentile, as in :func:`slice_metrics`.
     """
     vol = _to_numpy3d(volume, "volume")
-    if scale is None:
-        scale = _unit_scale(_to_numpy3d(reference, "reference"), percentile)
-    elif not scale > 0.0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return _scale(vol, scale)
+    return _scale(vol, reference_scale(reference, percentile) if scale is None else scale)
+
+
+def reference_scale(reference: ArrayLike, percentile: float = 99.9) -> float:
+    """The HR's ``percentile`` (> 0): what :func:`scale_to_unit` and :func:`slice_metrics`
+    divide by when given no ``scale``; compute it once to reuse it for many volumes."""
+    return _unit_scale(_to_numpy3d(reference, "reference"), percentile)
 
 
 def _unit_scale(ref: np.ndarray, percentile: float = 99.9) -> float:
@@ -89,6 +92,8 @@ def _unit_scale(ref: np.ndarray, percentile: float = 99.9) -> float:
 
 
 def _scale(vol: np.ndarray, scale: float) -> np.ndarray:
+    if not scale > 0.0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     out = vol / scale  # a new array: clip it in place
     return np.clip(out, 0.0, 1.0, out=out)
 
@@ -159,8 +164,6 @@ def slice_metrics(
     if not already_scaled:
         if scale is None:
             scale = _unit_scale(hr_arr)  # the HR's scale for both
-        elif not scale > 0.0:
-            raise ValueError(f"scale must be > 0, got {scale}")
         sr_arr, hr_arr = _scale(sr_arr, scale), _scale(hr_arr, scale)
 
     keep = foreground_slices(hr_arr, axis=axis, fg_threshold=fg_threshold, min_fg_fraction=min_fg_fraction)

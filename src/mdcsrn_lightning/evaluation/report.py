@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from mdcsrn_lightning.atomic import atomic_path, write_text
+from mdcsrn_lightning.evaluation.tables import COLUMNS
 
 __all__ = [
     "BASELINE_ORDER",
@@ -54,8 +55,9 @@ __all__ = [
 # Interpolation baselines as every run's metrics.json names them (paper: NN = nearest,
 # bicubic ~ tricubic), in the order the tables list them.
 BASELINE_ORDER = ("nearest", "trilinear", "tricubic", "zero_filled")
-METRICS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("nrmse", "NRMSE", 4))
-_SKIP_DIRS = {"checkpoints", "csv", "panels", "wandb", ".hydra", ".submitit", "cache"}
+# (key, title, digits): the columns metrics.json holds (written through tables.summarise_methods)
+METRICS = COLUMNS
+_SKIP_DIRS = {"checkpoints", "csv", "panels", "wandb", "cache"}
 
 
 class ReportError(ValueError):
@@ -155,16 +157,14 @@ class Report:
     def csv(self) -> str:
         """One line per row of every table, numbers unformatted."""
         buf = io.StringIO()
-        columns = ["table", "row", "kind"]
-        for key, _, _ in METRICS:
-            columns += [key, f"{key}_std"]
-        columns += ["n_subjects", "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir", "source"]
+        score_keys = [*(k for key, _, _ in METRICS for k in (key, f"{key}_std")), "n_subjects"]
+        columns = ["table", "row", "kind", *score_keys, "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir", "source"]
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for table in self.tables:
             for row in table.rows:
                 line: dict[str, Any] = {"table": table.name, "row": row.name, "kind": row.kind}
-                for key in ("psnr", "psnr_std", "ssim", "ssim_std", "nrmse", "nrmse_std", "n_subjects"):
+                for key in score_keys:
                     line[key] = "" if row.scores is None or key not in row.scores else row.scores[key]
                 if row.params is not None:
                     line["params"] = row.params
@@ -198,8 +198,8 @@ class Report:
                 if composite is not None:
                     written["panels"] = composite
                     names.append(composite.name)
-        written["markdown"] = _write_text(out_dir / "report.md", "# Results\n\n" + self.markdown(names))
-        written["csv"] = _write_text(out_dir / "report.csv", self.csv())
+        written["markdown"] = write_text(out_dir / "report.md", "# Results\n\n" + self.markdown(names))
+        written["csv"] = write_text(out_dir / "report.csv", self.csv())
         return written
 
 
@@ -228,10 +228,6 @@ def _format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> 
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return write_text(path, text)
 
 
 # ------------------------------------------------------------------------ reading runs
@@ -286,13 +282,12 @@ def read_run(run_dir: Path) -> Run:
         run.seconds_per_volume = data.get("seconds_per_volume")
         run.volume_shape = data.get("volume_shape")
         run.split = data.get("split")
-        panel = Path(data["panel"]) if data.get("panel") else run_dir / "panels" / "test.png"
-        if not panel.is_file():  # moved run folders: the recorded path is stale
-            panel = run_dir / "panels" / "test.png"
-        run.panel = panel if panel.is_file() else None
+        recorded = Path(data["panel"]) if data.get("panel") else None
     else:
-        panel = run_dir / "panels" / "test.png"
-        run.panel = panel if panel.is_file() else None
+        recorded = None
+    # moved run folders: the recorded path is stale, the run's own panels/ is not
+    panel = recorded if recorded is not None and recorded.is_file() else run_dir / "panels" / "test.png"
+    run.panel = panel if panel.is_file() else None
     return run
 
 
@@ -386,13 +381,12 @@ def read_wandb_run(folder: Path) -> Run:
     folder = Path(folder)
     files = folder / "files"
     logs = sorted(folder.glob("run-*.wandb"))
+    logged = read_wandb_log(logs[0]) if logs else {"group": None, "tags": [], "history": []}
     if (files / "wandb-summary.json").is_file():
         summary = json.loads((files / "wandb-summary.json").read_text(encoding="utf-8"))
         raw = _load_yaml(files / "config.yaml") or {}
         config = {k: _wandb_value(raw, k) for k in raw}
-        logged = read_wandb_log(logs[0]) if logs else {"group": None, "tags": [], "history": []}
     elif logs:
-        logged = read_wandb_log(logs[0])
         summary, config = logged["summary"], logged["config"]
     else:
         raise ReportError(f"{folder}: neither files/wandb-summary.json nor a run-*.wandb log")
@@ -432,10 +426,11 @@ def _walk(path: Path) -> Iterable[Path]:
         children = sorted(p for p in path.iterdir() if p.is_dir())
     except OSError:
         return
+    is_run = _is_run_dir(path)
     for child in children:
         if child.name.startswith("."):  # .hydra, .submitit, ...: never runs themselves
             continue
-        if child.name in _SKIP_DIRS and _is_run_dir(path):
+        if child.name in _SKIP_DIRS and is_run:
             # a run's checkpoints/csv/panels hold no runs; its wandb/ is read through the run
             continue
         if child.name.startswith("offline-run-") or child.name.startswith("run-"):
