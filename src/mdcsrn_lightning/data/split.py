@@ -126,12 +126,10 @@ def make_split(
 
 def write_split(path: str | os.PathLike[str], split: dict[str, list[str]], **meta: object) -> None:
     """Write ``split`` as JSON atomically (temp file in the same folder + ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, object] = {"format": _FORMAT, **meta}
     payload["counts"] = {k: len(split[k]) for k in SPLIT_NAMES}
     payload.update({k: list(split[k]) for k in SPLIT_NAMES})
-    write_json(target, payload, indent=1)
+    write_json(path, payload, indent=1)  # creates the folder
 
 
 def read_split(path: str | os.PathLike[str], known_subjects: Sequence[str] | None = None) -> dict[str, list[str]]:

@@ -75,7 +75,10 @@ class SRModule(LightningModule):
         checkpoint["net_config"] = self.net_config
 
     # -- whole-volume evaluation ---------------------------------------------------
-    def _evaluate_subject(self, batch: dict[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    def _evaluate_subject(
+        self, batch: dict[str, Any]
+    ) -> tuple[dict[str, float], dict[str, np.ndarray], torch.Tensor]:
+        """Metrics row, the volumes on the host (LR, SR, HR; for panels) and SR on the device."""
         lr = batch["lr"][tio.DATA]
         hr = batch["hr"][tio.DATA]
         start = time.perf_counter()
@@ -87,7 +90,7 @@ class SRModule(LightningModule):
         for prefix, key in (("", "SR"), ("input_", "LR")):
             scores = slice_metrics(volumes[key], volumes["HR"], axis=self.metric_axis, scale=scale)
             row.update({f"{prefix}{m}": float(scores[m]) for m in METRICS})
-        return row, volumes
+        return row, volumes, sr
 
     def metric_scale(self) -> float | None:
         """1.0 when the data module already divided by the reference percentile, else None.
@@ -107,7 +110,7 @@ class SRModule(LightningModule):
             self.log(f"{stage}/{key}", value, prog_bar=key in ("psnr", "mse"), sync_dist=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        row, volumes = self._evaluate_subject(batch)
+        row, volumes, _ = self._evaluate_subject(batch)
         self._val_rows.append(row)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             self._log_panel(volumes, f"val_epoch{self.current_epoch:03d}")
@@ -117,7 +120,7 @@ class SRModule(LightningModule):
         self._val_rows.clear()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        row, volumes = self._evaluate_subject(batch)
+        row, volumes, _ = self._evaluate_subject(batch)
         self._test_rows.append(row)
         if batch_idx == 0:
             self._log_panel(volumes, "test")
@@ -131,12 +134,12 @@ class SRModule(LightningModule):
     def panel_dir(self) -> Path:
         return Path(self.trainer.default_root_dir) / "panels"
 
-    def _log_panel(self, volumes: dict[str, np.ndarray], name: str) -> None:
+    def _log_panel(self, volumes: dict[str, np.ndarray], name: str, error_of: str = "SR") -> None:
         if not self.trainer.is_global_zero:
             return
         images = {k: np.clip(middle_slice(v, self.metric_axis), 0.0, 1.0) for k, v in volumes.items()}
         path = save_panel(
-            self.panel_dir() / f"{name}.png", images, reference="HR", error_of="SR", title=name
+            self.panel_dir() / f"{name}.png", images, reference="HR", error_of=error_of, title=name
         )
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):

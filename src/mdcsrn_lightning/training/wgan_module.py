@@ -47,12 +47,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchio as tio
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from mdcsrn_lightning.evaluation.panels import middle_slice, save_panel
 from mdcsrn_lightning.training.base import SRModule
 from mdcsrn_lightning.training.checkpoint import load_generator
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
@@ -332,17 +330,15 @@ class WGANGPModule(SRModule):
         return float(scores[:k].mean() - scores[k:].mean())
 
     def _evaluate_gan(self, batch: dict[str, Any], batch_idx: int, rows: list[dict[str, float]], stage: str) -> None:
-        row, volumes = self._evaluate_subject(batch)
-        hr = batch["hr"][tio.DATA]
-        sr = torch.from_numpy(volumes["SR"])[None, None].to(hr.device)
-        row["em_distance"] = self.em_distance(hr, sr, index=batch_idx)
+        row, volumes, sr = self._evaluate_subject(batch)
+        row["em_distance"] = self.em_distance(batch["hr"][tio.DATA], sr, index=batch_idx)
         rows.append(row)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             with torch.no_grad():
                 l1_sr = self.l1_net(batch["lr"][tio.DATA])
             images = {"L1-SR": l1_sr[0, 0].float().cpu().numpy(), "GAN-SR": volumes["SR"], "HR": volumes["HR"]}
             name = f"val_epoch{self.current_epoch:03d}" if stage == "val" else "test"
-            self._log_panel(images, name)
+            self._log_panel(images, name, error_of="GAN-SR")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_gan(batch, batch_idx, self._val_rows, "val")
@@ -359,14 +355,4 @@ class WGANGPModule(SRModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_gan(batch, batch_idx, self._test_rows, "test")
-
-    def _log_panel(self, volumes: dict[str, np.ndarray], name: str) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        error_of = "GAN-SR" if "GAN-SR" in volumes else "SR"
-        images = {k: np.clip(middle_slice(v, self.metric_axis), 0.0, 1.0) for k, v in volumes.items()}
-        path = save_panel(self.panel_dir() / f"{name}.png", images, reference="HR", error_of=error_of, title=name)
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/panel", images=[str(path)], caption=[name])
 
