@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdcsrn_lightning.inference.streaming import MDCSRN_ATTRIBUTES
+
 __all__ = [
     "AUTO_RANKING",
     "ENGINES",
@@ -124,6 +126,14 @@ def _radius(net: Any) -> int:
     return int(fn())
 
 
+def _optional_radius(net: Any) -> int | None:
+    """``net``'s receptive-field radius, or ``None`` where it has none."""
+    try:
+        return _radius(net)
+    except AttributeError:
+        return None
+
+
 # --------------------------------------------------------------------------- torch engines
 class TorchEngine:
     """Eager torch, ``inference_mode``, on the module's device."""
@@ -187,7 +197,7 @@ class LeanGraph(nn.Module):
 
 def export_graph(net: nn.Module) -> nn.Module:
     """What gets exported/compiled: :class:`LeanGraph` for an mDCSRN, else ``net`` itself."""
-    if all(hasattr(net, a) for a in ("stem", "blocks", "compressors", "reconstruction", "reconstruction_type")):
+    if all(hasattr(net, a) for a in MDCSRN_ATTRIBUTES):
         return LeanGraph(net)
     return net
 
@@ -235,11 +245,25 @@ def export_onnx(net: nn.Module, path: str | os.PathLike[str], opset: int = OPSET
 def _metadata(net: nn.Module) -> dict[str, str]:
     """What an exported file needs to be used alone: the patch margin for exact output."""
     meta = {"producer": "mdcsrn-lightning", "in_channels": str(int(getattr(net, "in_channels", 1)))}
-    try:
-        meta["receptive_field_radius"] = str(_radius(net))
-    except AttributeError:
-        pass
+    radius = _optional_radius(net)
+    if radius is not None:
+        meta["receptive_field_radius"] = str(radius)
     return meta
+
+
+def _convert_openvino(net: nn.Module) -> Any:
+    """``net``'s export graph (eval mode, CPU) as an in-memory OpenVINO model; ``net``'s
+    train/eval mode is restored afterwards (it stays on the CPU)."""
+    import openvino as ov
+
+    was_training = net.training
+    net = net.eval().cpu()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ov.convert_model(export_graph(net), example_input=_example(net))
+    finally:
+        net.train(was_training)
 
 
 def export_openvino(net: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -252,19 +276,12 @@ def export_openvino(net: nn.Module, path: str | os.PathLike[str]) -> Path:
     if path.suffix != ".xml":
         path = path.with_suffix(".xml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = net.training
-    net = net.eval().cpu()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = ov.convert_model(export_graph(net), example_input=_example(net))
-        channels = int(getattr(net, "in_channels", 1))
-        model.reshape({model.inputs[0]: ov.PartialShape([-1, channels, -1, -1, -1])})
-        for key, value in _metadata(net).items():
-            model.set_rt_info(value, ["mdcsrn", key])
-        ov.save_model(model, str(path), compress_to_fp16=False)
-    finally:
-        net.train(was_training)
+    model = _convert_openvino(net)
+    channels = int(getattr(net, "in_channels", 1))
+    model.reshape({model.inputs[0]: ov.PartialShape([-1, channels, -1, -1, -1])})
+    for key, value in _metadata(net).items():
+        model.set_rt_info(value, ["mdcsrn", key])
+    ov.save_model(model, str(path), compress_to_fp16=False)
     return path
 
 
@@ -379,32 +396,19 @@ class OpenVinoEngine:
 
 
 # --------------------------------------------------------------------------- factory
-def build_engine(
-    net: nn.Module,
-    name: str = "auto",
-    device: torch.device | str = "cpu",
-    workdir: str | os.PathLike[str] | None = None,
-) -> Engine:
-    """An engine running ``net`` (exported on the fly where needed, into ``workdir`` or a temp dir)."""
+def build_engine(net: nn.Module, name: str = "auto", device: torch.device | str = "cpu") -> Engine:
+    """An engine running ``net`` (exported on the fly where needed: ONNX into a temp dir,
+    OpenVINO in memory)."""
     name = resolve_engine_name(name, device)
-    radius = None
-    try:
-        radius = _radius(net)
-    except AttributeError:
-        pass
+    radius = _optional_radius(net)
     if name == "torch":
         return TorchEngine(net, device)
     if name == "compile":
         return CompileEngine(net, device)
-    folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mdcsrn-engine-"))
     if name == "onnxruntime":
+        folder = Path(tempfile.mkdtemp(prefix="mdcsrn-engine-"))
         return OnnxRuntimeEngine(export_onnx(net, folder / "model.onnx"), radius=radius)
-    import openvino as ov
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = ov.convert_model(export_graph(net.eval().cpu()), example_input=_example(net))
-    return OpenVinoEngine(model, radius=radius)
+    return OpenVinoEngine(_convert_openvino(net), radius=radius)
 
 
 def load_engine(path: str | os.PathLike[str], radius: int | None = None) -> Engine:

@@ -56,6 +56,7 @@ __all__ = [
     "BNMode",
     "auto_patch_size",
     "bytes_per_voxel",
+    "checked_volume",
     "free_memory_bytes",
     "grid_for",
     "resolve_device",
@@ -184,6 +185,18 @@ def auto_patch_size(
     return edge
 
 
+def checked_volume(volume: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``volume`` as a detached float32 ``(X, Y, Z)`` tensor on ``device``; raises unless it is
+    3D and finite."""
+    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {tuple(vol.shape)}")
+    vol = vol.detach().to(torch.float32)
+    if not torch.isfinite(vol).all():
+        raise ValueError("volume contains NaN or Inf")
+    return vol.to(device)
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
     if device is None or str(device) == "auto":
@@ -273,12 +286,7 @@ def super_resolve(
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {tuple(vol.shape)}")
-    vol = vol.detach().to(torch.float32).cpu()
-    if not torch.isfinite(vol).all():
-        raise ValueError("volume contains NaN or Inf")
+    vol = checked_volume(volume, "cpu")
 
     if isinstance(net, nn.Module):
         dev = resolve_device(device)

@@ -345,15 +345,15 @@ def predict(
     ``on_done(prediction)`` is called after each file.
     """
     net, _, ckpt_path = load_model(ckpt)
-    try:
-        runner = prepare_runner(net, options)  # exported once for all files
-    except (ImportError, RuntimeError) as exc:
-        raise InferenceError(f"engine={(options or PatchOptions()).engine}: {exc}") from exc
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
     for src, dst in zip(inputs, outputs):
         read_volume(src)  # raises on a bad file before anything is written
         check_output_path(dst, overwrite=overwrite, protect=tuple(inputs))
+    try:  # after the checks: a bad input fails before any (slow) export
+        runner = prepare_runner(net, options)  # exported once for all files
+    except (ImportError, RuntimeError) as exc:
+        raise InferenceError(f"engine={(options or PatchOptions()).engine}: {exc}") from exc
     settings = trained_data_settings(ckpt_path)
     if degrade and degrade_interpolation is None:
         degrade_interpolation = str(settings.get("interpolation") or "linear")

@@ -53,6 +53,10 @@ from torch import Tensor, nn
 
 __all__ = ["StreamingMDCSRN", "stream_forward", "stream_super_resolve"]
 
+#: The attributes of an mDCSRN generator (:class:`MDCSRN` or :class:`ReferenceMDCSRN`) that
+#: the streamed and the lean (exported) passes rely on.
+MDCSRN_ATTRIBUTES = ("stem", "blocks", "compressors", "reconstruction", "reconstruction_type")
+
 
 def _bn(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None) -> Tensor:
     """Eval-mode BatchNorm of ``x`` with the parameters of ``bn``'s channels ``channels``."""
@@ -64,10 +68,9 @@ def _bn(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None) -> Tensor:
 
 
 class _Ctx:
-    def __init__(self, x: Tensor, slab: int | None) -> None:
+    def __init__(self, x: Tensor) -> None:
         self.x = x
         self.depth = int(x.shape[2])
-        self.slab = self.depth if slab is None else max(1, int(slab))
         self.streams: list[_Stream] = []
         self.max_live_channel_slices = 0  # most (channel, slice) planes allocated at once
 
@@ -373,10 +376,6 @@ class _Accumulator(_Stream):
             self._push(z0, self.window.view(z0, done))
         self.release()
 
-    def read(self, z0: int, z1: int) -> Tensor:
-        self.ensure(z1)
-        return self.window.view(z0, z1)
-
     def release(self) -> None:
         # partial sums above ``hi`` are still being summed: never drop past ``hi``
         self.window.drop_below(min(self._keep_from(), self.hi))
@@ -387,7 +386,6 @@ class _Output:
 
     def __init__(self, source: _Stream) -> None:
         self.hi = 0
-        self.source = source
         source.readers.append(self)
 
 
@@ -406,7 +404,7 @@ class StreamingMDCSRN:
     """
 
     def __init__(self, net: nn.Module, slab: int | None = 16) -> None:
-        for attr in ("stem", "blocks", "compressors", "reconstruction", "reconstruction_type"):
+        for attr in MDCSRN_ATTRIBUTES:
             if not hasattr(net, attr):
                 raise TypeError(f"streaming needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
         if slab is not None and int(slab) < 1:
@@ -424,7 +422,7 @@ class StreamingMDCSRN:
 
     def _build(self, x: Tensor) -> _Stream:
         net = self.net
-        ctx = _Ctx(x, self.slab)
+        ctx = _Ctx(x)
         inp = _Input(ctx, x.shape[1], "input")
         stem = _Conv3(ctx, inp, net.stem, None, "stem")  # type: ignore[arg-type]
         recon = net.reconstruction
@@ -512,17 +510,11 @@ def stream_super_resolve(
     progress: bool = False,
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass, streamed."""
-    from mdcsrn_lightning.inference.patches import resolve_device
+    from mdcsrn_lightning.inference.patches import checked_volume, resolve_device
 
-    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, Tensor) else volume)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {tuple(vol.shape)}")
-    vol = vol.detach().to(torch.float32)
-    if not torch.isfinite(vol).all():
-        raise ValueError("volume contains NaN or Inf")
     dev = resolve_device(device)
+    x = checked_volume(volume, dev)[None, None]
     net = net.to(dev)
-    x = vol.to(dev)[None, None]
     done = 0
 
     def report(n: int) -> None:
