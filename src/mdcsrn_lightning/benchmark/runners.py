@@ -4,7 +4,7 @@ the benchmark process and in its memory probes."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,7 @@ __all__ = [
     "Unavailable",
     "build_net",
     "make_infer_runner",
+    "make_input",
     "make_train_step",
     "parse_train_setting",
 ]
@@ -60,6 +61,13 @@ def build_net(model_cfg: dict[str, Any], seed: int = 0, perturb_bn: bool = True,
 
 
 # --------------------------------------------------------------------------- inference
+def make_input(net: nn.Module, batch: int, size: Sequence[int], seed: int, device: torch.device) -> Tensor:
+    """The infer input: ``batch x net.in_channels x size``, uniform in [0, 1), seeded ``seed + 3``
+    (the same tensor in the benchmark process and in its memory probes)."""
+    shape = (int(batch), int(getattr(net, "in_channels", 1)), *(int(s) for s in size))
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(int(seed) + 3)).to(device)
+
+
 def make_infer_runner(
     name: str, net: nn.Module, device: torch.device, slab: int | None = 16
 ) -> Callable[[Tensor], Tensor]:
@@ -68,15 +76,13 @@ def make_infer_runner(
 
     net = net.eval().to(device)
     if name == "reference":
-        ref = ReferenceMDCSRN.from_mdcsrn(net).to(device).eval()
+        ref = ReferenceMDCSRN.from_mdcsrn(net)  # on net's device, in eval mode like net
 
         def run_ref(x: Tensor) -> Tensor:
             with torch.inference_mode():
                 return ref(x)
 
         return run_ref
-    if name == "torch":
-        return engines.TorchEngine(net, device)
     if name == "channels_last":
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
@@ -101,7 +107,7 @@ def make_infer_runner(
                 return net(x).float()
 
         return run_bf16
-    if name in ("compile", "onnxruntime", "openvino"):
+    if name in engines.ENGINES:  # torch, compile, onnxruntime, openvino
         try:
             return engines.build_engine(net, name, device)
         except (engines.EngineUnavailable, ValueError) as exc:

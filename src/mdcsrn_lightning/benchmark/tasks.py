@@ -33,7 +33,7 @@ from mdcsrn_lightning.benchmark.measure import (
     run_probe,
     summarize,
 )
-from mdcsrn_lightning.benchmark.runners import Unavailable, build_net, make_infer_runner, make_train_step
+from mdcsrn_lightning.benchmark.runners import Unavailable, build_net, make_infer_runner, make_input, make_train_step
 from mdcsrn_lightning.models import count_parameters
 
 __all__ = ["infer_task", "queue_task", "train_task", "volume_task"]
@@ -43,12 +43,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(f"[mdcsrn-bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _device(name: str) -> torch.device:
-    if name in ("auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _memory(
@@ -87,12 +81,13 @@ def infer_task(
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Eval forward of one ``batch x C x size`` input by each engine, side by side."""
-    dev = _device(device)
+    from mdcsrn_lightning.inference.patches import resolve_device  # not at import: it loads TorchIO
+
+    dev = resolve_device(device)
     net = build_net(model_cfg, seed).eval().to(dev)
-    channels = int(getattr(net, "in_channels", 1))
     size = [int(s) for s in size]
-    x = torch.rand(batch, channels, *size, generator=torch.Generator().manual_seed(seed + 3)).to(dev)
-    voxels = x.numel() // channels
+    x = make_input(net, batch, size, seed, dev)
+    voxels = x.numel() // x.shape[1]
     macs = conv_macs_per_voxel(net) * voxels
     result: dict[str, Any] = {
         "task": "infer",
@@ -180,7 +175,9 @@ def train_task(
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Seconds per Adam step (L1 loss) of each setting at each ``(batch, patch)``."""
-    dev = _device(device)
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    dev = resolve_device(device)
     result: dict[str, Any] = {"task": "train", "device": str(dev), "threads": torch.get_num_threads(), "runs": []}
     for batch, patch in batches:
         batch, patch = int(batch), int(patch)
@@ -244,7 +241,9 @@ def queue_task(
     """Patches/s the TorchIO queue delivers vs patches/s a training step consumes."""
     from hydra.utils import instantiate
 
-    dev = _device(device)
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    dev = resolve_device(device)
     cfg = dict(data_cfg)
     tmp = tempfile.mkdtemp(prefix="mdcsrn-bench-queue-")
     cfg["split_file"] = str(Path(tmp) / "split.json")
@@ -271,9 +270,9 @@ def queue_task(
                 break
         epoch += 1
     seconds = time.perf_counter() - start
-    batch_size = int(cfg.get("batch_size", 6))
-    patch = cfg.get("patch_size", 40)
-    patch = int(patch if isinstance(patch, int) else patch[0])
+    hp = dm.hparams
+    batch_size = int(hp.batch_size)
+    patch = int(dm.patch_size[0])
     queue = {
         "setup_seconds": round(setup_s, 2),
         "batches": n,
@@ -283,9 +282,9 @@ def queue_task(
         "patches_per_s": delivered / seconds,
         "batch_size": batch_size,
         "patch_size": patch,
-        "samples_per_volume": cfg.get("samples_per_volume"),
-        "queue_length": cfg.get("queue_length"),
-        "num_workers": cfg.get("num_workers"),
+        "samples_per_volume": hp.samples_per_volume,
+        "queue_length": hp.queue_length,
+        "num_workers": hp.num_workers,
     }
     log(f"queue: {delivered} patches in {seconds:.1f} s")
     train = train_task(
@@ -353,9 +352,10 @@ def volume_task(
       that span two axes and overlap along the first, each run by the streaming pass)
       against the streamed whole-volume output.
     """
+    from mdcsrn_lightning.inference.patches import resolve_device
     from mdcsrn_lightning.models.reference import ReferenceMDCSRN
 
-    dev = _device(device)
+    dev = resolve_device(device)
     folder = Path(workdir or tempfile.mkdtemp(prefix="mdcsrn-bench-volume-"))
     folder.mkdir(parents=True, exist_ok=True)
     volume = _mni_volume(shape, factors)

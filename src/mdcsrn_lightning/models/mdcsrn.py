@@ -305,7 +305,7 @@ class MDCSRN(nn.Module):
             raise ValueError(
                 f"expected input of shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}"
             )
-        if self.memory_efficient and self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and self.memory_efficient:
             # no level concatenations either: autograd would keep each one for the
             # compressor's weight gradient, while the pieces are kept anyway
             return lean_forward(self, x)
@@ -318,10 +318,6 @@ class MDCSRN(nn.Module):
         if self.global_residual:
             out = out + x
         return out
-
-    def forward_lean(self, x: Tensor) -> Tensor:
-        """The eval forward pass without the level concatenations (see :func:`lean_forward`)."""
-        return lean_forward(self, x)
 
 
 def lean_forward(net: nn.Module, x: Tensor) -> Tensor:
