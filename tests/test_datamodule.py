@@ -191,8 +191,10 @@ def test_disk_cache_is_reused_by_a_new_run_and_invalidated_by_a_changed_file(
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(root / "sub02" / "t1.nii.gz"))
     _dm(root, cache_dir=str(cache)).setup()
     assert len(calls) == 13
-    # A damaged cache entry is recomputed, not trusted.
-    next(iter(cache.glob("*.json"))).write_text("{half")
+    # A damaged cache entry is recomputed, not trusted. (Damage a live one: sub02's old
+    # entry is still on disk but no longer used, and glob order is the file system's.)
+    live = next(p for p in sorted(cache.glob("*.json")) if json.loads(p.read_text())["name"] != "sub02")
+    live.write_text("{half")
     _dm(root, cache_dir=str(cache)).setup()
     assert len(calls) == 14
 
