@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -14,12 +15,18 @@ OmegaConf.register_new_resolver("release_weights", lambda: str(RELEASED_WEIGHTS)
 
 
 def config_dir() -> str:
-    """Absolute path of ``conf/``: ``$MDCSRN_CONFIG_DIR`` or the repository's ``conf/``."""
+    """Absolute path of the Hydra configs: ``$MDCSRN_CONFIG_DIR`` or the ones shipped in the package.
+
+    The configs are package data (``mdcsrn_lightning/conf``), so an installed wheel finds them
+    with no repository; the repository's top-level ``conf`` is a link to the same folder.
+    """
     env = os.environ.get("MDCSRN_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if env:
+        path = Path(env)
+    else:
+        with resources.as_file(resources.files("mdcsrn_lightning") / "conf") as shipped:
+            path = Path(shipped)
     if not (path / "train.yaml").is_file():
-        raise FileNotFoundError(
-            f"{path}: no Hydra configs (train.yaml) here; install the package editable "
-            "(`pip install -e .`) from its repository or set MDCSRN_CONFIG_DIR to its conf/ folder"
-        )
-    return str(path)
+        where = "MDCSRN_CONFIG_DIR" if env else "the installed package"
+        raise FileNotFoundError(f"{path}: no Hydra configs (train.yaml) in {where}")
+    return str(path.resolve())
