@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -40,11 +40,12 @@ import numpy as np
 import torch
 import torchio as tio
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchio.transforms.augmentation import RandomTransform
 
 from mdcsrn_lightning.atomic import atomic_path
 from mdcsrn_lightning.data import degradation
+from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, realistic_hr_transform
 from mdcsrn_lightning.data.sources import (
     VolumeError,
     VolumeSource,
@@ -58,7 +59,7 @@ from mdcsrn_lightning.data.split import (
     load_or_create_split,
 )
 
-__all__ = ["Normalize", "PatchSamplerName", "RandomRot90", "Rot90", "SRDataModule"]
+__all__ = ["Normalize", "PatchSamplerName", "RandomRot90", "Rot90", "SRDataModule", "WeightedSubjectSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,38 @@ class _AugmentedQueue(Dataset):
 
     def __getitem__(self, index: int) -> tio.Subject:
         return self.transform(self.queue[index])
+
+
+class WeightedSubjectSampler(Sampler[int]):
+    """Training subjects drawn with replacement in proportion to ``weights`` (a mix's parts).
+
+    Each of ``num_replicas`` ranks draws ``ceil(len(weights) / num_replicas)`` indices per
+    epoch from its own generator, seeded by ``(seed, epoch, rank)``: deterministic, and
+    different per rank and per epoch (call :meth:`set_epoch`, as with ``DistributedSampler``).
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
+        if w.numel() == 0 or not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {list(weights)}")
+        if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        self.weights = w
+        self.seed = int(seed)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.num_samples = math.ceil(w.numel() / num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) % (1 << 62))
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class _QueueEpochSampler(DistributedSampler):
@@ -255,8 +288,12 @@ class SRDataModule(LightningDataModule):
             only metadata is held and volumes are read lazily by the queue workers).
         normalize: ``"percentile"`` divides HR and LR by the HR's 99.9th percentile (so
             training sees ~[0, 1], not clipped); ``"none"`` keeps raw intensities.
-        augment: random flips and 90-degree rotations of training patches in the degraded
-            plane (axes with factor > 1), identical for ``lr`` and ``hr``.
+        augment: ``"paper"`` (or ``True``): random flips and 90-degree rotations of training
+            patches in the degraded plane (axes with factor > 1), identical for ``lr`` and
+            ``hr``; ``"realistic"``: also augments each training subject's HR (affine,
+            elastic, bias field, gamma, Rician noise) *before* degrading it again, so LR and
+            HR stay one acquisition; both are then divided by ``input_scale`` of that LR (see
+            ``data/augment.py``); ``"none"`` (or ``False``): nothing. Val/test never.
         sampler: ``"uniform"`` patch positions, or ``"label"``: patch centres in the
             foreground (normalised HR > ``foreground_threshold``).
         val_batch_size: whole volumes per val/eval/test batch (> 1 needs equal shapes).
@@ -265,6 +302,12 @@ class SRDataModule(LightningDataModule):
         foreground_threshold: for ``sampler="label"``, relative to the 99.9th percentile.
         world_size, rank: DDP share of the training subjects; default (``None``): the
             attached Trainer's, else ``torch.distributed``'s, else a single process.
+        augment_options: ``augment="realistic"`` settings overriding
+            ``data.augment.REALISTIC_DEFAULTS``.
+
+    A source with ``forced_sets`` (held-out scans, slab roles) fixes those subjects' sets;
+    one with ``sampling_groups`` (a ``MixSource``) has its training subjects drawn by
+    weight (:class:`WeightedSubjectSampler`) instead of each once per epoch.
     """
 
     def __init__(
@@ -282,13 +325,14 @@ class SRDataModule(LightningDataModule):
         split_file: str | None = None,
         cache_dir: str | None = None,
         normalize: Normalize = "percentile",
-        augment: bool = True,
+        augment: bool | AugmentName = "paper",
         sampler: PatchSamplerName = "uniform",
         val_batch_size: int = 1,
         augment_axes: Sequence[int] | None = None,
         foreground_threshold: float = 0.05,
         world_size: int | None = None,
         rank: int | None = None,
+        augment_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(source, VolumeSource):
@@ -320,8 +364,14 @@ class SRDataModule(LightningDataModule):
             raise ValueError(f"normalize must be one of {get_args(Normalize)}, got {normalize!r}")
         if sampler not in get_args(PatchSamplerName):
             raise ValueError(f"sampler must be one of {get_args(PatchSamplerName)}, got {sampler!r}")
-        if not isinstance(augment, bool):
-            raise ValueError(f"augment must be a bool, got {augment!r}")
+        if isinstance(augment, bool):  # the former switch: true = the paper's flips/rotations
+            augment = "paper" if augment else "none"
+        if augment not in get_args(AugmentName):
+            raise ValueError(f"augment must be one of {get_args(AugmentName)} (or a bool), got {augment!r}")
+        if augment_options and augment != "realistic":
+            raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
+        # Built here so that a bad option fails at construction, not at the first batch.
+        self._hr_transform = realistic_hr_transform(augment_options) if augment == "realistic" else None
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
         if augment_axes is None:
@@ -332,7 +382,7 @@ class SRDataModule(LightningDataModule):
                 raise ValueError(f"augment_axes must be distinct axes in (0, 1, 2), got {augment_axes!r}")
         # Rotating mixes two axes: only fair when they were degraded alike.
         planes = [(a, b) for a, b in combinations(sorted(aug_axes), 2) if fs[a] == fs[b]]
-        if augment:
+        if augment != "none":
             for a, b in planes:
                 if patch[a] != patch[b]:
                     raise ValueError(
@@ -348,6 +398,7 @@ class SRDataModule(LightningDataModule):
 
         self.save_hyperparameters(logger=False, ignore=["source"])
         self.source = source
+        self.augment: AugmentName = augment
         self.factors = fs
         self.interpolation = interpolation
         self.patch_size = patch
@@ -359,7 +410,7 @@ class SRDataModule(LightningDataModule):
         self.split: dict[str, list[str]] = {}
         self.subjects: dict[str, list[str]] = {}
         self.datasets: dict[str, tio.SubjectsDataset] = {}
-        self.subject_sampler: DistributedSampler | None = None
+        self.subject_sampler: DistributedSampler | WeightedSubjectSampler | None = None
         self.train_queue: tio.Queue | None = None
         self._entries: dict[str, _Entry] = {}
         self._epoch = 0
@@ -380,7 +431,7 @@ class SRDataModule(LightningDataModule):
             return
         hp = self.hparams
         ids = self.source.subject_ids()
-        split = load_or_create_split(ids, hp.split_fractions, hp.split_seed, hp.split_file)
+        split = load_or_create_split(ids, hp.split_fractions, hp.split_seed, hp.split_file, self.source.forced_sets())
         names = [n for s in SPLIT_NAMES for n in split[s]]
 
         world, rank = self._ddp_share()
@@ -403,7 +454,7 @@ class SRDataModule(LightningDataModule):
         for entry in self._entries.values():
             # The subjects hold normalised copies now; don't keep the raw ones twice.
             entry.hr = entry.lr = None
-        train_transform = _AddForegroundMask() if hp.sampler == "label" else None
+        train_transform = self._train_transform()
         self.datasets = {
             s: tio.SubjectsDataset([subjects[n] for n in split[s]], transform=train_transform if s == "train" else None)
             for s in SPLIT_NAMES
@@ -430,7 +481,11 @@ class SRDataModule(LightningDataModule):
         hp = self.hparams
         train_set = self.datasets["train"]
         world, rank = self._ddp_share()
-        if world > 1:
+        weights = self._subject_weights()
+        if weights is not None:
+            self.subject_sampler = WeightedSubjectSampler(weights, seed=hp.split_seed, num_replicas=world, rank=rank)
+            self.subject_sampler.set_epoch(self._epoch)
+        elif world > 1:
             self.subject_sampler = DistributedSampler(
                 train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.split_seed
             )
@@ -519,8 +574,34 @@ class SRDataModule(LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
+    def _train_transform(self) -> tio.Transform | None:
+        """Per training subject (each time the queue loads it): ``realistic`` HR augmentation
+        then degradation and normalisation, and the foreground mask of ``sampler="label"``."""
+        hp = self.hparams
+        steps: list[tio.Transform] = []
+        if self._hr_transform is not None:
+            fg = float(hp.foreground_threshold) if hp.sampler == "label" else None
+            steps += [self._hr_transform, DegradeSample(self.factors, self.interpolation, foreground_threshold=fg)]
+        if hp.sampler == "label":
+            steps.append(_AddForegroundMask())
+        return tio.Compose(steps) if steps else None
+
+    def _subject_weights(self) -> list[float] | None:
+        """Per training subject: its group's weight shared among the group's training subjects."""
+        groups = self.source.sampling_groups()
+        if groups is None:
+            return None
+        train = self.split["train"]
+        counts: dict[str, int] = {}
+        for name in train:
+            counts[groups[name][0]] = counts.get(groups[name][0], 0) + 1
+        weights = [groups[n][1] / counts[groups[n][0]] for n in train]
+        if not sum(weights) > 0:
+            raise ValueError(f"every training subject has weight 0 (groups {sorted(counts)}); give a source a weight > 0")
+        return weights
+
     def _augmentation(self) -> tio.Transform | None:
-        if not self.hparams.augment or not self.flip_axes:
+        if self.augment == "none" or not self.flip_axes:
             return None
         transforms: list[tio.Transform] = [tio.RandomFlip(axes=self.flip_axes, flip_probability=0.5)]
         if self.rotation_planes:

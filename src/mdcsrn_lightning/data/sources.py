@@ -176,6 +176,19 @@ class VolumeSource(ABC):
         """A NIfTI file holding the subject's LR, if the source has one."""
         return None
 
+    def forced_sets(self) -> dict[str, str]:
+        """Subjects whose set is fixed by the source (``{id: "train"|"val"|"eval"|"test"}``).
+
+        They bypass the seeded split: e.g. a real person's scan held out for testing, or
+        slabs of one brain kept in one set each. Default: none.
+        """
+        return {}
+
+    def sampling_groups(self) -> dict[str, tuple[str, float]] | None:
+        """``{id: (group, weight)}``: each group's expected share of training patches, or
+        ``None``: every training subject is drawn equally often (see ``MixSource``)."""
+        return None
+
 
 class GlobSource(VolumeSource):
     """Every NIfTI file under ``root`` matching ``pattern`` (sorted), one subject per file.

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -174,16 +174,41 @@ def read_split(path: str | os.PathLike[str], known_subjects: Sequence[str] | Non
     return split
 
 
+def _split_with_forced(
+    subjects: Sequence[str], fractions: Sequence[float], seed: int, forced: Mapping[str, str]
+) -> dict[str, list[str]]:
+    names = [str(s) for s in subjects]
+    unknown = sorted(set(forced) - set(names))
+    if unknown:
+        raise SplitError(f"forced set for subject(s) the source does not have: {unknown[:3]}")
+    bad = sorted({v for v in forced.values() if v not in SPLIT_NAMES})
+    if bad:
+        raise SplitError(f"forced sets must be one of {SPLIT_NAMES}, got {bad}")
+    free = [n for n in names if n not in forced]
+    check_fractions(fractions)
+    split = make_split(free, fractions, seed) if free else {k: [] for k in SPLIT_NAMES}
+    for name, set_name in forced.items():
+        split[set_name].append(name)
+    split = {k: sorted(v) for k, v in split.items()}
+    if not split["train"]:
+        raise SplitError(f"no training subject: every one of the {len(names)} subject(s) is forced into another set")
+    return split
+
+
 def load_or_create_split(
     subjects: Sequence[str],
     fractions: Sequence[float] = (780, 111, 111, 111),
     seed: int = 42,
     path: str | os.PathLike[str] | None = None,
+    forced: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """Reuse the split in ``path`` if it exists, otherwise make one (and write it if ``path``).
 
     Subjects the source has but an existing file does not list are left out of every set
     (with a warning): a resumed run must not see new subjects silently enter training.
+
+    ``forced`` (``{id: set}``) places those subjects in their set directly; ``fractions``
+    and ``seed`` split the others (none left is fine when every subject is forced).
     """
     if path is not None and Path(path).exists():
         split = read_split(path, known_subjects=subjects)
@@ -198,7 +223,7 @@ def load_or_create_split(
                 missing[0],
             )
         return split
-    split = make_split(subjects, fractions, seed)
+    split = _split_with_forced(subjects, fractions, seed, forced or {})
     if path is not None:
         write_split(path, split, seed=int(seed), fractions=[float(f) for f in fractions])
     return split
