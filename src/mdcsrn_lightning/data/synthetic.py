@@ -208,12 +208,15 @@ class SyntheticSource(VolumeSource):
         j = self.contrast_jitter
         means = [(v * (1 - j), v * (1 + j) + 1e-6) for v in values]
         stds = [(0.005, 0.03)] * len(values)
+        # At most half the spacing of TorchIO's 7 control points: no folding on small crops.
+        grid_mm = min(labels.spatial_shape) * self.spacing / 6
+        displacement = min(self.elastic_displacement, 0.5 * grid_mm)
         # Rendered first, deformed after: one channel to resample instead of up to six maps
         # (the elastic resampling alone costs ~15 s per channel at 1 mm here).
         pipeline = tio.Compose([
             tio.RandomLabelsToImage(label_key="label", image_key="t1", mean=means, std=stds),
             tio.RandomAffine(scales=self.scales, degrees=self.degrees, default_pad_value=0.0, include=["t1"]),
-            tio.RandomElasticDeformation(max_displacement=self.elastic_displacement, include=["t1"]),
+            tio.RandomElasticDeformation(max_displacement=displacement, include=["t1"]),
             tio.RandomBlur(std=(0.0, 0.5), include=["t1"]),
             tio.RandomBiasField(coefficients=0.3, include=["t1"]),
             tio.RandomGamma(log_gamma=0.15, include=["t1"]),
