@@ -368,6 +368,8 @@ class SRDataModule(LightningDataModule):
             augment = "paper" if augment else "none"
         if augment not in get_args(AugmentName):
             raise ValueError(f"augment must be one of {get_args(AugmentName)} (or a bool), got {augment!r}")
+        if augment == "realistic" and normalize == "none":
+            raise ValueError("augment='realistic' divides HR and LR by input_scale(LR); it needs normalize='percentile'")
         if augment_options and augment != "realistic":
             raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
         # Built here so that a bad option fails at construction, not at the first batch.
