@@ -17,9 +17,9 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from mdcsrn_lightning.checkpoints import CheckpointError
 from mdcsrn_lightning.models.discriminator import Discriminator3D
 from mdcsrn_lightning.models.mdcsrn import MDCSRN
-from mdcsrn_lightning.training.checkpoint import CheckpointError
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
 from mdcsrn_lightning.training.wgan_module import WGANGPModule
 

@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mdcsrn_lightning.checkpoints import CheckpointError
 from mdcsrn_lightning.cli.infer import fail, patch_options
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
@@ -36,7 +37,6 @@ from mdcsrn_lightning.evaluation.evaluate import (
     write_outputs,
 )
 from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs
-from mdcsrn_lightning.training.checkpoint import CheckpointError
 
 PROG = "mdcsrn-eval"
 

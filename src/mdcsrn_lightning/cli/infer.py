@@ -18,10 +18,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mdcsrn_lightning.checkpoints import CheckpointError
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
-from mdcsrn_lightning.training.checkpoint import CheckpointError
 
 PROG = "mdcsrn-infer"
 

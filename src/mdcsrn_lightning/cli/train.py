@@ -16,11 +16,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.split import SplitError
-from mdcsrn_lightning.training.checkpoint import CheckpointError
 from mdcsrn_lightning.training.results import write_test_results
+
+# ckpt_path values Lightning resolves itself (it loads those with weights_only=True too)
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -61,6 +64,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then (``test=true``) score the best checkpoint on the test split."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    resume = cfg.get("ckpt_path")
+    if resume and str(resume) not in _LIGHTNING_CKPT_NAMES:
+        # refuse a bad or unsafe file (one line) before anything is built or trained
+        read_checkpoint(resume)
     _reuse_split_on_resume(cfg)
 
     # plain lists, not ListConfig: checkpoints (datamodule hparams) must load with weights_only
@@ -74,11 +81,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(run_config)
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True explicitly: torch's default can be switched off by an environment
+        # variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD); an explicit True cannot
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             if trainer.is_global_zero:
                 write_test_results(cfg, module, datamodule, Path(cfg.paths.output_dir), best)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mdcsrn_lightning.checkpoints import CheckpointError, load_generator, read_checkpoint
 from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.inference.nifti_io import (
@@ -44,7 +45,6 @@ from mdcsrn_lightning.inference.nifti_io import (
     write_like,
 )
 from mdcsrn_lightning.inference.patches import super_resolve
-from mdcsrn_lightning.training.checkpoint import CheckpointError, load_generator, read_checkpoint
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -293,7 +293,7 @@ def predict_file(
 ) -> Prediction:
     """Super-resolve one NIfTI file into ``output`` (see the module docstring).
 
-    Give either ``ckpt`` (read with :func:`~mdcsrn_lightning.training.checkpoint.load_generator`)
+    Give either ``ckpt`` (read with :func:`~mdcsrn_lightning.checkpoints.load_generator`)
     or an already built ``net``. ``degrade=True`` first degrades the input
     (``factors``, ``degrade_interpolation``) as the training data was: for experiments on
     HR scans. ``normalize=False`` feeds raw intensities (for a model trained with

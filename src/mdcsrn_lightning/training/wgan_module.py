@@ -51,8 +51,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from mdcsrn_lightning.checkpoints import load_generator
 from mdcsrn_lightning.training.base import SRModule
-from mdcsrn_lightning.training.checkpoint import load_generator
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
 from mdcsrn_lightning.training.gradient_penalty import gradient_penalty
 
@@ -100,7 +100,7 @@ class WGANGPModule(SRModule):
             config uses WGAN-GP's Adam lr 1e-4, betas (0.5, 0.9)).
         init_ckpt: an ``mdcsrn-train`` checkpoint (L1 pretraining) to start the generator
             from; it must hold the same architecture as ``net_config``
-            (:class:`~mdcsrn_lightning.training.checkpoint.CheckpointError` otherwise).
+            (:class:`~mdcsrn_lightning.checkpoints.CheckpointError` otherwise).
             ``None`` starts from the freshly initialised generator, with a warning.
         adversarial_weight: lambda of the generator loss (paper: 0.1).
         gp_weight: weight of the gradient penalty (paper: 10).
