@@ -38,7 +38,7 @@ def test_fit_writes_checkpoints_metrics_panel_and_split(train_cfg) -> None:
     assert result["methods"]["trilinear"]["psnr"] == pytest.approx(metrics["test/input_psnr"], rel=1e-4)
     for key in ("val/mse", "val/psnr", "val/ssim"):
         assert key in metrics
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["net_config"]["num_blocks"] == 1 and ckpt["global_step"] == 2
 
 
@@ -50,7 +50,7 @@ def test_resume_continues_global_step_and_keeps_split(train_cfg) -> None:
 
     second = train_cfg("trainer.max_epochs=2", f"ckpt_path={last}", "data.split_seed=999", run="second")
     train(second)
-    resumed = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1
     # the resumed run read the first run's split, not a new one from the other seed
     assert second.data.split_file == str(Path(first.paths.output_dir).resolve() / "split.json")

@@ -327,7 +327,7 @@ def test_configs_compose(train_cfg) -> None:
 
 # --------------------------------------------------------------------------- end to end
 def _weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -345,7 +345,7 @@ def test_cli_wgan_gp_from_l1_checkpoint(train_cfg, tmp_path: Path) -> None:
     for key in ("val/em_distance", "val/em_distance_gan", "val/psnr", "val/ssim", "train/d_loss", "train/g_loss", "test/psnr", "test/em_distance"):
         assert key in metrics, key
     assert metrics["val/em_distance_gan"] == metrics["val/em_distance"]  # the generator was trained
-    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     c, g = last["gan_schedule"]["critic_steps"], last["gan_schedule"]["generator_steps"]
     assert c + g == last["global_step"] > 0 and g > 0
     assert list((out / "checkpoints").glob("epoch_*.ckpt")), "best checkpoint by val/em_distance"
@@ -371,8 +371,8 @@ def test_resume_is_exact(train_cfg) -> None:
     second = train_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={last_first}", run="second")
     train(second)
 
-    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["gan_schedule"] == b["gan_schedule"] == {"critic_steps": 4, "generator_steps": 2}
     assert a["global_step"] == b["global_step"] == 6
     for k, v in a["state_dict"].items():
@@ -390,7 +390,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     c, g = last["gan_schedule"]["critic_steps"], last["gan_schedule"]["generator_steps"]
     assert g > 0 and c + g == last["global_step"]
 
