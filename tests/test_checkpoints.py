@@ -145,22 +145,44 @@ def _commands(tmp_path: Path, ckpt: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("kind", ["pickle", "target"])
-def test_every_command_refuses_a_crafted_checkpoint_in_one_line(tmp_path: Path, kind: str) -> None:
+PROGRAMS = ["mdcsrn-infer", "mdcsrn-eval", "mdcsrn-export", "mdcsrn-train", "mdcsrn-train init_ckpt"]
+# Lightning's resume reads the weights, not net_config: a foreign _target_ only matters to the rest
+CASES = [(k, p) for k in ("pickle", "target") for p in PROGRAMS if (k, p) != ("target", "mdcsrn-train")]
+
+
+# the reproduction runs in the fast suite; the other commands (a few seconds each) are slow
+@pytest.mark.parametrize(
+    ("kind", "prog"),
+    [pytest.param(k, p, marks=() if (k, p) == ("pickle", "mdcsrn-infer") else pytest.mark.slow) for k, p in CASES],
+)
+def test_every_command_refuses_a_crafted_checkpoint_in_one_line(tmp_path: Path, kind: str, prog: str) -> None:
     marker = tmp_path / "PWNED"
     ckpt = (_evil_pickle if kind == "pickle" else _foreign_target)(tmp_path / "evil.ckpt", marker)
     # explicit weights_only=True: torch's default would yield to this variable
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "1"}
-    commands = _commands(tmp_path, ckpt)
-    if kind == "target":  # Lightning's resume reads weights, not net_config: train is not asked
-        commands.pop("mdcsrn-train")
-    for prog, args in commands.items():
-        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode != 0, (prog, proc.stdout[-2000:], proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, (prog, proc.stderr[-3000:])
-        assert lines and lines[-1].startswith(f"{prog.split()[0]}: error: {ckpt}: "), (prog, proc.stderr[-2000:])
-        assert ("refused" if kind == "pickle" else "'builtins.exec' is not one of our generators") in lines[-1]
-        assert not marker.exists(), prog
+    args = _commands(tmp_path, ckpt)[prog]
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith(f"{prog.split()[0]}: error: {ckpt}: "), proc.stderr[-2000:]
+    assert ("refused" if kind == "pickle" else "'builtins.exec' is not one of our generators") in lines[-1]
+    assert not marker.exists()
     assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "model.onnx").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lightning_resume_itself_loads_weights_only(train_cfg, tmp_path: Path, monkeypatch) -> None:
+    # ckpt_path=last: Lightning finds <run>/checkpoints/last.ckpt and reads it itself; with
+    # torch's default switched off by the environment, only an explicit weights_only=True holds
+    from mdcsrn_lightning.cli.train import train
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    cfg = train_cfg("ckpt_path=last", "test=false")
+    marker = tmp_path / "PWNED"
+    (Path(cfg.paths.output_dir) / "checkpoints").mkdir(parents=True)
+    _evil_pickle(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", marker)
+    with pytest.raises(CheckpointError, match=r"^ckpt_path=last: refused: .*system") as info:
+        train(cfg)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()

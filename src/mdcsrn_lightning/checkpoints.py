@@ -29,7 +29,8 @@ class CheckpointError(ValueError):
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _unsafe_reason(exc: pickle.UnpicklingError) -> str:
+def unsafe_reason(exc: pickle.UnpicklingError) -> str:
+    """One line for torch's (multi-line) refusal of a pickle that is not plain data."""
     found = _UNSAFE_GLOBAL.search(str(exc))
     what = f"it asks for {found.group(1)}" if found else f"{' '.join(str(exc).split()[:12])}..."
     return (f"refused: not a plain-data checkpoint ({what}; a checkpoint may hold only tensors and "
@@ -49,7 +50,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: {_unsafe_reason(exc)}") from exc
+        raise CheckpointError(f"{path}: {unsafe_reason(exc)}") from exc
     except Exception as exc:  # torch raises many types for a bad file
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(checkpoint, dict):

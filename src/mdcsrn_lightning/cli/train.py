@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint
+from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint, unsafe_reason
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.split import SplitError
@@ -83,7 +84,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         # weights_only=True explicitly: torch's default can be switched off by an environment
         # variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD); an explicit True cannot
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        except pickle.UnpicklingError as exc:  # a file Lightning found itself (ckpt_path=last)
+            raise CheckpointError(f"ckpt_path={resume}: {unsafe_reason(exc)}") from exc
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test"):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
