@@ -78,6 +78,13 @@ def test_read_refuses_an_unsafe_pickle_in_one_line(tmp_path: Path, monkeypatch) 
     assert not marker.exists()
 
 
+def test_a_damaged_file_is_unreadable_not_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(CheckpointError, match=r"random\.ckpt: not a readable PyTorch checkpoint \(\w+: [^\n]+\)$"):
+        read_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [

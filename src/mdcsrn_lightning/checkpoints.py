@@ -30,11 +30,13 @@ _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def unsafe_reason(exc: pickle.UnpicklingError) -> str:
-    """One line for torch's (multi-line) refusal of a pickle that is not plain data."""
+    """One line for torch's (multi-line) refusal of a pickle: an unsafe one or a corrupt one."""
     found = _UNSAFE_GLOBAL.search(str(exc))
-    what = f"it asks for {found.group(1)}" if found else f"{' '.join(str(exc).split()[:12])}..."
-    return (f"refused: not a plain-data checkpoint ({what}; a checkpoint may hold only tensors and "
-            "plain values, loading anything else could run code)")
+    if found is None:  # not a request for code: a damaged or foreign file (torch chains the cause)
+        cause = exc.__context__ or exc
+        return f"not a readable PyTorch checkpoint ({type(cause).__name__}: {' '.join(str(cause).split())[:200]})"
+    return (f"refused: not a plain-data checkpoint (it asks for {found.group(1)}; a checkpoint may hold "
+            "only tensors and plain values, loading anything else could run code)")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
