@@ -339,6 +339,37 @@ def test_configs_compose(train_cfg) -> None:
     assert d.min_input_size <= q.data.patch_size
 
 
+def test_em_distance_is_measured_on_the_critics_patch_size(train_cfg) -> None:
+    """val/em_distance crops follow data.patch_size (the critic's training patches), an int or 3 ints."""
+    from mdcsrn_lightning.cli.train import build_module
+
+    for patch, expected in (("40", (40, 40, 40)), ("[24,24,16]", (24, 24, 16))):
+        cfg = train_cfg("loss=wgan_gp", "module.init_ckpt=null", f"data.patch_size={patch}", tiny=False)
+        assert OmegaConf.to_container(cfg.module, resolve=True)["em_patch_size"] == OmegaConf.to_container(
+            cfg.data, resolve=True
+        )["patch_size"]
+        with pytest.warns(UserWarning, match="init_ckpt is null"):
+            module = build_module(cfg, MDCSRN(num_blocks=1, units_per_block=2, growth_rate=4))
+        assert module.em_patch_size == expected
+        # plain data in the hparams: checkpoints load with weights_only
+        assert type(module.hparams["em_patch_size"]) in (int, list)
+    q = train_cfg("experiment=quickstart_gan", tiny=False)
+    assert OmegaConf.to_container(q.module, resolve=True)["em_patch_size"] == q.data.patch_size == 24
+
+
+def test_em_distance_crops_of_an_anisotropic_patch() -> None:
+    module = make_module(em_patch_size=[6, 8, 4])
+    seen = []
+    real_forward = module.discriminator.forward
+    module.discriminator.forward = lambda x: seen.append(tuple(x.shape)) or real_forward(x)
+    module.eval()
+    module.em_distance(torch.rand(1, 1, 10, 9, 12), torch.rand(1, 1, 10, 9, 12))
+    assert seen == [(2, 1, 6, 8, 4)]
+    with pytest.raises(ValueError, match="em_patch_size must be an int >= 1 or 3 ints"):
+        WGANGPModule(net=module.net, discriminator=module.discriminator, optimizer=adam(1e-3),
+                     critic_optimizer=adam(1e-3), em_patch_size=[6, 8])
+
+
 # --------------------------------------------------------------------------- end to end
 def _weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
