@@ -37,7 +37,9 @@ def build_module(cfg: DictConfig, net: Any) -> L.LightningModule:
     Built as a partial first: the generator's config is stored in the module (and so in
     every checkpoint) as plain data, which Hydra would otherwise instantiate.
     """
-    factory = instantiate(cfg.module, _partial_=True)
+    # plain lists, not ListConfig (e.g. em_patch_size from data.patch_size): the module's
+    # hparams go into checkpoints, which must load with weights_only
+    factory = instantiate(cfg.module, _partial_=True, _convert_="all")
     return factory(net=net, net_config=OmegaConf.to_container(cfg.model, resolve=True))
 
 
