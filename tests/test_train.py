@@ -75,8 +75,8 @@ def _resumed_equals_uninterrupted(train_cfg, *overrides: str) -> bool:
     last_first = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     second = train_cfg(*FULL_EPOCHS, *overrides, "trainer.max_epochs=2", f"ckpt_path={last_first}", run="second")
     train(second)
-    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6 and a["state_dict"].keys() == b["state_dict"].keys()
     return all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
 
