@@ -86,21 +86,25 @@ class SRModule(LightningModule):
         seconds = time.perf_counter() - start
         row = {"mse": float(torch.mean((sr.float() - hr.float()) ** 2)), "seconds": seconds}
         volumes = {name: t[0, 0].float().cpu().numpy() for name, t in (("LR", lr), ("SR", sr), ("HR", hr))}
-        scale = self.metric_scale()
+        scale = self.metric_scale(batch)
         for prefix, key in (("", "SR"), ("input_", "LR")):
             scores = slice_metrics(volumes[key], volumes["HR"], axis=self.metric_axis, scale=scale)
             row.update({f"{prefix}{m}": float(scores[m]) for m in METRICS})
         return row, volumes, sr
 
-    def metric_scale(self) -> float | None:
-        """1.0 when the data module already divided by the reference percentile, else None.
+    @staticmethod
+    def metric_scale(batch: dict[str, Any], index: int = 0) -> float | None:
+        """The HR's intensity reference of volume ``index`` of ``batch``, in the batch's units.
 
-        Normalised data keep that scale: a slab of the embedded template is divided by the
-        whole template's percentile, which its own percentile would not reproduce.
+        The data module divides LR and HR by the LR's own percentile (the network's input
+        rule) and hands the HR's reference in those units as ``metric_scale``: metrics stay
+        on the HR's own scale (for a slab of the embedded template, the whole template's).
+        ``None`` (the HR's own 99.9th percentile) for batches that do not carry it.
         """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        normalize = getattr(getattr(datamodule, "hparams", None), "normalize", None)
-        return 1.0 if normalize == "percentile" else None
+        value = batch.get("metric_scale")
+        if value is None:
+            return None
+        return float(value[index]) if isinstance(value, (torch.Tensor, list, tuple)) else float(value)
 
     def _log_rows(self, stage: str, rows: list[dict[str, float]]) -> None:
         if not rows:
