@@ -99,6 +99,9 @@ def test_rule_read_back_from_checkpoints(caplog: pytest.LogCaptureFixture) -> No
     assert trained_input_scale({"input_scale": "none"}) == "none"
     assert trained_input_scale({"normalize": "none"}) == "none"
     with caplog.at_level(logging.WARNING):
+        assert trained_input_scale({}, "bare.ckpt") == "lr_p99.9"  # records no data settings at all
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
         assert trained_input_scale({"normalize": "percentile"}, "old.ckpt") == "lr_p99.9"
     assert len(caplog.records) == 1 and "old.ckpt: records no input_scale" in caplog.records[0].getMessage()
     with pytest.raises(ValueError, match="^new.ckpt: unknown input_scale 'hr_p99'"):
@@ -149,3 +152,17 @@ def test_eval_and_infer_reproduce_a_folder_runs_metrics(train_cfg, tmp_path: Pat
     scored = slice_metrics(sr, hr, axis=degradation.slice_axis((2, 2, 1)))
     for metric in ("psnr", "ssim", "nrmse"):
         assert scored[metric] == pytest.approx(written["methods"]["model"][metric], rel=1e-4), metric
+
+
+def test_a_disk_cache_serves_both_normalize_settings(tmp_path: Path) -> None:
+    root = _phantoms(tmp_path / "data", 4, hot=True)
+    batches = {}
+    for normalize in ("none", "percentile"):  # the second run reuses the first one's entries
+        dm = SRDataModule(GlobSource(str(root), "*/t1.nii.gz"), split_fractions=(2, 1, 0, 1), cache_dir=str(tmp_path / "cache"), normalize=normalize, **SMALL)  # type: ignore[arg-type]
+        dm.setup()
+        (batches[normalize],) = list(dm.val_dataloader())
+    raw, normed = batches["none"]["lr"][tio.DATA], batches["percentile"]["lr"][tio.DATA]
+    scale = float(np.percentile(raw.numpy(), 99.9))
+    torch.testing.assert_close(normed, raw / scale, rtol=1e-5, atol=1e-6)
+    assert float(batches["none"]["input_scale"][0]) == 1.0
+    assert float(batches["percentile"]["input_scale"][0]) == pytest.approx(scale, rel=1e-5)

@@ -213,7 +213,7 @@ class _Entry:
     location: str
     shape: tuple[int, int, int]
     affine: np.ndarray
-    input_scale: float  # the LR's: what the network's input (and the target) are divided by
+    input_scale: float  # the LR's (intensity.input_scale; NaN if it has none): what input and target are divided by
     reference_scale: float  # the HR's: the metrics' intensity reference (raw units)
     hr: np.ndarray | None = None
     lr: np.ndarray | None = None
@@ -575,6 +575,8 @@ class SRDataModule(LightningDataModule):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unusable cache entry (%s); recomputing", meta_path, exc)
             return None
+        if self.hparams.normalize == "percentile" and not (math.isfinite(input_scale) and input_scale > 0):
+            return None  # the fresh pass raises the one-line error
         check_patch_fits(shape, self.patch_size, meta.get("location", name))
         entry = _Entry(name=name, location=str(meta.get("location", name)), shape=shape, affine=affine, input_scale=input_scale, reference_scale=reference_scale)  # type: ignore[arg-type]
         entry.hr_file = self.source.hr_path(name)
@@ -606,10 +608,13 @@ class SRDataModule(LightningDataModule):
         if lr.shape != hr.shape:
             raise VolumeError(f"{location}: LR grid shape {lr.shape} does not match the HR grid {hr.shape}")
         # The input scale comes from the LR alone (at inference there is no HR to ask).
+        # Measured whatever `normalize` is, so that a cache entry serves both settings.
         try:
-            input_scale = intensity.input_scale(lr, location) if self.hparams.normalize == "percentile" else 1.0
+            input_scale = intensity.input_scale(lr, location)
         except ValueError as exc:
-            raise VolumeError(str(exc)) from None
+            if self.hparams.normalize == "percentile":
+                raise VolumeError(str(exc)) from None
+            input_scale = math.nan  # raw intensities need no scale
         reference_scale = float(vol.scale) if vol.scale is not None else float(np.percentile(hr, 99.9))
         if not (math.isfinite(reference_scale) and reference_scale > 0):
             raise VolumeError(
@@ -653,7 +658,7 @@ class SRDataModule(LightningDataModule):
 
     def _subject(self, entry: _Entry) -> tio.Subject:
         # LR and HR share the LR's unit: the target is what the input would be at full resolution.
-        scale = entry.input_scale
+        scale = entry.input_scale if self.hparams.normalize == "percentile" else 1.0
 
         def image(arr: np.ndarray | None, path: str | None, npy: bool) -> tio.ScalarImage:
             if arr is not None:

@@ -64,9 +64,11 @@ def trained_input_scale(settings: Mapping[str, Any], location: str = "checkpoint
     """The rule a checkpoint's data settings record (``datamodule_hyper_parameters``).
 
     ``"none"`` for a model trained with ``normalize=none`` (raw intensities); else
-    :data:`INPUT_SCALE_RULE`. A checkpoint from before the rule was recorded (no
-    ``input_scale`` key) was trained with the HR's 99.9th percentile: it is run under this
-    rule, and one warning line naming ``location`` says so.
+    :data:`INPUT_SCALE_RULE`. A checkpoint of ``mdcsrn-train`` from before the rule was
+    recorded (``normalize`` but no ``input_scale``) was trained with the HR's 99.9th
+    percentile: it is run under this rule, and one warning line naming ``location`` says so.
+    Settings without either key (a checkpoint that records no data settings) get the rule
+    silently.
 
     Raises:
         ValueError: an ``input_scale`` this version does not know (a newer checkpoint).
@@ -75,6 +77,8 @@ def trained_input_scale(settings: Mapping[str, Any], location: str = "checkpoint
     if rule is None:
         if settings.get("normalize") == "none":
             return "none"
+        if "normalize" not in settings:  # no data settings at all: nothing to warn about
+            return INPUT_SCALE_RULE
         log.warning(
             "%s: records no input_scale (older checkpoints were trained with the HR's 99.9th "
             "percentile); its input is divided by the LR's own 99.9th percentile",

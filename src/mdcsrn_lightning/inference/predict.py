@@ -429,10 +429,6 @@ def predict(
     """
     net, _, ckpt_path = load_model(ckpt)
     settings = trained_data_settings(ckpt_path)
-    try:
-        rule = trained_input_scale(settings, str(ckpt_path))
-    except ValueError as exc:
-        raise InferenceError(str(exc)) from None
     ups = resolve_upsample(upsample, settings, ckpt_path)
     if degrade and ups is not None:
         raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
@@ -452,6 +448,10 @@ def predict(
                 fine_shape(shape, ups, upsample_shape)
             except ValueError as exc:
                 raise InferenceError(f"{src}: {exc}") from None
+    try:  # after the input checks, so that a bad request gives one line and no warning
+        rule = trained_input_scale(settings, str(ckpt_path))
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
     try:  # after the checks: a bad input fails before any (slow) export
         runner = prepare_runner(net, options)  # exported once for all files
     except (ImportError, RuntimeError) as exc:
