@@ -98,6 +98,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         segmentation=bool(cfg.segmentation),
         panel_dir=output_dir / "panels" if cfg.panels else None,
         log=lambda line: print(line, flush=True),
+        data_consistency=bool(cfg.get("data_consistency", False)),
     )
     print()
     print(markdown_report(result))

@@ -3,6 +3,7 @@
     mdcsrn-infer input=scan.nii.gz output=sr.nii.gz ckpt=model.ckpt
     mdcsrn-infer input=scans/ output=sr/ ckpt=model.ckpt overwrite=true
     mdcsrn-infer input=hr.nii.gz output=sr.nii.gz ckpt=model.ckpt degrade=true
+    mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true
 
 A bad request prints one line ``mdcsrn-infer: error: <file>: <problem>`` on stderr, exits
 with status 2 and writes nothing.
@@ -36,6 +37,11 @@ def _required(cfg: DictConfig, key: str, example: str) -> Any:
     if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
         raise InferenceError(f"{key}: required ({key}={example})")
     return cfg[key]
+
+
+def _numbers(value: Any) -> Any:
+    """A Hydra list as a plain list; strings and ``None`` unchanged."""
+    return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else value
 
 
 def patch_options(cfg: DictConfig) -> PatchOptions:
@@ -75,10 +81,12 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("ckpt"),
         options=patch_options(cfg),
         degrade=bool(cfg.degrade),
-        factors=[float(f) for f in cfg.factors],
+        factors=[float(f) for f in cfg.factors] if cfg.get("factors") is not None else None,
         degrade_interpolation=cfg.get("degrade_interpolation"),
+        upsample=_numbers(cfg.get("upsample")),
+        upsample_shape=_numbers(cfg.get("upsample_shape")),
+        data_consistency=bool(cfg.get("data_consistency", False)),
         overwrite=bool(cfg.overwrite),
-        percentile=float(cfg.percentile),
         on_done=report,
     )
     return {

@@ -14,6 +14,7 @@ interrupted run never leaves half a file; an existing file is replaced only with
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,9 @@ __all__ = [
     "is_nifti_path",
     "nifti_stem",
     "read_volume",
+    "refined_header",
     "write_like",
+    "write_refined",
 ]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -175,9 +178,63 @@ def write_like(
     arr = np.asarray(data)
     if arr.shape != like.data.shape:
         raise NiftiError(f"{output}: data shape {arr.shape} differs from the input's {like.data.shape}")
+    return _write(output, arr, like, like.image.header.copy(), like.shape, overwrite=overwrite, description=description)
+
+
+def refined_header(like: NiftiVolume, shape: Sequence[int]) -> tuple[nib.Nifti1Header, tuple[int, ...]]:
+    """``like``'s header for a finer grid of ``shape`` covering the same field: ``(header, file shape)``.
+
+    Voxel ``x`` of the fine grid sits at coarse voxel coordinate ``x * M / N`` (the
+    degradation's sampling convention: coarse voxel ``i`` is fine voxel ``i * N / M``), so
+    qform and sform are each right-multiplied by ``diag(M / N, 1)``: voxel sizes shrink by
+    ``N / M``, fine voxel 0 stays at coarse voxel 0's centre, and both codes are kept.
+    Trailing dimensions of size 1 (a ``(X, Y, Z, 1)`` file) are kept.
+    """
+    coarse = like.data.shape
+    scale = np.diag([m / n for m, n in zip(coarse, shape)] + [1.0])
+    header = like.image.header.copy()
+    qform, qcode = header.get_qform(), int(header["qform_code"])
+    sform, scode = header.get_sform(), int(header["sform_code"])
+    file_shape = tuple(int(n) for n in shape) + tuple(like.shape[3:])
+    header.set_data_shape(file_shape)
+    zooms = list(header.get_zooms())
+    zooms[:3] = [z * scale[ax, ax] for ax, z in enumerate(zooms[:3])]
+    header.set_zooms(zooms)
+    # Set even when a code is 0: the matrices then stay as unused as they were.
+    header.set_qform(qform @ scale, code=qcode)
+    header.set_sform(sform @ scale, code=scode)
+    return header, file_shape
+
+
+def write_refined(
+    output: str | os.PathLike[str],
+    data: np.ndarray,
+    like: NiftiVolume,
+    *,
+    overwrite: bool = False,
+    description: str | None = "mdcsrn-lightning SR",
+) -> Path:
+    """Write ``data`` (a finer grid than ``like``'s, same field of view) with :func:`refined_header`."""
+    output = check_output_path(output, overwrite=overwrite, protect=(like.path,))
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise NiftiError(f"{output}: data must be 3D, got shape {arr.shape}")
+    header, file_shape = refined_header(like, arr.shape)
+    return _write(output, arr, like, header, file_shape, overwrite=overwrite, description=description)
+
+
+def _write(
+    output: Path,
+    arr: np.ndarray,
+    like: NiftiVolume,
+    header: nib.Nifti1Header,
+    file_shape: tuple[int, ...],
+    *,
+    overwrite: bool,
+    description: str | None,
+) -> Path:
     if not np.isfinite(arr).all():
         raise NiftiError(f"{output}: result contains NaN or Inf; nothing written")
-    header = like.image.header.copy()
     header.set_data_dtype(np.float32)
     header.set_slope_inter(None, None)
     header["cal_min"] = 0
@@ -186,7 +243,7 @@ def write_like(
         header["descrip"] = description.encode("ascii", "replace")[:79]
     # affine=None: the image takes qform, sform and both codes from the copied header
     # unchanged (passing an affine would re-derive them).
-    image = type(like.image)(arr.astype(np.float32).reshape(like.shape), None, header)
+    image = type(like.image)(arr.astype(np.float32).reshape(file_shape), None, header)
 
     with atomic_path(output) as tmp:
         nib.save(image, tmp)

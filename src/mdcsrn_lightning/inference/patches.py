@@ -260,8 +260,8 @@ def super_resolve(
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR volume on the HR grid -> ``(X, Y, Z)`` float32 SR volume.
 
-    The volume must already be on the network's intensity scale (training divides by the
-    HR's 99.9th percentile; :mod:`mdcsrn_lightning.inference.predict` does this for files).
+    The volume must already be on the network's intensity scale (divided by its own 99.9th
+    percentile, :func:`mdcsrn_lightning.data.intensity.input_scale`; :mod:`.predict` does this).
 
     Args:
         net: generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)``, or an engine

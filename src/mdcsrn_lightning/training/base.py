@@ -136,28 +136,31 @@ class SRModule(LightningModule):
         hr = batch["hr"][tio.DATA]
         sr, seconds = timed(lambda: self(lr), lr.device)
         axis = self._metric_axis()
-        scale = self.metric_scale()
         rows: list[dict[str, float]] = []
         first: dict[str, np.ndarray] = {}
         for i in range(hr.shape[0]):
             volumes = {name: t[i, 0].float().cpu().numpy() for name, t in (("LR", lr), ("SR", sr), ("HR", hr))}
             row = {"mse": float(np.mean((volumes["SR"] - volumes["HR"]) ** 2)), "seconds": seconds / hr.shape[0]}
             for prefix, key in (("", "SR"), ("input_", "LR")):
-                scores = slice_metrics(volumes[key], volumes["HR"], axis=axis, scale=scale)
+                scores = slice_metrics(volumes[key], volumes["HR"], axis=axis, scale=self.metric_scale(batch, i))
                 row.update({f"{prefix}{m}": float(scores[m]) for m in METRICS})
             rows.append(row)
             first = first or volumes
         return rows, first, sr
 
-    def metric_scale(self) -> float | None:
-        """1.0 when the data module already divided by the reference percentile, else None.
+    @staticmethod
+    def metric_scale(batch: dict[str, Any], index: int = 0) -> float | None:
+        """The HR's intensity reference of volume ``index`` of ``batch``, in the batch's units.
 
-        Normalised data keep that scale: a slab of the embedded template is divided by the
-        whole template's percentile, which its own percentile would not reproduce.
+        The data module divides LR and HR by the LR's own percentile (the network's input
+        rule) and hands the HR's reference in those units as ``metric_scale``: metrics stay
+        on the HR's own scale (for a slab of the embedded template, the whole template's).
+        ``None`` (the HR's own 99.9th percentile) for batches that do not carry it.
         """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        normalize = getattr(getattr(datamodule, "hparams", None), "normalize", None)
-        return 1.0 if normalize == "percentile" else None
+        value = batch.get("metric_scale")
+        if value is None:
+            return None
+        return float(value[index]) if isinstance(value, (torch.Tensor, list, tuple)) else float(value)
 
     def _log_rows(self, stage: str, rows: list[dict[str, float]]) -> None:
         if not rows:
