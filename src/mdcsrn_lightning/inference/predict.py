@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mdcsrn_lightning.release import RELEASED_WEIGHTS
+from mdcsrn_lightning.atomic import remove_stale_temps
 from mdcsrn_lightning.data.degradation import degrade as _degrade
+from mdcsrn_lightning.data.volume_io import check_not_constant, is_volume_path
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.inference.nifti_io import (
     check_output_path,
     is_nifti_path,
@@ -193,26 +195,34 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
 def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
     """``(files, is_collection)`` for a NIfTI file, a folder of them or a glob pattern.
 
-    A folder gives its ``*.nii``/``*.nii.gz`` files (not recursive), sorted; a glob
-    (``*``, ``?``, ``[``) gives its matching NIfTI files, sorted. ``is_collection`` is
+    A folder gives its volume files (``.nii``, ``.nii.gz``, ``.mgz``, ``.img``/``.hdr``;
+    not recursive), sorted; a glob (``*``, ``?``, ``[``) gives its matching volume files,
+    sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never inputs. ``is_collection`` is
     ``True`` for a folder or glob: the output is then a folder.
     """
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+        files = _volume_files(path.iterdir())
         if not files:
-            raise InferenceError(f"{path}: folder holds no .nii or .nii.gz files")
+            raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files")
         return files, True
     if path.exists():
         return [path], False
     if _GLOB_CHARS & set(text):
         matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in matches if p.is_file() and is_nifti_path(p)]
+        files = _volume_files(matches)
         if not files:
             raise InferenceError(f"{text}: no NIfTI files match this pattern")
         return files, True
     raise InferenceError(f"{path}: no such file or folder")
+
+
+def _volume_files(paths: Any) -> list[Path]:
+    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
+    # an Analyze pair is one volume: keep the .img, drop its .hdr
+    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
+    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
 
 
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
@@ -338,23 +348,36 @@ def predict(
     """Super-resolve a NIfTI file, a folder of them or a glob into ``output``.
 
     Checks first, writes after: the checkpoint is loaded, every input is read and checked
-    and every output path is checked before the first file is written, so a bad input
-    anywhere means nothing is written. ``degrade_interpolation=None`` uses the
+    (readable, 3D, finite, positive voxel sizes, not constant) and every output path is
+    checked (free name, writable folder) before the first file is written, so a bad input
+    anywhere means nothing is written. A failure while writing (disk full) leaves the
+    outputs already written, complete, and no partial file. ``degrade_interpolation=None`` uses the
     interpolation the checkpoint was trained with (if recorded), else ``"linear"``; a
     checkpoint trained with ``data.normalize=none`` gets raw intensities.
     ``on_done(prediction)`` is called after each file.
     """
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    resolve_device((options or PatchOptions()).device)  # device=cuda without CUDA: fail now
     net, _, ckpt_path = load_model(ckpt)
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
+    settings = trained_data_settings(ckpt_path)
+    normalize = settings.get("normalize") != "none"
+    # Every input is checked before anything is written (all or nothing for bad inputs):
+    # readable, 3D, finite, positive voxel sizes, not constant, and a scale to divide by.
     for src, dst in zip(inputs, outputs):
-        read_volume(src)  # raises on a bad file before anything is written
+        volume = read_volume(src)
+        check_not_constant(volume.data, str(src))
+        if normalize:
+            normalisation_scale(volume.data, percentile, str(src))
         check_output_path(dst, overwrite=overwrite, protect=tuple(inputs))
+    for folder in {dst.parent for dst in outputs}:
+        remove_stale_temps(folder)  # left by a killed run
     try:  # after the checks: a bad input fails before any (slow) export
         runner = prepare_runner(net, options)  # exported once for all files
     except (ImportError, RuntimeError) as exc:
         raise InferenceError(f"engine={(options or PatchOptions()).engine}: {exc}") from exc
-    settings = trained_data_settings(ckpt_path)
     if degrade and degrade_interpolation is None:
         degrade_interpolation = str(settings.get("interpolation") or "linear")
     results = []
@@ -369,7 +392,7 @@ def predict(
             degrade_interpolation=degrade_interpolation or "linear",
             overwrite=overwrite,
             percentile=percentile,
-            normalize=settings.get("normalize") != "none",
+            normalize=normalize,
         )
         result.extra["checkpoint"] = str(ckpt_path)
         results.append(result)
