@@ -28,7 +28,12 @@ from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exce
 from mdcsrn_lightning.runlock import RunLockError, acquire_run_lock, is_global_zero, release_run_lock
 from mdcsrn_lightning.training.checkpoint import CheckpointError
 from mdcsrn_lightning.training.results import write_test_results
-from mdcsrn_lightning.training.run_checks import RunConfigError, check_checkpoint_file, check_trainer_options
+from mdcsrn_lightning.training.run_checks import (
+    RunConfigError,
+    check_checkpoint_file,
+    check_resume_fits,
+    check_trainer_options,
+)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -100,6 +105,8 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
     datamodule = instantiate(cfg.data, _convert_="all")
     net = instantiate(cfg.model)
     module = build_module(cfg, net)
+    if cfg.get("ckpt_path"):
+        check_resume_fits(module.state_dict(), cfg.ckpt_path)
     loggers = _instantiate_all(cfg.get("logger"))
     run_config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                   for k, v in cfg.items() if k != "hydra"}

@@ -155,10 +155,32 @@ def _open(path: Path, error: type[VolumeError]) -> Any:
         raise error(f"{path}: not readable as {kind} ({detail})") from None
 
 
+def _stored_voxel_sizes(image: Any) -> tuple[float, ...]:
+    """The voxel sizes as stored in the file.
+
+    nibabel "fixes" a zero or negative ``pixdim`` of a NIfTI/Analyze header while loading
+    (with only a log message): read the header again unchecked to see what the file holds.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    header = image.header
+    if isinstance(header, nib.analyze.AnalyzeHeader):
+        holder = image.file_map.get("header") or image.file_map.get("image")  # .nii: one file
+        if holder is not None and holder.filename:
+            with ImageOpener(holder.filename) as fh:
+                raw = type(header).from_fileobj(fh, check=False)
+            return tuple(float(z) for z in raw["pixdim"][1:4])
+    return tuple(float(z) for z in header.get_zooms()[:3])
+
+
 def header_voxel_sizes(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> tuple[float, float, float]:
     """The checked voxel sizes of a volume file, from its header only (no voxel data read)."""
     path = Path(path)
-    return check_voxel_sizes(_open(path, error).header.get_zooms(), str(path))
+    try:
+        return check_voxel_sizes(_stored_voxel_sizes(_open(path, error)), str(path))
+    except VolumeError as exc:
+        raise error(str(exc)) from None
 
 
 def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> LoadedVolume:
@@ -174,7 +196,7 @@ def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeE
         raise error(f"{location}: data cannot be read ({detail})") from None
     try:
         data = check_array(raw, location)
-        sizes = check_voxel_sizes(image.header.get_zooms(), location)
+        sizes = check_voxel_sizes(_stored_voxel_sizes(image), location)
     except VolumeError as exc:
         raise error(str(exc)) from None
     return LoadedVolume(data=data, image=image, path=path, shape=shape, voxel_sizes=sizes)

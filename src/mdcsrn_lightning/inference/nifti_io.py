@@ -164,15 +164,15 @@ def write_like(
         raise NiftiError(f"{output}: data shape {arr.shape} differs from the input's {like.data.shape}")
     if not np.isfinite(arr).all():
         raise NiftiError(f"{output}: result contains NaN or Inf; nothing written")
-    header = like.image.header.copy()
-    header.set_data_dtype(np.float32)
-    header.set_slope_inter(None, None)
-    header["cal_min"] = 0
-    header["cal_max"] = 0
-    if description is not None:
-        header["descrip"] = description.encode("ascii", "replace")[:79]
     values = arr.astype(np.float32).reshape(like.shape)
     if isinstance(like.image, _IMAGE_TYPES):
+        header = like.image.header.copy()
+        header.set_data_dtype(np.float32)
+        header.set_slope_inter(None, None)
+        header["cal_min"] = 0
+        header["cal_max"] = 0
+        if description is not None:
+            header["descrip"] = description.encode("ascii", "replace")[:79]
         # affine=None: the image takes qform, sform and both codes from the copied header
         # unchanged (passing an affine would re-derive them).
         image = type(like.image)(values, None, header)
@@ -180,6 +180,8 @@ def write_like(
         image = nib.Nifti1Image(values, like.affine)
         image.header.set_zooms(tuple(like.voxel_sizes) + tuple(image.header.get_zooms()[3:]))
         image.header.set_xyzt_units("mm")
+        if description is not None:
+            image.header["descrip"] = description.encode("ascii", "replace")[:79]
 
     # without overwrite, publish by hard link: the "does not exist" check and the
     # publication are one atomic step, so two writers cannot both win

@@ -30,6 +30,11 @@ def generator_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_generator(path: str | Path, expected_config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the generator from the config stored in the checkpoint and load its weights.
 
@@ -45,13 +50,21 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
         # options that do not change the weights may differ
         differ -= {"memory_efficient"}
         if differ:
-            detail = ", ".join(f"{k}: checkpoint {config.get(k)!r} vs config {expected_config.get(k)!r}" for k in sorted(differ))
+            shown = sorted(differ)[:4]
+            detail = ", ".join(f"{k}: checkpoint {_short(config.get(k))} vs config {_short(expected_config.get(k))}" for k in shown)
+            if len(differ) > len(shown):
+                detail += f", ... ({len(differ) - len(shown)} more)"
             raise CheckpointError(f"{path}: holds another architecture ({detail})")
     net = instantiate(config)
+    weights = generator_state(checkpoint)
     try:
-        net.load_state_dict(generator_state(checkpoint))
+        net.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({exc})") from exc
+        from mdcsrn_lightning.training.run_checks import describe_state_mismatch
+
+        # torch's message lists every key (kilobytes): counts and the first few instead
+        detail = describe_state_mismatch(net.state_dict(), weights) or str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({detail})") from None
     return net, config
 
 

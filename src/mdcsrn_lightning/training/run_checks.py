@@ -89,3 +89,44 @@ def check_trainer_options(options: Mapping[str, Any], prefix: str = "trainer") -
 def _describe(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+
+
+def describe_state_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], shown: int = 3) -> str:
+    """A short account of how two state dicts differ: counts and the first ``shown`` keys of each kind.
+
+    ``""`` when the keys and shapes agree. Shapes are compared for tensors (``.shape``).
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    resized = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and hasattr(expected[k], "shape") and hasattr(found[k], "shape")
+        and tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", resized)):
+        if keys:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})")
+    return "; ".join(parts)
+
+
+def check_resume_fits(model_state: Mapping[str, Any], path: str | os.PathLike[str], key: str = "ckpt_path") -> None:
+    """Refuse resuming from a checkpoint of another architecture (one line, not a 4 KB state-dict dump).
+
+    Loads the checkpoint with ``weights_only=True`` (no code runs).
+    """
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RunConfigError(f"{key}={path}: cannot be loaded safely ({first})") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, Mapping):
+        raise RunConfigError(f"{key}={path}: no state_dict; not a checkpoint written by mdcsrn-train")
+    differ = describe_state_mismatch(model_state, state)
+    if differ:
+        raise RunConfigError(f"{key}={path}: holds another architecture than this config: {differ}")
