@@ -391,9 +391,15 @@ def test_resume_in_place_keeps_the_earlier_csv_rows(train_cfg) -> None:
     assert Path(second.paths.output_dir) == run
     train(second)
     rows_after = (run / "csv" / "metrics.csv").read_text().splitlines()
-    steps = [int(r.split(",")[rows_after[0].split(",").index("step")]) for r in rows_after[1:]]
-    assert rows_after[1 : len(rows_before)] == rows_before[1:] or set(range(2)) <= set(steps)
-    assert 0 in steps and max(steps) >= 3 and steps == sorted(steps)
+    step = rows_before[0].split(",").index("step")
+    steps_before = [int(r.split(",")[step]) for r in rows_before[1:]]
+    steps_after = [int(r.split(",")[step]) for r in rows_after[1:]]
+    assert steps_before == [0, 1, 1, 2]  # train 0, 1; val at 1; test at 2
+    # the first run's rows before the resumed step (2) are kept verbatim; its test row (step 2)
+    # is replaced by what the resumed run logged from step 2 on
+    kept = [r for r, s_ in zip(rows_before[1:], steps_before) if s_ < 2]
+    assert rows_after[0] == rows_before[0] and rows_after[1 : 1 + len(kept)] == kept
+    assert steps_after == [0, 1, 1, 2, 3, 3, 4]
 
 
 def test_checkpoint_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch, capsys, fsync_enospc) -> None:
