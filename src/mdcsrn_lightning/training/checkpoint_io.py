@@ -12,13 +12,14 @@ and raises a one-line :class:`~mdcsrn_lightning.atomic.WriteError` naming the fi
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mdcsrn_lightning.atomic import atomic_path
+from mdcsrn_lightning.atomic import atomic_path, remove_stale_temps
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -32,5 +33,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # serialise first: torch.save's own file writer reports a full disk as a RuntimeError
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        remove_stale_temps(os.path.dirname(os.fspath(path)) or ".")  # left by a killed run
         with atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getbuffer())
