@@ -170,7 +170,8 @@ def publish_new(path: str | os.PathLike[str]) -> Iterator[Path]:
     The finished temporary file is hard-linked to the final name, which fails if that name
     exists (whoever published first wins, atomically: no check-then-rename race), then the
     temporary name is removed. Raises :class:`FileExistsError` (``"<file>: already exists"``)
-    and leaves the existing file alone.
+    and leaves the existing file alone. On a file system without hard links it falls back to
+    check-then-rename.
     """
     target = Path(path)
     with _temp_beside(target) as tmp:
@@ -180,6 +181,14 @@ def publish_new(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.link(tmp, target)
         except FileExistsError:
             raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a file system without hard links (FAT, some network mounts): check, then rename
+            # (a small window remains in which a concurrent writer can be replaced)
+            if target.exists():
+                raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+            os.replace(tmp, target)
         _fsync_dir(target.parent)
 
 

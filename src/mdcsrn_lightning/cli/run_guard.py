@@ -47,5 +47,7 @@ class RunFolderGuard(Callback):
         except OSError as exc:
             print(f"mdcsrn-train: error: {folder}: cannot create the run folder ({exc.strerror or exc})", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        if not existed:
+        if existed:
+            _CREATED.discard(folder)  # an earlier run in this process made it: not ours to remove
+        else:
             _CREATED.add(folder)

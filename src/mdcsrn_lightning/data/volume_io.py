@@ -16,7 +16,10 @@ is refused with its file name.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +143,18 @@ class LoadedVolume:
         return np.asarray(np.eye(4) if affine is None else affine, dtype=np.float64)
 
 
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    # nibabel's own LoggingOutputSuppressor loses its handler; disabling the logger is enough
+    log = logging.getLogger("nibabel.global")
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
 def _open(path: Path, error: type[VolumeError]) -> Any:
     import nibabel as nib  # deferred: keeps `import mdcsrn_lightning.data.sources` light
 
@@ -149,7 +164,10 @@ def _open(path: Path, error: type[VolumeError]) -> Any:
         raise error(f"{path}: is a folder, not a volume file")
     kind = _FORMAT.get(_suffix_of(path) or "", "NIfTI")
     try:
-        return nib.load(str(path))
+        # nibabel logs (to stderr) the header fields it "fixes" while loading, e.g. a zero
+        # pixdim; we check what the file stores ourselves and report it as one line
+        with _quiet_nibabel():
+            return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"{path}: not readable as {kind} ({detail})") from None

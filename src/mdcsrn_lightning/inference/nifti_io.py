@@ -1,14 +1,18 @@
-"""Read and write NIfTI volumes for inference: checked on the way in, atomic on the way out.
+"""Read and write volumes for inference: checked on the way in, atomic on the way out.
 
-Reading (:func:`read_volume`) turns every problem into one :class:`NiftiError` whose
-message is ``"<file>: <problem>"`` (missing, not NIfTI, not 3D, 4D with more than one
-volume, NaN/Inf, complex/RGB data). Writing (:func:`write_like`) keeps the geometry of a
-reference image exactly: the header is a copy of the input's (affine, qform and sform with
-their codes, voxel sizes, units, dim) and only the data type (float32) and the intensity
-scaling fields (``scl_slope``/``scl_inter``/``cal_min``/``cal_max``) change. The file is
-written under a temporary name in the target folder and moved into place, so an
-interrupted run never leaves half a file; an existing file is replaced only with
-``overwrite=True`` and the input file is never replaced at all.
+Reading (:func:`read_volume`) is the package's one reader
+(:func:`mdcsrn_lightning.data.volume_io.load_volume`: NIfTI, MGH ``.mgz``, Analyze) with every
+problem as one :class:`NiftiError` ``"<file>: <problem>"`` (missing, not a volume, not 3D, 4D
+with more than one volume, NaN/Inf, complex/RGB data, zero or negative voxel sizes). Writing
+(:func:`write_like`) keeps the geometry of a reference image exactly: the header is a copy of
+the input's (affine, qform and sform with their codes, voxel sizes, units, dim) and only the
+data type (float32) and the intensity scaling fields (``scl_slope``/``scl_inter``/``cal_min``/
+``cal_max``) change; an MGH/Analyze input gives a NIfTI with its affine and voxel sizes. The
+output folder is checked for writability before any computing (:func:`check_writable`). The
+file is written under a temporary name in the target folder and moved into place, so an
+interrupted run never leaves half a file; without ``overwrite=True`` it is published with a
+hard link that fails if the name exists (two writers cannot both win); the input file is
+never replaced.
 """
 
 from __future__ import annotations
