@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +108,49 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
         # options that do not change the weights may differ
         differ -= {"memory_efficient"}
         if differ:
-            detail = ", ".join(f"{k}: checkpoint {config.get(k)!r} vs config {expected_config.get(k)!r}" for k in sorted(differ))
+            shown = sorted(differ)[:4]
+            detail = ", ".join(f"{k}: checkpoint {_short(config.get(k))} vs config {_short(expected_config.get(k))}" for k in shown)
+            if len(differ) > len(shown):
+                detail += f", ... ({len(differ) - len(shown)} more)"
             raise CheckpointError(f"{path}: holds another architecture ({detail})")
     try:
         net = build_generator(config)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    weights = generator_state(checkpoint)
     try:
-        net.load_state_dict(generator_state(checkpoint))
+        net.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({exc})") from exc
+        # torch's message lists every key (kilobytes): counts and the first few instead
+        detail = describe_state_mismatch(net.state_dict(), weights) or str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({detail})") from None
     return net, config
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_state_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], shown: int = 3) -> str:
+    """A short account of how two state dicts differ: counts and the first ``shown`` keys of each kind.
+
+    ``""`` when the keys and shapes agree. Shapes are compared for tensors (``.shape``).
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    resized = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and hasattr(expected[k], "shape") and hasattr(found[k], "shape")
+        and tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", resized)):
+        if keys:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})")
+    return "; ".join(parts)
 
 
 # What a released (slim) checkpoint keeps: enough to rebuild and run the generator and to

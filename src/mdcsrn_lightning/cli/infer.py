@@ -6,7 +6,8 @@
     mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true
 
 A bad request prints one line ``mdcsrn-infer: error: <file>: <problem>`` on stderr, exits
-with status 2 and writes nothing.
+with status 2 and writes nothing. A write that fails late (disk full) is one such line too;
+Ctrl-C / SIGTERM print one line and exit 130 / 143. No partial file is ever left.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mdcsrn_lightning.checkpoints import CheckpointError
+from mdcsrn_lightning.atomic import WriteError
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
+from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
+from mdcsrn_lightning.checkpoints import CheckpointError
 
 PROG = "mdcsrn-infer"
 
@@ -97,14 +100,25 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def interrupted(exc: BaseException, prog: str = PROG) -> None:
+    """Ctrl-C / SIGTERM: one line on stderr, exit 130 / 143 (temporary files are already gone)."""
+    print(f"{prog}: interrupted ({exc or 'SIGINT'}); no partial file left", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code(exc))
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
 def main(cfg: DictConfig) -> None:
     try:
-        summary = infer(cfg)
+        with terminate_as_exception():
+            summary = infer(cfg)
     except (InferenceError, VolumeError, CheckpointError) as exc:
         fail(str(exc))
-    except ValueError as exc:  # a bad option value (overlap_mode, patch size, ...)
+    except ValueError as exc:  # a bad option value (overlap_mode, patch size, device...)
         fail(str(exc))
+    except OSError as exc:  # disk full, read-only folder... while writing (one line, no partial file)
+        fail(str(exc) if isinstance(exc, WriteError) else f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+    except (KeyboardInterrupt, Terminated) as exc:
+        interrupted(exc)
     print(json.dumps(summary))
 
 

@@ -126,7 +126,7 @@ class Reference:
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    from mdcsrn_lightning.inference.nifti_io import nifti_stem
+    from mdcsrn_lightning.data.volume_io import volume_stem as nifti_stem
 
     names = [nifti_stem(p) for p in paths]
     if len(set(names)) == len(names):
@@ -135,14 +135,23 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Reference]:
-    """HR NIfTI files -> references. Every file is read and checked first (one bad file: error)."""
-    from mdcsrn_lightning.inference.nifti_io import read_volume
+    """HR volume files -> references. Every file is read and checked first (one bad file: error).
+
+    The checks are the package's one reader's (:func:`~mdcsrn_lightning.data.volume_io.load_volume`)
+    plus: not all zero or constant (a reference is scaled by its own intensities).
+    """
+    from mdcsrn_lightning.data.volume_io import check_not_constant, load_volume
 
     if not paths:
         raise ValueError("inputs: no HR files given")
     files = [Path(p) for p in paths]
     names = _unique_names(files)
-    return [Reference(name=n, hr=read_volume(p).data, location=str(p)) for n, p in zip(names, files)]
+    refs = []
+    for name, path in zip(names, files):
+        data = load_volume(path).data
+        check_not_constant(data, str(path))
+        refs.append(Reference(name=name, hr=data, location=str(path)))
+    return refs
 
 
 def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:

@@ -51,12 +51,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mdcsrn_lightning.atomic import remove_stale_temps
 from mdcsrn_lightning.checkpoints import CheckpointError, load_generator, read_checkpoint
-from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
+from mdcsrn_lightning.data.volume_io import check_not_constant, is_volume_path
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.inference.nifti_io import (
     check_output_path,
     is_nifti_path,
@@ -219,26 +221,34 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
 def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
     """``(files, is_collection)`` for a NIfTI file, a folder of them or a glob pattern.
 
-    A folder gives its ``*.nii``/``*.nii.gz`` files (not recursive), sorted; a glob
-    (``*``, ``?``, ``[``) gives its matching NIfTI files, sorted. ``is_collection`` is
+    A folder gives its volume files (``.nii``, ``.nii.gz``, ``.mgz``, ``.img``/``.hdr``;
+    not recursive), sorted; a glob (``*``, ``?``, ``[``) gives its matching volume files,
+    sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never inputs. ``is_collection`` is
     ``True`` for a folder or glob: the output is then a folder.
     """
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+        files = _volume_files(path.iterdir())
         if not files:
-            raise InferenceError(f"{path}: folder holds no .nii or .nii.gz files")
+            raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files")
         return files, True
     if path.exists():
         return [path], False
     if _GLOB_CHARS & set(text):
         matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in matches if p.is_file() and is_nifti_path(p)]
+        files = _volume_files(matches)
         if not files:
             raise InferenceError(f"{text}: no NIfTI files match this pattern")
         return files, True
     raise InferenceError(f"{path}: no such file or folder")
+
+
+def _volume_files(paths: Any) -> list[Path]:
+    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
+    # an Analyze pair is one volume: keep the .img, drop its .hdr
+    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
+    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
 
 
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
@@ -425,8 +435,12 @@ def predict(
     ``degrade_interpolation=None``: the interpolation the checkpoint was trained with (if
     recorded), else ``"linear"``; it is also how ``upsample`` reaches the fine grid (always
     the checkpoint's). ``upsample``: see :func:`resolve_upsample`. ``on_done(prediction)``
-    is called after each file.
+    is called after each file. A failure while
+    writing (disk full) leaves the outputs already written, complete, and no partial file.
     """
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    resolve_device((options or PatchOptions()).device)  # device=cuda without CUDA: fail now
     net, _, ckpt_path = load_model(ckpt)
     settings = trained_data_settings(ckpt_path)
     ups = resolve_upsample(upsample, settings, ckpt_path)
@@ -440,14 +454,22 @@ def predict(
         factors = [float(f) for f in settings.get("factors") or (2, 2, 1)]
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
+    normalize = settings.get("normalize") != "none"
+    # Every input is checked before anything is written (all or nothing for bad inputs):
+    # readable, 3D, finite, positive voxel sizes, not constant, and a scale to divide by.
     for src, dst in zip(inputs, outputs):
-        shape = read_volume(src).data.shape  # raises on a bad file before anything is written
+        volume = read_volume(src)  # raises on a bad file before anything is written
+        check_not_constant(volume.data, str(src))
+        if normalize:
+            input_scale(volume.data, str(src))  # an all-zero or negative volume: fail now
         check_output_path(dst, overwrite=overwrite, protect=tuple(inputs))
         if ups is not None:
             try:
-                fine_shape(shape, ups, upsample_shape)
+                fine_shape(volume.data.shape, ups, upsample_shape)
             except ValueError as exc:
                 raise InferenceError(f"{src}: {exc}") from None
+    for folder in {dst.parent for dst in outputs}:
+        remove_stale_temps(folder)  # left by a killed run
     try:  # after the input checks, so that a bad request gives one line and no warning
         rule = trained_input_scale(settings, str(ckpt_path))
     except ValueError as exc:
