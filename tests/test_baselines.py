@@ -7,29 +7,31 @@ from torch import nn
 from mdcsrn_lightning.models.baselines import FSRCNN3D, SRDenseNet3D, SRResNet3D
 from mdcsrn_lightning.models.mdcsrn import MDCSRN, count_parameters
 
-# Paper Table 2 "#parm"; defaults must be within 10%.
+# Paper Table 2 "#parm", printed in millions to two decimals. Each tolerance is what the
+# paper's rounding (+-0.005M) or a stated implementation choice needs; the counts are
+# compared with the paper's numbers, not pinned to whatever the code produces.
+ROUNDING = 0.005e6
 PAPER = [
-    (FSRCNN3D, 0.06e6, 64_900),
-    (SRResNet3D, 2.01e6, 2_087_371),
-    (SRDenseNet3D, 0.39e6, 359_041),
+    # 64,900: FSRCNN(d=56, s=12, m=4) with the 9x9 deconvolution as a 9^3 conv hits 0.06M
+    # within the paper's rounding.
+    (FSRCNN3D, {}, 0.06e6, ROUNDING),
+    # The paper gives no widths for its 3D SRResNet. Keeping SRGAN's 9^3 head/tail convs
+    # gives 2,087,371 (+3.8%); 5^3 head/tail gives 2.01M within rounding (next row).
+    (SRResNet3D, {}, 2.01e6, 0.04 * 2.01e6),
+    (SRResNet3D, {"outer_kernel_size": 5}, 2.01e6, ROUNDING),
+    # The paper gives no stem/bottleneck widths for its SRDenseNet; SRDenseNet's own width
+    # ratios (stem u*k, bottleneck 8k) give 359,041 (-7.9%), see SRDenseNet3D's docstring.
+    (SRDenseNet3D, {}, 0.39e6, 0.08 * 0.39e6),
 ]
 
 
-@pytest.mark.parametrize(("cls", "paper", "exact"), PAPER, ids=lambda v: getattr(v, "__name__", ""))
-def test_parameter_counts_near_paper(cls: type[nn.Module], paper: float, exact: int) -> None:
-    n = count_parameters(cls())
-    rel = n / paper - 1
-    print(f"{cls.__name__}: {n} parameters ({n / 1e6:.3f}M, paper {paper / 1e6:.2f}M, {rel:+.1%})")
-    assert abs(n / paper - 1) <= 0.10
-    assert n == exact  # pins the architecture: a change here must be a deliberate one
-
-
-def test_fsrcnn_rounds_like_the_paper() -> None:
-    assert round(count_parameters(FSRCNN3D()) / 1e6, 2) == 0.06
-
-
-def test_srresnet_exact_variant() -> None:
-    assert round(count_parameters(SRResNet3D(outer_kernel_size=5)) / 1e6, 2) == 2.01
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "paper", "tolerance"), PAPER, ids=["fsrcnn", "srresnet", "srresnet_k5", "srdensenet"]
+)
+def test_parameter_counts_near_paper(cls: type[nn.Module], kwargs: dict, paper: float, tolerance: float) -> None:
+    n = count_parameters(cls(**kwargs))
+    print(f"{cls.__name__}{kwargs}: {n} parameters ({n / 1e6:.3f}M, paper {paper / 1e6:.2f}M, {n / paper - 1:+.1%})")
+    assert abs(n - paper) <= tolerance
 
 
 def test_srdensenet_smaller_than_b8u4_and_no_block_input_links() -> None:

@@ -83,7 +83,8 @@ def test_infer_task_compares_engines_with_the_reference() -> None:
         assert row["max_abs_diff"] < 1e-5 and row["seconds_min"] > 0 and 0 < row["peak_share"] < 1
         assert {"speedup_vs_reference", "mvox_per_s", "gflops", "peak_rss_mb", "rss_increase_mb"} <= set(row)
     assert rows["reference"]["speedup_vs_reference"] == 1.0
-    assert "skipped" in rows["onnxruntime"] or rows["onnxruntime"]["max_abs_diff"] < 1e-4
+    # onnxruntime is in the `test` extra: a skipped engine is a failure here
+    assert "skipped" not in rows["onnxruntime"] and rows["onnxruntime"]["max_abs_diff"] < 1e-4
     assert result["best_engine"] in rows
     table = markdown(result)
     assert table.count("\n| ") >= 5 and "% of GEMM peak" in table
@@ -98,7 +99,8 @@ def test_train_task_times_each_option_against_the_reference() -> None:
     assert (run["batch"], run["patch"]) == (2, 8)
     for row in run["settings"].values():
         assert row["seconds_median"] > 0 and row["patches_per_s"] > 0 and "peak_rss_mb" in row
-    assert run["best_setting"] != "reference"
+    # which setting is fastest depends on the machine's load: only that one is named
+    assert run["best_setting"] in run["settings"]
     assert "| memory_efficient |" in markdown(result)
     with pytest.raises(ValueError, match="unknown training option"):
         train_task(TINY_MODEL, settings=["fp8"], batches=[[1, 4]], repeats=1, memory="none", device="cpu")

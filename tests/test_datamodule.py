@@ -145,12 +145,19 @@ def test_train_batches_are_patches_and_val_batches_whole_volumes(tmp_path: Path)
         assert lr.shape == hr.shape == (2, 1, 8, 8, 8) and lr.dtype == hr.dtype == torch.float32
         assert not torch.allclose(lr, hr)
         assert set(b["name"]) <= set(dm.subjects["train"])
-    # Normalised by the HR's 99.9th percentile: ~[0, 1].
-    assert 0.0 <= float(hr.min()) and float(hr.max()) <= 1.01
+    assert 0.0 <= float(hr.min()) and float(lr.max()) <= 1.5  # ~[0, 1]
     for name, get in (("val", dm.val_dataloader), ("test", dm.test_dataloader), ("eval", dm.eval_dataloader)):
         (b,) = list(get())
         assert b["hr"][tio.DATA].shape == b["lr"][tio.DATA].shape == (1, 1, 24, 24, 24)
         assert b["name"] == dm.subjects[name]
+        # Both divided by the LR's own 99.9th percentile; the HR's reference travels along for the metrics.
+        raw_hr = nib.load(str(tmp_path / b["name"][0] / "t1.nii.gz")).get_fdata(dtype=np.float32)
+        raw_lr = degradation.degrade(raw_hr, (2, 2, 1), "linear")
+        scale = float(np.percentile(raw_lr, 99.9))
+        assert float(b["input_scale"][0]) == pytest.approx(scale, rel=1e-6)
+        np.testing.assert_allclose(b["lr"][tio.DATA][0, 0].numpy(), raw_lr / scale, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b["hr"][tio.DATA][0, 0].numpy(), raw_hr / scale, rtol=1e-5, atol=1e-6)
+        assert float(b["metric_scale"][0]) == pytest.approx(np.percentile(raw_hr, 99.9) / scale, rel=1e-5)
 
 
 def test_degradation_runs_once_per_subject_across_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,10 +224,12 @@ def test_embedded_source_through_the_datamodule(tmp_path: Path, monkeypatch: pyt
     assert calls == [(99, 117, 95)]  # the whole template, once
     (b,) = list(dm.val_dataloader())
     name = b["name"][0]
-    scale = src.template_scale()
-    expected = src.degraded(name, (2, 2, 1), "linear") / scale
-    assert np.allclose(b["lr"][tio.DATA][0, 0].numpy(), expected, atol=1e-6)
+    lr = src.degraded(name, (2, 2, 1), "linear")
+    scale = float(np.percentile(lr, 99.9))  # the slab's LR itself: what inference would see
+    assert np.allclose(b["lr"][tio.DATA][0, 0].numpy(), lr / scale, atol=1e-6)
     assert np.allclose(b["hr"][tio.DATA][0, 0].numpy(), src.load(name).hr / scale, atol=1e-6)
+    # Metrics keep the whole template's reference (not the slab's own).
+    assert float(b["metric_scale"][0]) == pytest.approx(src.template_scale() / scale, rel=1e-6)
     assert next(iter(dm.train_dataloader()))["hr"][tio.DATA].shape == (2, 1, 8, 8, 8)
 
 

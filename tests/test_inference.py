@@ -293,7 +293,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     text.write_text("hello")
     return {
         "missing": (bad / "missing.nii.gz", "no such file"),
-        "not_nifti": (text, "not a readable NIfTI"),
+        "not_nifti": (text, "not readable as NIfTI"),
         "four_d": (four_d, "4D with 3 volumes"),
         "nan": (nan, "NaN"),
     }

@@ -8,12 +8,17 @@ from torch import nn
 
 from mdcsrn_lightning.models.mdcsrn import MDCSRN, DenseUnit, count_parameters
 
-# (b, u, k, reconstruction, accepted millions as printed by the paper's Table 1)
+# (b, u, k, reconstruction, accepted millions as printed by the paper's Table 1). The paper
+# prints millions to two decimals, so the count must round to the printed value (a
+# tolerance of +-0.005M); the architecture details these counts imply are listed in the
+# README's "Architecture notes" and in models/mdcsrn.py.
 TABLE_1 = [
     (1, 16, 12, "conv", (0.35,)),
     (4, 4, 12, "conv", (0.26,)),
     (1, 12, 12, "conv", (0.25,)),
-    (4, 4, 12, "direct", (0.22, 0.23)),  # Table 1 prints 0.22M, Table 2 0.23M
+    # The paper disagrees with itself: Table 1 prints 0.22M for b4u4, Table 2 0.23M. Ours is
+    # 228,961 (0.23M); no variant that meets the other eight rows gives 0.22M.
+    (4, 4, 12, "direct", (0.22, 0.23)),
     (6, 4, 12, "direct", (0.35,)),
     (8, 4, 12, "direct", (0.49,)),
     (4, 4, 8, "direct", (0.10,)),
@@ -29,9 +34,7 @@ def test_parameter_counts_match_table_1(
     n = count_parameters(MDCSRN(b, u, k, recon))  # type: ignore[arg-type]
     tag = f"b{b}u{u}k{k}{'-r' if recon == 'conv' else ''}"
     print(f"{tag}: {n} parameters ({n / 1e6:.4f}M)")
-    assert round(n / 1e6, 2) in expected
-    if (b, u, k, recon) == (8, 4, 12, "direct"):
-        assert 485_000 <= n <= 495_000
+    assert any(abs(n - m * 1e6) <= 0.005e6 for m in expected)
 
 
 def test_global_residual_adds_no_parameters() -> None:

@@ -96,7 +96,7 @@ def test_single_volume_4d_is_read_3d_and_written_back_4d(tmp_path: Path) -> None
         (lambda p: nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), str(p)), "not 3D"),
         (lambda p: nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), str(p)), "NaN"),
         (lambda p: nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.inf, np.float32), np.eye(4)), str(p)), "Inf"),
-        (lambda p: p.write_text("this is not an image"), "not a readable NIfTI"),
+        (lambda p: p.write_text("this is not an image"), "not readable as NIfTI"),
     ],
 )
 def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path: Path, make, problem: str) -> None:

@@ -272,6 +272,7 @@ def test_realistic_augmentation_keeps_lr_the_degradation_of_the_augmented_hr(tin
     hr, lr = sample["hr"].data[0].numpy(), sample["lr"].data[0].numpy()
     np.testing.assert_allclose(lr, degradation.degrade(hr, (2, 2, 1), "linear"), atol=1e-5)
     assert input_scale(lr) == pytest.approx(1.0, rel=1e-5)  # both divided by the new LR's scale
+    assert sample["metric_scale"] == pytest.approx(float(np.percentile(hr, 99.9)), rel=1e-5)
     raw = nib.load(src.path(sample["name"])).get_fdata(dtype=np.float32)
     assert np.abs(hr * input_scale(degradation.degrade(raw, (2, 2, 1))) - raw).mean() > 1.0  # the HR changed
     assert not np.array_equal(train[0]["hr"].data, sample["hr"].data)  # a new draw per load

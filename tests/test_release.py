@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mdcsrn_lightning.checkpoints import load_generator
 from mdcsrn_lightning.models import MDCSRN
 from mdcsrn_lightning.release import MODEL_CARD, RELEASED_WEIGHTS, released_weights
-from mdcsrn_lightning.training.checkpoint import load_generator
 
 REAL_T1 = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 

@@ -1,4 +1,4 @@
-"""`mdcsrn-report`: paper tables and figures from run folders, sweeps and W&B offline logs."""
+"""`mdcsrn-report`: paper tables and figures from run folders and sweeps (the CSV logger's files)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import csv
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ from mdcsrn_lightning.evaluation.report import (
     build_report,
     find_runs,
     format_params,
-    read_wandb_log,
 )
 
 BASELINES = {
@@ -143,66 +140,30 @@ def test_missing_or_empty_paths_are_one_line_errors(tmp_path: Path, capsys) -> N
     assert "mdcsrn-report: error:" in str(exc.value.code) and str(tmp_path) in str(exc.value.code)
 
 
-# ------------------------------------------------------------------ W&B offline logs
-def _write_wandb_log(path: Path, records: list[bytes]) -> None:
-    """The .wandb layout: header, then LevelDB-log records in 32 KiB blocks."""
-    block, header = 32768, 7
-    out = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
-    for data in records:
-        first = True
-        while True:
-            left = block - len(out) % block
-            if left < header:
-                out += b"\0" * left
-                continue
-            n = min(len(data), left - header)
-            chunk, data = data[:n], data[n:]
-            kind = (1 if not data else 2) if first else (4 if not data else 3)
-            out += struct.pack("<IHB", zlib.crc32(chunk), n, kind) + chunk
-            first = False
-            if not data:
-                break
-    path.write_bytes(bytes(out))
+# ------------------------------------------------------------------ W&B run folders
+def test_wandb_folder_stands_for_the_run_around_it(tmp_path: Path) -> None:
+    """W&B's own files are never parsed: its folder is read through the run's CSV and metrics.json."""
+    run = make_run(tmp_path / "sweep" / "0_b4u4", tags=["b4u4"], curve=[(5, 30.0), (10, 31.0)])
+    offline = run / "wandb" / "offline-run-20261126_000000-abc"
+    offline.mkdir(parents=True)
+    (offline / "run-abc.wandb").write_bytes(b":W&B\xe1\xbe\x00 not parsed")
+    for given in (offline, run):
+        (table,) = build_report([given]).tables
+        (row,) = [r for r in table.rows if r.kind == "model"]
+        assert (row.name, row.run.path, row.run.curve) == ("b4u4", run, [(5, 30.0), (10, 31.0)])
+    # the run folder and its W&B folder are one run, not two
+    assert len(find_runs([run, offline])) == 1
 
 
-def test_wandb_offline_log_alone_gives_group_tags_means_and_curve(tmp_path: Path) -> None:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    records = []
-    run = pb.Record()
-    run.run.run_group = "table2"
-    run.run.tags.append("SRResNet")
-    item = run.run.config.update.add()
-    item.key, item.value_json = "big", json.dumps("x" * 70_000)  # spans three blocks
-    records.append(run.SerializeToString())
-    config = pb.Record()
-    item = config.config.update.add()
-    item.key, item.value_json = "params", "2087371"
-    records.append(config.SerializeToString())
-    for step, value in ((5, 30.0), (10, 31.0)):
-        history = pb.Record()
-        for key, v in (("trainer/global_step", step), ("val/psnr", value)):
-            item = history.history.item.add()
-            item.key, item.value_json = key, json.dumps(v)
-        records.append(history.SerializeToString())
-    summary = pb.Record()
-    for key, v in (("test/psnr", 36.09), ("test/ssim", 0.9425), ("test/nrmse", 0.0939), ("test/seconds", 107.16)):
-        item = summary.summary.update.add()
-        item.nested_key.extend(key.split("/"))
-        item.value_json = json.dumps(v)
-    records.append(summary.SerializeToString())
-    folder = tmp_path / "offline-run-20261126_000000-abc"
-    folder.mkdir()
-    _write_wandb_log(folder / "run-abc.wandb", records)
-
-    logged = read_wandb_log(folder / "run-abc.wandb")
-    assert logged["group"] == "table2" and logged["tags"] == ["SRResNet"]
-    assert logged["config"]["big"] == "x" * 70_000
-    (table,) = build_report([tmp_path]).tables
-    assert table.name == "table2"
-    (row,) = table.rows
-    assert row.name == "SRResNet" and row.params == 2_087_371 and row.run.curve == [(5, 30.0), (10, 31.0)]
-    assert "| SRResNet | 36.09 | 0.9425 | 0.0939 | 2.09M | 107.16 |" in table.markdown()
+def test_wandb_folder_alone_is_a_one_line_error(tmp_path: Path) -> None:
+    offline = tmp_path / "offline-run-20261126_000000-abc"
+    offline.mkdir()
+    (offline / "run-abc.wandb").write_bytes(b":W&B")
+    with pytest.raises(SystemExit) as exc:
+        report_main([str(offline)])
+    message = str(exc.value.code)
+    assert message.startswith("mdcsrn-report: error: ") and str(offline) in message and "\n" not in message
+    assert "outside an mdcsrn-train run folder" in message
 
 
 # ------------------------------------------------------------------ end to end: Table 1 Exp. 3
@@ -224,11 +185,10 @@ def test_table1_exp3_sweep_end_to_end_then_report(tmp_path: Path, capsys) -> Non
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_table1_b4u4", "1_table1_b6u4", "2_table1_b8u4"]
 
-    # one W&B run per job: group = the sweep, tags = the row
-    for job, tag in zip(jobs, ("b4u4", "b6u4", "b8u4")):
-        (log,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
-        logged = read_wandb_log(log)
-        assert (logged["group"], logged["tags"]) == ("table1_exp3", [tag])
+    # W&B logged beside the CSV logger, whose files the report reads
+    for job in jobs:
+        assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
+        assert (sweep / job / "csv" / "metrics.csv").is_file()
 
     out = tmp_path / "report"
     assert report_main([str(sweep), "--out", str(out)]) == 0
@@ -244,8 +204,10 @@ def test_table1_exp3_sweep_end_to_end_then_report(tmp_path: Path, capsys) -> Non
     assert (out / "val_psnr.png").is_file() and (out / "panels.png").is_file()
     assert len(list((out / "panels").glob("table1_exp3__*.png"))) == 3
 
-    # the W&B logs alone give the same rows (means only)
-    wandb_only = build_report(sorted(sweep.glob("*/wandb/offline-run-*")))
-    (table,) = wandb_only.tables
+    # the W&B folders given instead stand for their runs: the same table
+    via_wandb = build_report(sorted(sweep.glob("*/wandb/offline-run-*")))
+    (table,) = via_wandb.tables
     assert table.name == "table1_exp3"
-    assert [(r.name, format_params(r.params)) for r in table.rows] == [("b4u4", "0.23M"), ("b6u4", "0.35M"), ("b8u4", "0.49M")]
+    models = [(r.name, format_params(r.params)) for r in table.rows if r.kind == "model"]
+    assert models == [("b4u4", "0.23M"), ("b6u4", "0.35M"), ("b8u4", "0.49M")]
+    assert via_wandb.markdown() == build_report([sweep]).markdown()

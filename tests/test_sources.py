@@ -95,7 +95,7 @@ def test_not_nifti_and_missing_file(tmp_path: Path) -> None:
     fake.write_text("this is not a NIfTI file\n")
     with pytest.raises(VolumeError, match=rf"^{fake}: not readable as NIfTI \("):
         read_volume(fake)
-    with pytest.raises(VolumeError, match=rf"^{tmp_path / 'gone.nii'}: file not found$"):
+    with pytest.raises(VolumeError, match=rf"^{tmp_path / 'gone.nii'}: no such file$"):
         read_volume(tmp_path / "gone.nii")
 
 

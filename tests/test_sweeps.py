@@ -138,7 +138,7 @@ def test_sweep_job_keeps_the_experiment_and_the_group(tmp_path: Path) -> None:
 # -------------------------------------------------------------------- launchers and Optuna
 def test_slurm_launcher_writes_the_sbatch_we_expect(tmp_path: Path, monkeypatch) -> None:
     """Dry run: the plugin's own parameter mapping into submitit's sbatch text (no cluster)."""
-    submitit = pytest.importorskip("submitit")
+    import submitit  # hydra-submitit-launcher's dependency, in the `test` extra: no skip
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     fake_bin = tmp_path / "bin"
@@ -170,7 +170,7 @@ def test_slurm_launcher_writes_the_sbatch_we_expect(tmp_path: Path, monkeypatch)
 
 
 def test_optuna_search_space_and_metric(tmp_path: Path) -> None:
-    pytest.importorskip("optuna")
+    import optuna  # noqa: F401  (hydra-optuna-sweeper's dependency, in the `test` extra: no skip)
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 

@@ -17,9 +17,9 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from mdcsrn_lightning.checkpoints import CheckpointError
 from mdcsrn_lightning.models.discriminator import Discriminator3D
 from mdcsrn_lightning.models.mdcsrn import MDCSRN
-from mdcsrn_lightning.training.checkpoint import CheckpointError
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
 from mdcsrn_lightning.training.wgan_module import WGANGPModule
 
@@ -69,6 +69,7 @@ def make_module(**kwargs) -> WGANGPModule:
         "burst_every": 2,
         "burst_steps": 1,
         "max_generator_steps": 1000,
+        "metric_axis": 2,  # no data module here to take the slice axis from
     }
     args.update(kwargs)
     if "init_ckpt" not in args:
@@ -152,14 +153,27 @@ def test_updates_follow_the_schedule_one_per_step() -> None:
 
 
 def test_warmup_trains_the_critic_alone() -> None:
+    """Critic-only steps change nothing of the generator: weights, BN running statistics, counters."""
     module = make_module(critic_warmup_steps=100)
-    g0 = {k: v.clone() for k, v in module.net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    g0 = {k: v.clone() for k, v in module.net.state_dict().items()}
+    assert any("running_mean" in k for k in g0) and any("num_batches_tracked" in k for k in g0)
     d0 = [p.detach().clone() for p in module.discriminator.parameters()]
     fit(module, batches=3)
     assert (module.critic_steps, module.generator_steps) == (3, 0)
+    assert module.net.state_dict().keys() == g0.keys()
     for k, v in g0.items():
         assert torch.equal(module.net.state_dict()[k], v), k
     assert any(not torch.equal(p, q) for p, q in zip(module.discriminator.parameters(), d0))
+
+
+def test_generator_steps_still_update_its_batchnorm_statistics() -> None:
+    """Only critic steps keep the buffers: the generator's own updates move them (C CG CG)."""
+    module = make_module(critic_warmup_steps=1, critic_per_generator=1, burst_steps=0)
+    tracked = [m for m in module.net.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    fit(module, batches=5)
+    assert (module.critic_steps, module.generator_steps) == (3, 2)
+    assert all(int(m.num_batches_tracked) == 2 for m in tracked)
+    assert all(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in tracked)
 
 
 def test_stops_at_max_generator_steps() -> None:
@@ -195,7 +209,7 @@ def test_counters_are_saved_and_restored() -> None:
 def test_rng_states_roundtrip_and_restore_only_when_fitting() -> None:
     import random
 
-    from mdcsrn_lightning.training.wgan_module import get_rng_states, set_rng_states
+    from mdcsrn_lightning.training.rng_state import get_rng_states, set_rng_states
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     states = get_rng_states()
@@ -325,9 +339,40 @@ def test_configs_compose(train_cfg) -> None:
     assert d.min_input_size <= q.data.patch_size
 
 
+def test_em_distance_is_measured_on_the_critics_patch_size(train_cfg) -> None:
+    """val/em_distance crops follow data.patch_size (the critic's training patches), an int or 3 ints."""
+    from mdcsrn_lightning.cli.train import build_module
+
+    for patch, expected in (("40", (40, 40, 40)), ("[24,24,16]", (24, 24, 16))):
+        cfg = train_cfg("loss=wgan_gp", "module.init_ckpt=null", f"data.patch_size={patch}", tiny=False)
+        assert OmegaConf.to_container(cfg.module, resolve=True)["em_patch_size"] == OmegaConf.to_container(
+            cfg.data, resolve=True
+        )["patch_size"]
+        with pytest.warns(UserWarning, match="init_ckpt is null"):
+            module = build_module(cfg, MDCSRN(num_blocks=1, units_per_block=2, growth_rate=4))
+        assert module.em_patch_size == expected
+        # plain data in the hparams: checkpoints load with weights_only
+        assert type(module.hparams["em_patch_size"]) in (int, list)
+    q = train_cfg("experiment=quickstart_gan", tiny=False)
+    assert OmegaConf.to_container(q.module, resolve=True)["em_patch_size"] == q.data.patch_size == 24
+
+
+def test_em_distance_crops_of_an_anisotropic_patch() -> None:
+    module = make_module(em_patch_size=[6, 8, 4])
+    seen = []
+    real_forward = module.discriminator.forward
+    module.discriminator.forward = lambda x: seen.append(tuple(x.shape)) or real_forward(x)
+    module.eval()
+    module.em_distance(torch.rand(1, 1, 10, 9, 12), torch.rand(1, 1, 10, 9, 12))
+    assert seen == [(2, 1, 6, 8, 4)]
+    with pytest.raises(ValueError, match="em_patch_size must be an int >= 1 or 3 ints"):
+        WGANGPModule(net=module.net, discriminator=module.discriminator, optimizer=adam(1e-3),
+                     critic_optimizer=adam(1e-3), em_patch_size=[6, 8])
+
+
 # --------------------------------------------------------------------------- end to end
 def _weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -345,7 +390,7 @@ def test_cli_wgan_gp_from_l1_checkpoint(train_cfg, tmp_path: Path) -> None:
     for key in ("val/em_distance", "val/em_distance_gan", "val/psnr", "val/ssim", "train/d_loss", "train/g_loss", "test/psnr", "test/em_distance"):
         assert key in metrics, key
     assert metrics["val/em_distance_gan"] == metrics["val/em_distance"]  # the generator was trained
-    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     c, g = last["gan_schedule"]["critic_steps"], last["gan_schedule"]["generator_steps"]
     assert c + g == last["global_step"] > 0 and g > 0
     assert list((out / "checkpoints").glob("epoch_*.ckpt")), "best checkpoint by val/em_distance"
@@ -371,8 +416,8 @@ def test_resume_is_exact(train_cfg) -> None:
     second = train_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={last_first}", run="second")
     train(second)
 
-    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(Path(whole.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["gan_schedule"] == b["gan_schedule"] == {"critic_steps": 4, "generator_steps": 2}
     assert a["global_step"] == b["global_step"] == 6
     for k, v in a["state_dict"].items():
@@ -390,7 +435,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     c, g = last["gan_schedule"]["critic_steps"], last["gan_schedule"]["generator_steps"]
     assert g > 0 and c + g == last["global_step"]
 

@@ -1,14 +1,72 @@
-"""Files that appear whole or not at all: write to a temporary name, then rename."""
+"""Files that appear whole or not at all: write to a temporary name, then rename.
+
+Every file the package writes goes through :func:`atomic_path`: a hidden temporary file
+``.<name>.<random>.part<suffix>`` in the *same* folder (so the final rename never crosses
+file systems), flushed to disk (``fsync``), then renamed over the final name. A failure
+(disk full, read-only folder, an interrupt) removes the temporary file and leaves the
+previous file, if any, untouched; the error is a :class:`WriteError` whose message is one
+line naming the file (``"<file>: no space left on device; ..."``).
+
+A process killed with SIGKILL cannot clean up: its temporary file stays. Our temporary
+names are recognised by :func:`is_temp_name` (inputs are listed without them) and
+:func:`remove_stale_temps` removes ours that are older than a few minutes.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+__all__ = [
+    "STALE_SECONDS",
+    "WriteError",
+    "atomic_path",
+    "describe_os_error",
+    "is_temp_name",
+    "publish_new",
+    "remove_stale_temps",
+    "write_json",
+    "write_text",
+]
+
+# `.<name>.<mkstemp's 8 random characters>.part<suffix>`, the names atomic_path makes
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part(\.[A-Za-z0-9.]+)?$")
+# A temp file lives while one file is written (seconds); one this old belongs to a killed process.
+STALE_SECONDS = 15 * 60
+
+
+class WriteError(OSError):
+    """A file could not be written; the message is one line ``"<file>: <problem>"``.
+
+    An ``OSError`` (its ``errno`` is the original one), so callers that catch ``OSError``
+    keep working; the previous file at that name, if any, is untouched.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code  # type: ignore[misc]
+
+
+def describe_os_error(path: str | os.PathLike[str], exc: OSError) -> str:
+    """One line for a failed write of ``path``: ``"<path>: no space left on device; ..."`` etc."""
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{path}: no space left on device; the previous file (if any) is kept"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: not writable ({exc.strerror or exc})"
+    if code == errno.ENAMETOOLONG:
+        return f"{path}: file name too long"
+    if code == errno.ENOTDIR:
+        return f"{path}: a parent of this path is a file, not a folder"
+    return f"{path}: cannot write ({exc.strerror or exc})"
 
 
 def _suffix(path: Path) -> str:
@@ -16,30 +74,122 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
 
 
+def is_temp_name(name: str | os.PathLike[str]) -> bool:
+    """``True`` for a temporary file name that :func:`atomic_path` makes (``.scan.nii.gz.ab12cd34.part.nii.gz``)."""
+    return bool(_TEMP_NAME.match(Path(name).name))
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], older_than_s: float = STALE_SECONDS) -> list[Path]:
+    """Remove our temporary files in ``folder`` (not recursive) last modified over ``older_than_s`` ago.
+
+    Left by a killed process (SIGKILL, power loss). Younger ones may belong to a writer that
+    is still running and are kept. Returns the removed paths; errors are ignored (best effort).
+    """
+    base = Path(folder)
+    removed: list[Path] = []
+    if not base.is_dir():
+        return removed
+    now = time.time()
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        try:
+            if is_temp_name(p.name) and p.is_file() and now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    # the rename itself is durable only once the folder's entry is on disk
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part" + _suffix(target), dir=target.parent)
+    except OSError as exc:
+        raise WriteError(describe_os_error(target, exc), exc.errno) from exc
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except OSError as exc:
+        if isinstance(exc, (WriteError, FileExistsError)):
+            raise
+        raise WriteError(describe_os_error(target, exc), exc.errno) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _finish(tmp: Path, target: Path) -> None:
+    """fsync ``tmp`` and give it the usual permissions of a new file (mkstemp makes 0600)."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it becomes ``path`` when the block succeeds.
 
     On an error (or an interrupt) the temporary file is removed and ``path`` is untouched,
-    so an interrupted run never leaves a half-written file. The new file gets the usual
-    permissions of a new file (``mkstemp`` alone would make it 0600).
+    so an interrupted run never leaves a half-written file. An ``OSError`` in the block or
+    while publishing (disk full, read-only folder...) becomes a one-line :class:`WriteError`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part" + _suffix(target), dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _temp_beside(target) as tmp:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _finish(tmp, target)
         os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        _fsync_dir(target.parent)
+
+
+@contextmanager
+def publish_new(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like :func:`atomic_path`, but the result may only *create* ``path``, never replace it.
+
+    The finished temporary file is hard-linked to the final name, which fails if that name
+    exists (whoever published first wins, atomically: no check-then-rename race), then the
+    temporary name is removed. Raises :class:`FileExistsError` (``"<file>: already exists"``)
+    and leaves the existing file alone. On a file system without hard links it falls back to
+    check-then-rename.
+    """
+    target = Path(path)
+    with _temp_beside(target) as tmp:
+        yield tmp
+        _finish(tmp, target)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a file system without hard links (FAT, some network mounts): check, then rename
+            # (a small window remains in which a concurrent writer can be replaced)
+            if target.exists():
+                raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -23,7 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mdcsrn_lightning.cli.infer import fail, patch_options
+from mdcsrn_lightning.atomic import WriteError
+from mdcsrn_lightning.cli.infer import fail, interrupted, patch_options
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.evaluation.evaluate import (
@@ -36,7 +37,8 @@ from mdcsrn_lightning.evaluation.evaluate import (
     write_outputs,
 )
 from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs
-from mdcsrn_lightning.training.checkpoint import CheckpointError
+from mdcsrn_lightning.interrupts import Terminated, terminate_as_exception
+from mdcsrn_lightning.checkpoints import CheckpointError
 
 PROG = "mdcsrn-eval"
 
@@ -98,6 +100,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         segmentation=bool(cfg.segmentation),
         panel_dir=output_dir / "panels" if cfg.panels else None,
         log=lambda line: print(line, flush=True),
+        data_consistency=bool(cfg.get("data_consistency", False)),
     )
     print()
     print(markdown_report(result))
@@ -111,11 +114,16 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        means = run_eval(cfg)
+        with terminate_as_exception():
+            means = run_eval(cfg)
     except (InferenceError, VolumeError, CheckpointError) as exc:
         fail(str(exc), PROG)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc), PROG)
+    except OSError as exc:  # disk full, read-only output folder: one line, no partial file
+        fail(str(exc) if isinstance(exc, WriteError) else f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}", PROG)
+    except (KeyboardInterrupt, Terminated) as exc:
+        interrupted(exc, PROG)
     sys.stdout.flush()
     print(json.dumps(_jsonable(means)))
 

@@ -3,9 +3,11 @@
     mdcsrn-infer input=scan.nii.gz output=sr.nii.gz ckpt=model.ckpt
     mdcsrn-infer input=scans/ output=sr/ ckpt=model.ckpt overwrite=true
     mdcsrn-infer input=hr.nii.gz output=sr.nii.gz ckpt=model.ckpt degrade=true
+    mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true
 
 A bad request prints one line ``mdcsrn-infer: error: <file>: <problem>`` on stderr, exits
-with status 2 and writes nothing.
+with status 2 and writes nothing. A write that fails late (disk full) is one such line too;
+Ctrl-C / SIGTERM print one line and exit 130 / 143. No partial file is ever left.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mdcsrn_lightning.atomic import WriteError
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
-from mdcsrn_lightning.training.checkpoint import CheckpointError
+from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
+from mdcsrn_lightning.checkpoints import CheckpointError
 
 PROG = "mdcsrn-infer"
 
@@ -36,6 +40,11 @@ def _required(cfg: DictConfig, key: str, example: str) -> Any:
     if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
         raise InferenceError(f"{key}: required ({key}={example})")
     return cfg[key]
+
+
+def _numbers(value: Any) -> Any:
+    """A Hydra list as a plain list; strings and ``None`` unchanged."""
+    return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else value
 
 
 def patch_options(cfg: DictConfig) -> PatchOptions:
@@ -75,10 +84,12 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         cfg.get("ckpt"),
         options=patch_options(cfg),
         degrade=bool(cfg.degrade),
-        factors=[float(f) for f in cfg.factors],
+        factors=[float(f) for f in cfg.factors] if cfg.get("factors") is not None else None,
         degrade_interpolation=cfg.get("degrade_interpolation"),
+        upsample=_numbers(cfg.get("upsample")),
+        upsample_shape=_numbers(cfg.get("upsample_shape")),
+        data_consistency=bool(cfg.get("data_consistency", False)),
         overwrite=bool(cfg.overwrite),
-        percentile=float(cfg.percentile),
         on_done=report,
     )
     return {
@@ -89,14 +100,25 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def interrupted(exc: BaseException, prog: str = PROG) -> None:
+    """Ctrl-C / SIGTERM: one line on stderr, exit 130 / 143 (temporary files are already gone)."""
+    print(f"{prog}: interrupted ({exc or 'SIGINT'}); no partial file left", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code(exc))
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
 def main(cfg: DictConfig) -> None:
     try:
-        summary = infer(cfg)
+        with terminate_as_exception():
+            summary = infer(cfg)
     except (InferenceError, VolumeError, CheckpointError) as exc:
         fail(str(exc))
-    except ValueError as exc:  # a bad option value (overlap_mode, patch size, ...)
+    except ValueError as exc:  # a bad option value (overlap_mode, patch size, device...)
         fail(str(exc))
+    except OSError as exc:  # disk full, read-only folder... while writing (one line, no partial file)
+        fail(str(exc) if isinstance(exc, WriteError) else f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+    except (KeyboardInterrupt, Terminated) as exc:
+        interrupted(exc)
     print(json.dumps(summary))
 
 

@@ -2,7 +2,7 @@
 
     mdcsrn-report logs/train/multiruns/<time>                 # one sweep (a whole table)
     mdcsrn-report logs/train/multiruns/<t1> logs/train/multiruns/<t2> --out report/
-    mdcsrn-report logs/train/runs/<run> path/to/wandb/offline-run-<id>
+    mdcsrn-report logs/train/runs/<run> <run>/wandb/offline-run-<id>   # a W&B folder: its run
 
 Prints one markdown table per W&B group (sweep): the interpolation baselines once, then one
 row per run (named by its tags), PSNR / SSIM / NRMSE as mean ± std, #params and seconds
@@ -24,10 +24,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="mdcsrn-report",
         description=(
             "Paper-format tables (markdown, CSV) and figures from mdcsrn-train run folders, "
-            "multirun (sweep) folders, or W&B offline run folders."
+            "multirun (sweep) folders, or the W&B run folders inside them (read through their run)."
         ),
     )
-    parser.add_argument("paths", nargs="+", metavar="DIR", help="run, multirun or W&B offline-run folders (searched recursively)")
+    parser.add_argument("paths", nargs="+", metavar="DIR", help="run or multirun folders (searched recursively)")
     parser.add_argument("--out", default="report", help="output folder (default: ./report)")
     parser.add_argument("--no-figures", action="store_true", help="tables only (no matplotlib)")
     return parser.parse_args(argv)

@@ -110,8 +110,10 @@ def realistic_hr_transform(options: Mapping[str, Any] | None = None) -> tio.Comp
 class DegradeSample(tio.Transform):
     """Replace ``lr`` by the degradation of ``hr``; divide both by ``input_scale`` of the new LR.
 
-    Images ``(1, X, Y, Z)``. With ``foreground_threshold`` the subject's ``fg_threshold``
-    (for the label sampler) is reset to that fraction of the new HR's 99.9th percentile.
+    Images ``(1, X, Y, Z)``. The subject's ``input_scale`` is multiplied by the new scale and
+    its ``metric_scale`` becomes the augmented HR's 99.9th percentile in the new unit. With
+    ``foreground_threshold`` the subject's ``fg_threshold`` (for the label sampler) is reset
+    to that fraction of the new HR's 99.9th percentile.
     """
 
     def __init__(
@@ -136,6 +138,12 @@ class DegradeSample(tio.Transform):
         hr_image.set_data(torch.from_numpy(np.divide(hr, scale, dtype=np.float32))[None])
         lr_t = torch.from_numpy(np.divide(lr, scale, dtype=np.float32))[None]
         subject["lr"].set_data(lr_t)
+        hr_reference = float(np.percentile(hr, 99.9))
+        # The subject's bookkeeping (see SRDataModule._subject) follows the new unit.
+        if "input_scale" in subject:
+            subject["input_scale"] = float(subject["input_scale"]) * scale
+        if "metric_scale" in subject:  # the augmented HR's own reference, in the new unit
+            subject["metric_scale"] = hr_reference / scale
         if self.foreground_threshold is not None and "fg_threshold" in subject:
-            subject["fg_threshold"] = float(self.foreground_threshold) * float(np.percentile(hr, 99.9)) / scale
+            subject["fg_threshold"] = float(self.foreground_threshold) * hr_reference / scale
         return subject

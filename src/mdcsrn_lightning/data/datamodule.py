@@ -1,9 +1,13 @@
 """The TorchIO patch-queue LightningDataModule shared by L1 pretraining and WGAN fine-tuning.
 
 One volume's path: source file -> validated HR ``(X, Y, Z)`` -> degraded once (whole-volume
-k-space truncation, cached in memory and optionally on disk) -> both divided by the HR's
-99.9th percentile -> ``tio.Subject(hr=, lr=, name=)`` with images ``(1, X, Y, Z)`` float32
--> train: ``tio.Queue`` of random ``P^3`` patches -> augmented per patch (flips and
+k-space truncation, cached in memory and optionally on disk) -> both divided by the
+*LR's* 99.9th percentile (:func:`~mdcsrn_lightning.data.intensity.input_scale`, the one rule
+that inference applies too; nothing the network sees is derived from the HR) ->
+``tio.Subject(hr=, lr=, name=, input_scale=, metric_scale=)`` with images ``(1, X, Y, Z)``
+float32; ``input_scale`` is the number both were divided by, ``metric_scale`` the HR's own
+reference (its 99.9th percentile, or the whole template's for a slab) in those units, for
+the metrics -> train: ``tio.Queue`` of random ``P^3`` patches -> augmented per patch (flips and
 90-degree rotations in the degraded plane, identical for ``lr`` and ``hr``) -> batches
 ``batch["lr"][tio.DATA]``, ``batch["hr"][tio.DATA]`` of shape ``(B, 1, P, P, P)``;
 val/eval/test: whole volumes, ``(B, 1, X, Y, Z)`` with ``B = val_batch_size`` (default 1).
@@ -44,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchio.transforms.augmentation import RandomTransform
 
 from mdcsrn_lightning.atomic import atomic_path
-from mdcsrn_lightning.data import degradation
+from mdcsrn_lightning.data import degradation, intensity
 from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, realistic_hr_transform
 from mdcsrn_lightning.data.sources import (
     VolumeError,
@@ -65,7 +69,7 @@ log = logging.getLogger(__name__)
 
 Normalize = Literal["percentile", "none"]
 PatchSamplerName = Literal["uniform", "label"]
-_CACHE_VERSION = 1  # bump when the cached content or its layout changes
+_CACHE_VERSION = 2  # bump when the cached content or its layout changes
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -242,7 +246,8 @@ class _Entry:
     location: str
     shape: tuple[int, int, int]
     affine: np.ndarray
-    p999: float
+    input_scale: float  # the LR's (intensity.input_scale; NaN if it has none): what input and target are divided by
+    reference_scale: float  # the HR's: the metrics' intensity reference (raw units)
     hr: np.ndarray | None = None
     lr: np.ndarray | None = None
     hr_file: str | None = None
@@ -286,8 +291,10 @@ class SRDataModule(LightningDataModule):
             factors + interpolation). Without it everything is held in memory (fine for the
             embedded template, not for a 1000-subject cohort: give a cache_dir there, then
             only metadata is held and volumes are read lazily by the queue workers).
-        normalize: ``"percentile"`` divides HR and LR by the HR's 99.9th percentile (so
-            training sees ~[0, 1], not clipped); ``"none"`` keeps raw intensities.
+        normalize: ``"percentile"`` divides LR and HR by the LR's own 99.9th percentile
+            (:func:`~mdcsrn_lightning.data.intensity.input_scale`, as ``mdcsrn-infer`` does;
+            training sees ~[0, 1], not clipped); ``"none"`` keeps raw intensities. Recorded
+            in the checkpoint as ``input_scale`` (``"lr_p99.9"`` or ``"none"``).
         augment: ``"paper"`` (or ``True``): random flips and 90-degree rotations of training
             patches in the degraded plane (axes with factor > 1), identical for ``lr`` and
             ``hr``; ``"realistic"``: also augments each training subject's HR (affine,
@@ -299,7 +306,7 @@ class SRDataModule(LightningDataModule):
         val_batch_size: whole volumes per val/eval/test batch (> 1 needs equal shapes).
         augment_axes: override the augmentation axes (default: the degraded ones).
             Rotations use the pairs of these axes with equal factors.
-        foreground_threshold: for ``sampler="label"``, relative to the 99.9th percentile.
+        foreground_threshold: for ``sampler="label"``, relative to the HR's 99.9th percentile.
         world_size, rank: DDP share of the training subjects; default (``None``): the
             attached Trainer's, else ``torch.distributed``'s, else a single process.
         augment_options: ``augment="realistic"`` settings overriding
@@ -399,6 +406,8 @@ class SRDataModule(LightningDataModule):
                 raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
 
         self.save_hyperparameters(logger=False, ignore=["source"])
+        # The normalisation rule, saved with the checkpoint (inference and eval read it back).
+        self.hparams["input_scale"] = intensity.INPUT_SCALE_RULE if normalize == "percentile" else "none"
         self.source = source
         self.augment: AugmentName = augment
         self.factors = fs
@@ -644,12 +653,15 @@ class SRDataModule(LightningDataModule):
                 return None
             shape = tuple(int(s) for s in meta["shape"])
             affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
-            p999 = float(meta["p999"])
+            input_scale = float(meta["input_scale"])
+            reference_scale = float(meta["reference_scale"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unusable cache entry (%s); recomputing", meta_path, exc)
             return None
+        if self.hparams.normalize == "percentile" and not (math.isfinite(input_scale) and input_scale > 0):
+            return None  # the fresh pass raises the one-line error
         check_patch_fits(shape, self.patch_size, meta.get("location", name))
-        entry = _Entry(name=name, location=str(meta.get("location", name)), shape=shape, affine=affine, p999=p999)  # type: ignore[arg-type]
+        entry = _Entry(name=name, location=str(meta.get("location", name)), shape=shape, affine=affine, input_scale=input_scale, reference_scale=reference_scale)  # type: ignore[arg-type]
         entry.hr_file = self.source.hr_path(name)
         if entry.hr_file is None:
             entry.hr = self.source.load(name).hr
@@ -678,13 +690,24 @@ class SRDataModule(LightningDataModule):
         lr = np.asarray(lr, dtype=np.float32)
         if lr.shape != hr.shape:
             raise VolumeError(f"{location}: LR grid shape {lr.shape} does not match the HR grid {hr.shape}")
-        p999 = float(vol.scale) if vol.scale is not None else float(np.percentile(hr, 99.9))
-        if self.hparams.normalize == "percentile" and not (math.isfinite(p999) and p999 > 0):
+        # The input scale comes from the LR alone (at inference there is no HR to ask).
+        # Measured whatever `normalize` is, so that a cache entry serves both settings.
+        try:
+            input_scale = intensity.input_scale(lr, location)
+        except ValueError as exc:
+            if self.hparams.normalize == "percentile":
+                raise VolumeError(str(exc)) from None
+            input_scale = math.nan  # raw intensities need no scale
+        reference_scale = float(vol.scale) if vol.scale is not None else float(np.percentile(hr, 99.9))
+        if not (math.isfinite(reference_scale) and reference_scale > 0):
             raise VolumeError(
-                f"{location}: 99.9th percentile of the HR intensities is {p999:g}; cannot normalise "
-                f"an empty or negative volume"
+                f"{location}: 99.9th percentile of the HR intensities is {reference_scale:g}; cannot score "
+                f"against an empty or negative volume"
             )
-        entry = _Entry(name=name, location=location, shape=hr.shape, affine=vol.affine, p999=p999, hr=hr, lr=lr)  # type: ignore[arg-type]
+        entry = _Entry(
+            name=name, location=location, shape=hr.shape, affine=vol.affine,  # type: ignore[arg-type]
+            input_scale=input_scale, reference_scale=reference_scale, hr=hr, lr=lr,
+        )
         if cache is None:
             return entry
         lr_file: str | None = None
@@ -700,7 +723,8 @@ class SRDataModule(LightningDataModule):
             "interpolation": self.interpolation,
             "shape": list(hr.shape),
             "affine": np.asarray(vol.affine, dtype=np.float64).tolist(),
-            "p999": p999,
+            "input_scale": input_scale,
+            "reference_scale": reference_scale,
             "lr_file": lr_file,
         }
         # The metadata goes last: its presence marks a complete entry.
@@ -715,11 +739,9 @@ class SRDataModule(LightningDataModule):
             entry.lr = None
         return entry
 
-    def _scale(self, entry: _Entry) -> float:
-        return entry.p999 if self.hparams.normalize == "percentile" else 1.0
-
     def _subject(self, entry: _Entry) -> tio.Subject:
-        scale = self._scale(entry)
+        # LR and HR share the LR's unit: the target is what the input would be at full resolution.
+        scale = entry.input_scale if self.hparams.normalize == "percentile" else 1.0
 
         def image(arr: np.ndarray | None, path: str | None, npy: bool) -> tio.ScalarImage:
             if arr is not None:
@@ -734,9 +756,12 @@ class SRDataModule(LightningDataModule):
             "hr": image(entry.hr, entry.hr_file, False),
             "lr": image(entry.lr, entry.lr_file, entry.lr_is_npy),
             "name": entry.name,
+            "input_scale": scale,
+            # The HR's reference in the subject's units: metrics stay on the HR's own scale.
+            "metric_scale": entry.reference_scale / scale,
         }
         if self.hparams.sampler == "label":
-            fields["fg_threshold"] = float(self.hparams.foreground_threshold) * entry.p999 / scale
+            fields["fg_threshold"] = float(self.hparams.foreground_threshold) * entry.reference_scale / scale
         return tio.Subject(**fields)
 
 

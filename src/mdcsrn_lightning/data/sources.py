@@ -19,6 +19,7 @@ names the file and the problem. Constructing a source never touches the disk; th
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ from typing import Literal
 
 import numpy as np
 
+from mdcsrn_lightning.atomic import is_temp_name
 from mdcsrn_lightning.data import degradation
+
+# the one volume reader and its error (re-exported here: other modules import them from sources)
+from mdcsrn_lightning.data.volume_io import VolumeError, header_voxel_sizes, read_volume, volume_stem
 
 __all__ = [
     "MNI152_FILENAME",
@@ -43,11 +48,6 @@ __all__ = [
 ]
 
 MNI152_FILENAME = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".img", ".hdr")
-
-
-class VolumeError(ValueError):
-    """A volume (or a folder of them) cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -70,60 +70,6 @@ class SubjectVolumes:
     lr: np.ndarray | None = None
     scale: float | None = None
     location: str = ""
-
-
-def _squeeze_to_3d(data: np.ndarray, location: str) -> np.ndarray:
-    if data.ndim == 3:
-        return data
-    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
-        return data.reshape(data.shape[:3])
-    if data.ndim == 4:
-        raise VolumeError(
-            f"{location}: 4D with {data.shape[3]} volumes (shape {data.shape}); expected one 3D volume"
-        )
-    raise VolumeError(f"{location}: not 3D (shape {data.shape}); expected one 3D volume (X, Y, Z)")
-
-
-def _check_array(data: np.ndarray, location: str) -> np.ndarray:
-    """3D-squeeze, dtype and finiteness checks; returns float32 ``(X, Y, Z)``."""
-    if np.iscomplexobj(data):
-        raise VolumeError(f"{location}: complex-valued data; expected a real (magnitude) image")
-    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
-        raise VolumeError(f"{location}: non-numeric data of dtype {data.dtype}")
-    data = _squeeze_to_3d(data, location)
-    if min(data.shape) < 1:
-        raise VolumeError(f"{location}: empty volume (shape {data.shape})")
-    out = np.asarray(data, dtype=np.float32)
-    finite = np.isfinite(out)
-    if not finite.all():
-        nan = int(np.isnan(out).sum())
-        inf = int(out.size - finite.sum() - nan)
-        raise VolumeError(f"{location}: contains {nan} NaN and {inf} Inf voxel(s)")
-    return np.ascontiguousarray(out)
-
-
-def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file as ``((X, Y, Z) float32, (4, 4) float64 affine)``.
-
-    A 4D file with one volume is squeezed to 3D.
-
-    Raises:
-        VolumeError: missing, not readable as NIfTI, not 3D, 4D with more than one
-            volume, or NaN/Inf values.
-    """
-    import nibabel as nib  # deferred: keeps `import mdcsrn_lightning.data.sources` light
-
-    location = str(path)
-    if not Path(path).is_file():
-        raise VolumeError(f"{location}: file not found")
-    try:
-        img = nib.load(location)
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VolumeError(f"{location}: not readable as NIfTI ({detail})") from None
-    affine = img.affine if getattr(img, "affine", None) is not None else np.eye(4)
-    return _check_array(data, location), np.asarray(affine, dtype=np.float64)
 
 
 def check_patch_fits(shape: Sequence[int], patch_size: Sequence[int], location: str) -> None:
@@ -241,11 +187,7 @@ class GlobSource(VolumeSource):
 
     def _id(self, rel: Path) -> str:
         parts = list(rel.parts)
-        name = parts[-1]
-        for suffix in _NIFTI_SUFFIXES:
-            if name.endswith(suffix):
-                parts[-1] = name[: -len(suffix)]
-                break
+        parts[-1] = volume_stem(parts[-1])
         if self.id_depth is not None:
             parts = parts[: self.id_depth]
         return "/".join(parts)
@@ -256,7 +198,8 @@ class GlobSource(VolumeSource):
             raise VolumeError(f"{root}: data root not found")
         if not base.is_dir():
             raise VolumeError(f"{root}: data root is not a folder")
-        files = sorted(p for p in base.glob(pattern) if p.is_file())
+        # our own temporary files (left by a killed writer) are never subjects
+        files = sorted(p for p in base.glob(pattern) if p.is_file() and not is_temp_name(p.name))
         if not files:
             raise VolumeError(f"{root}: no files match the pattern {pattern!r}")
         out: dict[str, str] = {}
@@ -285,6 +228,7 @@ class GlobSource(VolumeSource):
                 if only_lr:
                     raise VolumeError(f"{lr[only_lr[0]]}: LR file of subject {only_lr[0]!r} has no HR file "
                                       f"under {self.root} matching {self.pattern!r}")
+            _warn_mixed_spacing(hr, self.root)
             self._hr, self._lr = hr, lr
         assert self._hr is not None
         return self._hr, self._lr
@@ -331,6 +275,25 @@ class GlobSource(VolumeSource):
                     f"(max difference {np.abs(lr_affine - affine).max():.3g}); LR must lie on the HR grid"
                 )
         return SubjectVolumes(name=subject_id, hr=hr, affine=affine, lr=lr, location=path)
+
+
+def _warn_mixed_spacing(files: dict[str, str], root: str) -> None:
+    """Warn once when the HR files differ in voxel size (a model learns one resolution).
+
+    Reads headers only; a zero or negative voxel size is a :class:`VolumeError` here, before
+    any training starts.
+    """
+    counts: dict[tuple[float, ...], list[str]] = {}
+    for path in files.values():
+        sizes = tuple(round(s, 2) for s in header_voxel_sizes(path))
+        counts.setdefault(sizes, []).append(path)
+    if len(counts) > 1:
+        listing = "; ".join(
+            f"{'x'.join(f'{s:g}' for s in sizes)} mm: {len(paths)} file(s), e.g. {paths[0]}"
+            for sizes, paths in sorted(counts.items(), key=lambda kv: -len(kv[1]))
+        )
+        warnings.warn(f"{root}: the volumes have {len(counts)} different voxel sizes ({listing}); "
+                      "a model learns one resolution, resample them to one grid first", stacklevel=2)
 
 
 def mni152_template_path() -> str:

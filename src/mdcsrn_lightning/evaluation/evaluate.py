@@ -7,8 +7,12 @@ One reference's path: HR ``(X, Y, Z)`` -> k-space degradation (once per interpol
   (the LR grid put back on the HR grid by that interpolation);
 * a checkpoint: the generator run patch-wise (:mod:`mdcsrn_lightning.inference`) on the
   LR made with the interpolation it was trained with (``input_interpolation``; default:
-  read from the checkpoint, else ``linear``), normalised as in training (divided by the
-  HR's 99.9th percentile, multiplied back after);
+  read from the checkpoint, else ``linear``), normalised as in training and inference
+  (divided by the LR's own 99.9th percentile,
+  :func:`~mdcsrn_lightning.data.intensity.input_scale`, multiplied back after; nothing
+  derived from the HR reaches the network); with ``data_consistency=True`` its central,
+  measured band of k-space is then replaced by the LR's
+  (:func:`~mdcsrn_lightning.data.degradation.data_consistency`);
 
 -> scores against the HR:
 
@@ -42,7 +46,9 @@ import numpy as np
 from torch import nn
 
 from mdcsrn_lightning.atomic import atomic_path, write_text
+from mdcsrn_lightning.data.degradation import data_consistency as apply_data_consistency
 from mdcsrn_lightning.data.degradation import degrade, slice_axis
+from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
 from mdcsrn_lightning.evaluation.metrics import (
     foreground_slices,
     reference_scale,
@@ -95,9 +101,9 @@ class Reference:
         name: subject id (also the panel file name).
         hr: ``(X, Y, Z)`` float32, raw intensities.
         location: file path or description, for messages.
-        scale: intensity reference of the training normalisation and of the metrics
-            (``None``: the HR's 99.9th percentile; a slab of a template: the whole template's,
-            as in training, so both report the same numbers).
+        scale: intensity reference of the metrics (``None``: the HR's 99.9th percentile; a
+            slab of a template: the whole template's, as in training, so both report the
+            same numbers). Never used to normalise a network's input.
         lr: an LR that comes with the data (on the HR grid), used as the checkpoints'
             input instead of a degradation; baselines always degrade ``hr``.
         degrader: ``(factors, interpolation) -> LR`` when the data source must make the LR
@@ -120,7 +126,7 @@ class Reference:
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    from mdcsrn_lightning.inference.nifti_io import nifti_stem
+    from mdcsrn_lightning.data.volume_io import volume_stem as nifti_stem
 
     names = [nifti_stem(p) for p in paths]
     if len(set(names)) == len(names):
@@ -129,14 +135,23 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Reference]:
-    """HR NIfTI files -> references. Every file is read and checked first (one bad file: error)."""
-    from mdcsrn_lightning.inference.nifti_io import read_volume
+    """HR volume files -> references. Every file is read and checked first (one bad file: error).
+
+    The checks are the package's one reader's (:func:`~mdcsrn_lightning.data.volume_io.load_volume`)
+    plus: not all zero or constant (a reference is scaled by its own intensities).
+    """
+    from mdcsrn_lightning.data.volume_io import check_not_constant, load_volume
 
     if not paths:
         raise ValueError("inputs: no HR files given")
     files = [Path(p) for p in paths]
     names = _unique_names(files)
-    return [Reference(name=n, hr=read_volume(p).data, location=str(p)) for n, p in zip(names, files)]
+    refs = []
+    for name, path in zip(names, files):
+        data = load_volume(path).data
+        check_not_constant(data, str(path))
+        refs.append(Reference(name=name, hr=data, location=str(path)))
+    return refs
 
 
 def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:
@@ -166,7 +181,7 @@ class CheckpointMethod:
     net: nn.Module
     path: str = ""
     input_interpolation: str = "linear"
-    normalize: str = "percentile"
+    input_scale: InputScaleRule = "lr_p99.9"
     trained_factors: list[float] | None = None
 
 
@@ -204,7 +219,7 @@ def checkpoint_methods(
                 net=net,
                 path=str(path),
                 input_interpolation=interp,
-                normalize=str(settings.get("normalize") or "percentile"),
+                input_scale=trained_input_scale(settings, str(path)),
                 trained_factors=[float(f) for f in factors] if factors is not None else None,
             )
         )
@@ -267,6 +282,7 @@ def evaluate(
     segmentation: bool = True,
     panel_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
+    data_consistency: bool = False,
 ) -> EvalResult:
     """Score every method on every reference (see the module docstring).
 
@@ -281,6 +297,8 @@ def evaluate(
         segmentation: compute the stand-in segmentation consistency.
         panel_dir: write ``<panel_dir>/<subject>.png`` per subject (``None``: no panels).
         log: called with one progress line per subject and method.
+        data_consistency: put each checkpoint's LR input's measured k-space band back into
+            its output (the LR made with the checkpoint's ``input_interpolation``).
     """
     from mdcsrn_lightning.inference.predict import PatchOptions, predict_volume
 
@@ -300,6 +318,7 @@ def evaluate(
             "checkpoints": {c.name: {"path": c.path, "input_interpolation": c.input_interpolation} for c in checkpoints},
             "perceptual": want_perc,
             "segmentation": bool(segmentation),
+            "data_consistency": bool(data_consistency),
             "patches": options.kwargs() if hasattr(options, "kwargs") else dict(options),
         }
     )
@@ -335,11 +354,11 @@ def evaluate(
             else:
                 c = next(c for c in checkpoints if c.name == name)
                 lr = ref.lr if ref.lr is not None else lr_for(c.input_interpolation)
-                if c.normalize == "none":
-                    scale = 1.0
-                else:
-                    scale = ref.scale if ref.scale is not None else float(np.percentile(hr, 99.9))
+                # The network's rule: the LR's own scale (ref.scale is the metrics' alone).
+                scale = 1.0 if c.input_scale == "none" else input_scale(lr, ref.location or ref.name)
                 sr = predict_volume(c.net, lr, options, scale=scale)
+                if data_consistency:
+                    sr = apply_data_consistency(sr, lr, factors, c.input_interpolation)  # type: ignore[arg-type]
                 kind = "checkpoint"
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}

@@ -3,10 +3,9 @@
 A *run* is a folder written by ``mdcsrn-train``: ``metrics.json`` (model and interpolation
 baselines on the test split, see ``training/results.py``), ``.hydra/`` (its config, tags and
 overrides), ``csv/metrics.csv`` (the CSV logger: ``val/psnr`` by ``step``) and
-``panels/test.png``. A W&B offline run folder (``wandb/offline-run-*``) with no such run
-around it is read from its ``run-*.wandb`` log (group, tags, config, history, summary;
-parsed here, no network and no W&B login) or from ``files/wandb-summary.json`` and
-``files/config.yaml`` where a synced run has them; it gives means only (no std).
+``panels/test.png``. The CSV logger always runs beside W&B, so W&B's own files are never
+read (its binary log is only readable through W&B's private modules): a W&B run folder
+(``<run>/wandb/offline-run-*``) given as a path stands for the run folder around it.
 
 Runs are grouped into *tables* by their W&B group (the sweep: ``table1_exp3``), else by
 their multirun folder. Each table lists the interpolation baselines once (every run on the
@@ -48,8 +47,6 @@ __all__ = [
     "find_runs",
     "format_params",
     "read_run",
-    "read_wandb_log",
-    "read_wandb_run",
 ]
 
 # Interpolation baselines as every run's metrics.json names them (paper: NN = nearest,
@@ -82,7 +79,6 @@ class Run:
     # (step, val/psnr) of the validation passes
     curve: list[tuple[int, float]] = field(default_factory=list)
     panel: Path | None = None
-    source: str = "metrics.json"
 
     @property
     def has_results(self) -> bool:
@@ -133,8 +129,6 @@ class Table:
         if shapes:
             parts.append(f"volume {'/'.join(shapes)}")
         text = "; ".join(parts) + ". Mean ± std over subjects, slice-wise in the degraded plane"
-        if any(r.source == "wandb" for r in self.runs):
-            text += " (runs read from W&B logs alone: means only)"
         return text + "; time: seconds per whole-volume forward pass on the run's device."
 
 
@@ -158,7 +152,7 @@ class Report:
         """One line per row of every table, numbers unformatted."""
         buf = io.StringIO()
         score_keys = [*(k for key, _, _ in METRICS for k in (key, f"{key}_std")), "n_subjects"]
-        columns = ["table", "row", "kind", *score_keys, "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir", "source"]
+        columns = ["table", "row", "kind", *score_keys, "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir"]
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for table in self.tables:
@@ -175,7 +169,6 @@ class Report:
                     line["split"] = row.run.split or ""
                     line["volume_shape"] = "x".join(map(str, row.run.volume_shape or []))
                     line["run_dir"] = str(row.run.path)
-                    line["source"] = row.run.source
                 writer.writerow(line)
         return buf.getvalue()
 
@@ -291,128 +284,8 @@ def read_run(run_dir: Path) -> Run:
     return run
 
 
-def _wandb_value(config: Mapping[str, Any], key: str) -> Any:
-    entry = config.get(key)
-    return entry.get("value") if isinstance(entry, Mapping) and "value" in entry else entry
-
-
-# The .wandb file: a header (":W&B", 0xBEE1, version 0), then LevelDB-log records of
-# protobuf ``wandb.proto.wandb_internal_pb2.Record`` in 32 KiB blocks.
-_WANDB_BLOCK = 32768
-_WANDB_HEADER = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _wandb_records(path: Path) -> Iterable[bytes]:
-    import struct
-
-    data = Path(path).read_bytes()
-    if len(data) < _WANDB_HEADER or data[:4] != b":W&B":
-        raise ReportError(f"{path}: not a W&B run log (.wandb)")
-    pos, pending = _WANDB_HEADER, b""
-    while pos + _WANDB_HEADER <= len(data):
-        left = _WANDB_BLOCK - pos % _WANDB_BLOCK
-        if left < _WANDB_HEADER:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _WANDB_HEADER])
-        if length == 0 and kind == 0:  # zero padding up to the block end
-            pos += left
-            continue
-        chunk = data[pos + _WANDB_HEADER : pos + _WANDB_HEADER + length]
-        pos += _WANDB_HEADER + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-            pending = b""
-
-
-def _item_key(item: Any) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def read_wandb_log(path: Path) -> dict[str, Any]:
-    """What a ``run-*.wandb`` file holds that a report needs, read offline.
-
-    Returns ``{"group", "tags", "job_type", "config", "summary", "history"}``: config and
-    summary as ``{key: value}`` (nested keys joined by '/'), history as a list of rows.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    out: dict[str, Any] = {"group": None, "tags": [], "job_type": None, "config": {}, "summary": {}, "history": []}
-    for data in _wandb_records(path):
-        record = pb.Record()
-        try:
-            record.ParseFromString(data)
-        except Exception:  # noqa: BLE001 - a torn last record of a killed run
-            continue
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["group"] = record.run.run_group or None
-            out["tags"] = list(record.run.tags)
-            out["job_type"] = record.run.job_type or None
-            for item in record.run.config.update:
-                out["config"][_item_key(item)] = _json_value(item.value_json)
-        elif kind == "config":
-            for item in record.config.update:
-                out["config"][_item_key(item)] = _json_value(item.value_json)
-        elif kind == "history":
-            out["history"].append({_item_key(i): _json_value(i.value_json) for i in record.history.item})
-        elif kind == "summary":
-            for item in record.summary.update:
-                out["summary"][_item_key(item)] = _json_value(item.value_json)
-    return out
-
-
-def read_wandb_run(folder: Path) -> Run:
-    """A W&B run folder alone (``offline-run-*``): means of the test metrics, no std."""
-    folder = Path(folder)
-    files = folder / "files"
-    logs = sorted(folder.glob("run-*.wandb"))
-    logged = read_wandb_log(logs[0]) if logs else {"group": None, "tags": [], "history": []}
-    if (files / "wandb-summary.json").is_file():
-        summary = json.loads((files / "wandb-summary.json").read_text(encoding="utf-8"))
-        raw = _load_yaml(files / "config.yaml") or {}
-        config = {k: _wandb_value(raw, k) for k in raw}
-    elif logs:
-        summary, config = logged["summary"], logged["config"]
-    else:
-        raise ReportError(f"{folder}: neither files/wandb-summary.json nor a run-*.wandb log")
-    logger_cfg = config.get("logger") if isinstance(config.get("logger"), Mapping) else {}
-    group = logged.get("group") or (logger_cfg.get("wandb") or {}).get("group")
-    tags = logged.get("tags") or config.get("tags") or []
-    run = Run(path=folder, table=str(group) if group else "wandb", tags=[str(t) for t in tags], source="wandb")
-    model = {key: float(summary[f"test/{key}"]) for key, _, _ in METRICS if isinstance(summary.get(f"test/{key}"), (int, float))}
-    if model:
-        run.methods["model"] = model
-        run.split = "test"
-    params = config.get("params", summary.get("params"))
-    run.params = int(params) if isinstance(params, (int, float)) else None
-    if isinstance(summary.get("test/seconds"), (int, float)):
-        run.seconds_per_volume = float(summary["test/seconds"])
-    points = {}
-    for row in logged.get("history", []):
-        step = row.get("trainer/global_step", row.get("_step"))
-        if isinstance(row.get("val/psnr"), (int, float)) and isinstance(step, (int, float)):
-            points[int(step)] = float(row["val/psnr"])
-    run.curve = sorted(points.items())
-    return run
-
-
 def _is_wandb_run_dir(path: Path) -> bool:
-    return (path / "files" / "wandb-summary.json").is_file() or any(path.glob("run-*.wandb"))
+    return path.name.startswith("offline-run-") or (path.name.startswith("run-") and any(path.glob("run-*.wandb")))
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -433,10 +306,20 @@ def _walk(path: Path) -> Iterable[Path]:
         if child.name in _SKIP_DIRS and is_run:
             # a run's checkpoints/csv/panels hold no runs; its wandb/ is read through the run
             continue
-        if child.name.startswith("offline-run-") or child.name.startswith("run-"):
-            yield child
+        if _is_wandb_run_dir(child):  # W&B's files: read through the run folder around them
             continue
         yield from _walk(child)
+
+
+def _run_around(wandb_dir: Path) -> Path:
+    """The ``mdcsrn-train`` run folder that holds a W&B run folder (``<run>/wandb/offline-run-*``)."""
+    for parent in wandb_dir.resolve().parents:
+        if _is_run_dir(parent):
+            return parent
+    raise ReportError(
+        f"{wandb_dir}: a W&B run folder outside an mdcsrn-train run folder; the report reads the "
+        "run folder's metrics.json and csv/metrics.csv (W&B's own files are not read)"
+    )
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -453,6 +336,8 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
             path = path.parent
         if not path.exists():
             raise ReportError(f"{path}: no such file or directory")
+        if _is_wandb_run_dir(path):
+            path = _run_around(path)
         found: list[Run] = []
         for folder in _walk(path):
             resolved = folder.resolve()
@@ -461,18 +346,11 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
             if _is_run_dir(folder):
                 seen.add(resolved)
                 found.append(read_run(folder))
-            elif _is_wandb_run_dir(folder) and not any(
-                p in seen for p in resolved.parents
-            ):
-                # W&B folders inside a run folder are read through the run; alone, from the summary
-                seen.add(resolved)
-                found.append(read_wandb_run(folder))
         found.sort(key=lambda r: (str(_multirun_root(r.path) or r.path.parent), r.job_num if r.job_num is not None else -1, str(r.path)))
         runs += found
     if not runs:
         raise ReportError(
-            ", ".join(map(str, paths)) + ": no runs found (no metrics.json, .hydra/config.yaml or "
-            "W&B offline-run-* folder inside)"
+            ", ".join(map(str, paths)) + ": no runs found (no metrics.json or .hydra/config.yaml inside)"
         )
     return runs
 

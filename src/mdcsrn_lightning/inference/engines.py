@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mdcsrn_lightning.inference.streaming import MDCSRN_ATTRIBUTES
+from mdcsrn_lightning.models.mdcsrn import is_mdcsrn, lean_forward
 
 __all__ = [
     "AUTO_RANKING",
@@ -190,14 +190,12 @@ class LeanGraph(nn.Module):
         return _radius(self.net)
 
     def forward(self, x: Tensor) -> Tensor:
-        from mdcsrn_lightning.models.mdcsrn import lean_forward
-
         return lean_forward(self.net, x)
 
 
 def export_graph(net: nn.Module) -> nn.Module:
     """What gets exported/compiled: :class:`LeanGraph` for an mDCSRN, else ``net`` itself."""
-    if all(hasattr(net, a) for a in MDCSRN_ATTRIBUTES):
+    if is_mdcsrn(net):
         return LeanGraph(net)
     return net
 

@@ -198,10 +198,28 @@ def checked_volume(volume: np.ndarray | torch.Tensor, device: torch.device | str
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    """``"auto"``/``None`` -> ``cuda`` when available, else ``cpu``; anything else as given.
+
+    Raises:
+        ValueError: ``"device=<value>: ..."``, an unknown device name or one this machine
+            does not have (``cuda`` without a CUDA GPU, ``cuda:3`` with two GPUs, ``mps``...).
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device}: unknown device; use auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: no CUDA GPU is available here (torch {torch.__version__}); use device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device}: unsupported device type {dev.type!r}; use auto, cpu or cuda")
+    return dev
 
 
 def _prepare_net(net: nn.Module, bn_mode: BNMode, device: torch.device) -> nn.Module:
@@ -260,8 +278,8 @@ def super_resolve(
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR volume on the HR grid -> ``(X, Y, Z)`` float32 SR volume.
 
-    The volume must already be on the network's intensity scale (training divides by the
-    HR's 99.9th percentile; :mod:`mdcsrn_lightning.inference.predict` does this for files).
+    The volume must already be on the network's intensity scale (divided by its own 99.9th
+    percentile, :func:`mdcsrn_lightning.data.intensity.input_scale`; :mod:`.predict` does this).
 
     Args:
         net: generator, ``(B, 1, D, H, W) -> (B, 1, D, H, W)``, or an engine

@@ -1,20 +1,37 @@
 """File-level inference: NIfTI in, NIfTI out, with a generator read from a checkpoint.
 
 One scan's path: NIfTI file -> checked ``(X, Y, Z)`` float32 (:mod:`.nifti_io`) ->
-optionally degraded first (``degrade=True``: an HR scan for experiments) -> divided by its
-own 99.9th percentile -> patch-wise generator (:func:`.patches.super_resolve`) ->
-multiplied back by the same number -> float32 NIfTI with the input's header and geometry.
+on the fine grid (as it is; or brought there from a coarse matrix, ``upsample=``; or, for
+experiments, an HR degraded first, ``degrade=True``) -> divided by its own 99.9th
+percentile -> patch-wise generator (:func:`.patches.super_resolve`) -> multiplied back by
+the same number -> optionally k-space data consistency -> float32 NIfTI.
 
-**Intensity normalisation.** Training divides each subject's HR *and* LR by the HR's
-99.9th percentile, so the network sees intensities of about ``[0, 1]``. A scan given for
-inference has no HR, so it is divided by its *own* 99.9th percentile, and the output is
-multiplied by that number again: the SR lands on the input's intensity scale. (For an LR
-made from an HR the two percentiles are close; k-space truncation smooths the brightest
-voxels a little, so the LR's is a bit lower.)
+**Intensity normalisation.** One rule for training, evaluation and inference
+(:func:`~mdcsrn_lightning.data.intensity.input_scale`): the network's input is divided
+by its own 99.9th percentile and the output multiplied back, so the SR lands on the
+input's intensity scale. The checkpoint records the rule (``input_scale``); a model
+trained with ``normalize=none`` gets raw intensities, and an older checkpoint (trained
+with the HR's percentile) is run under this rule with a one-line warning.
 
-**Grid.** The network does not change the grid: the input must already be on the grid
-the output should have (an LR acquisition reconstructed or interpolated onto the fine
-grid, as the training LR is). Output voxel sizes are the input's.
+**Grid.** Two kinds of input (SPEC: real inputs come on two kinds of grid):
+
+- the fine matrix (``upsample=None``): the LR is already on the grid the output should
+  have (a scanner's zero-filled reconstruction, or an interpolated one). Output geometry
+  is the input's, header copied.
+- a coarse matrix (``upsample=[fx, fy, fz]`` or ``"auto"``: the factors the checkpoint
+  was trained with; others are refused): the scan is brought onto the fine grid exactly
+  the way training made the network's input
+  (:func:`~mdcsrn_lightning.data.degradation.to_fine_grid` with the checkpoint's
+  ``interpolation``), of size ``M * f`` per axis or ``upsample_shape``. The output's
+  qform and sform are the input's times ``diag(M / N)`` (voxel sizes divided by the
+  factors, fine voxel ``i * f`` on coarse voxel ``i``, the degradation's sampling
+  convention), codes kept: it overlays the input in a viewer.
+
+**Data consistency** (``data_consistency=True``): the output's central, measured band of
+k-space is replaced by the input's
+(:func:`~mdcsrn_lightning.data.degradation.data_consistency`): by the coarse input's own
+spectrum for ``upsample``, else by the fine-grid input's (made with the checkpoint's
+interpolation, or ``degrade_interpolation`` with ``degrade=True``).
 
 Every problem is an :class:`InferenceError` (or :class:`~.nifti_io.NiftiError`) with one
 line ``"<file>: <problem>"``. Everything that can be checked is checked before the first
@@ -34,17 +51,23 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mdcsrn_lightning.release import RELEASED_WEIGHTS
+from mdcsrn_lightning.atomic import remove_stale_temps
+from mdcsrn_lightning.checkpoints import CheckpointError, load_generator, read_checkpoint
+from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
+from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
+from mdcsrn_lightning.data.volume_io import check_not_constant, is_volume_path
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.inference.nifti_io import (
     check_output_path,
     is_nifti_path,
     nifti_stem,
     read_volume,
     write_like,
+    write_refined,
 )
 from mdcsrn_lightning.inference.patches import super_resolve
-from mdcsrn_lightning.training.checkpoint import CheckpointError, load_generator, read_checkpoint
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -56,12 +79,15 @@ __all__ = [
     "predict_file",
     "predict_volume",
     "resolve_checkpoint",
+    "resolve_upsample",
     "trained_data_settings",
 ]
 
 # With no ckpt given: the weights released with the package (release/MODEL_CARD.md).
 DEFAULT_CHECKPOINT: str | None = str(RELEASED_WEIGHTS)
 _GLOB_CHARS = set("*?[")
+# What inference needs to know about how the checkpoint's training data was made.
+_DATA_KEYS = ("factors", "interpolation", "normalize", "input_scale")
 
 
 class InferenceError(ValueError):
@@ -127,6 +153,8 @@ class Prediction:
     scale: float
     seconds: float
     degraded: bool = False
+    upsampled: list[float] | None = None
+    data_consistency: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -174,7 +202,7 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     except CheckpointError:
         return {}
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
-    out = {k: hp[k] for k in ("factors", "interpolation", "normalize") if k in hp}
+    out = {k: hp[k] for k in _DATA_KEYS if k in hp}
     if out:
         return out
     config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
@@ -186,33 +214,41 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
         data = OmegaConf.to_container(OmegaConf.load(config), resolve=False).get("data") or {}  # type: ignore[union-attr]
     except Exception:  # an unreadable run config is no reason to fail inference
         return {}
-    return {k: data[k] for k in ("factors", "interpolation", "normalize") if k in data}
+    return {k: data[k] for k in _DATA_KEYS if k in data}
 
 
 # ------------------------------------------------------------------------ inputs/outputs
 def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
     """``(files, is_collection)`` for a NIfTI file, a folder of them or a glob pattern.
 
-    A folder gives its ``*.nii``/``*.nii.gz`` files (not recursive), sorted; a glob
-    (``*``, ``?``, ``[``) gives its matching NIfTI files, sorted. ``is_collection`` is
+    A folder gives its volume files (``.nii``, ``.nii.gz``, ``.mgz``, ``.img``/``.hdr``;
+    not recursive), sorted; a glob (``*``, ``?``, ``[``) gives its matching volume files,
+    sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never inputs. ``is_collection`` is
     ``True`` for a folder or glob: the output is then a folder.
     """
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+        files = _volume_files(path.iterdir())
         if not files:
-            raise InferenceError(f"{path}: folder holds no .nii or .nii.gz files")
+            raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files")
         return files, True
     if path.exists():
         return [path], False
     if _GLOB_CHARS & set(text):
         matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in matches if p.is_file() and is_nifti_path(p)]
+        files = _volume_files(matches)
         if not files:
             raise InferenceError(f"{text}: no NIfTI files match this pattern")
         return files, True
     raise InferenceError(f"{path}: no such file or folder")
+
+
+def _volume_files(paths: Any) -> list[Path]:
+    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
+    # an Analyze pair is one volume: keep the .img, drop its .hdr
+    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
+    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
 
 
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
@@ -236,15 +272,36 @@ def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_coll
 
 
 # ------------------------------------------------------------------------ volumes
-def normalisation_scale(volume: np.ndarray, percentile: float = 99.9, location: str = "volume") -> float:
-    """The number a volume is divided by before the network: its ``percentile`` (99.9th)."""
-    scale = float(np.percentile(volume, percentile))
-    if not (np.isfinite(scale) and scale > 0):
+def resolve_upsample(
+    upsample: str | Sequence[float] | None, settings: dict[str, Any], ckpt: str | os.PathLike[str]
+) -> tuple[float, float, float] | None:
+    """The coarse-to-fine factors of ``upsample=`` (``None``: the input is on the fine grid).
+
+    ``"auto"``: the factors the checkpoint was trained with. Explicit factors must equal
+    them when the checkpoint records them (the network learnt one degradation).
+    """
+    if upsample is None or (isinstance(upsample, str) and upsample.strip().lower() in ("", "none", "null", "false")):
+        return None
+    trained = settings.get("factors")
+    trained_fs = tuple(float(f) for f in trained) if trained is not None else None
+    if isinstance(upsample, str):
+        if upsample.strip().lower() != "auto":
+            raise InferenceError(f"upsample: expected [fx,fy,fz], auto or null, got {upsample!r}")
+        if trained_fs is None:
+            raise InferenceError(f"{ckpt}: records no training factors; give upsample=[fx,fy,fz] instead of auto")
+        return trained_fs  # type: ignore[return-value]
+    try:
+        fs = tuple(float(f) for f in upsample)
+    except (TypeError, ValueError):
+        raise InferenceError(f"upsample: expected three factors >= 1, got {upsample!r}") from None
+    if len(fs) != 3 or any(not np.isfinite(f) or f < 1 for f in fs):
+        raise InferenceError(f"upsample: expected three factors >= 1, got {list(upsample)}")
+    if trained_fs is not None and fs != trained_fs:
         raise InferenceError(
-            f"{location}: the {percentile}th percentile of the intensities is {scale:g}; "
-            "cannot normalise an empty (all-zero) or negative volume"
+            f"{ckpt}: trained with factors {list(trained_fs)}, not upsample={list(fs)}; use upsample=auto "
+            "or a checkpoint trained for these factors"
         )
-    return scale
+    return fs  # type: ignore[return-value]
 
 
 def predict_volume(
@@ -253,16 +310,15 @@ def predict_volume(
     options: PatchOptions | None = None,
     *,
     scale: float | None = None,
-    percentile: float = 99.9,
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR on its own intensity scale -> SR on the same scale, float32.
 
-    ``scale`` (default: the LR's own ``percentile``) divides the input and multiplies the
-    output; pass the HR's 99.9th percentile to reproduce the training normalisation.
+    ``scale`` divides the input and multiplies the output; default: the LR's own
+    :func:`~mdcsrn_lightning.data.intensity.input_scale`, the rule training used.
     """
     options = options or PatchOptions()
     if scale is None:
-        scale = normalisation_scale(lr, percentile)
+        scale = input_scale(lr)
     volume = np.asarray(lr, dtype=np.float32) / np.float32(scale)
     if options.stream:
         if not isinstance(net, nn.Module):
@@ -286,32 +342,63 @@ def predict_file(
     options: PatchOptions | None = None,
     degrade: bool = False,
     factors: Sequence[float] = (2, 2, 1),
-    degrade_interpolation: str = "linear",
+    interpolation: str = "linear",
+    upsample: Sequence[float] | None = None,
+    upsample_shape: Sequence[int] | None = None,
+    data_consistency: bool = False,
     overwrite: bool = False,
-    percentile: float = 99.9,
-    normalize: bool = True,
+    rule: InputScaleRule = "lr_p99.9",
 ) -> Prediction:
     """Super-resolve one NIfTI file into ``output`` (see the module docstring).
 
-    Give either ``ckpt`` (read with :func:`~mdcsrn_lightning.training.checkpoint.load_generator`)
-    or an already built ``net``. ``degrade=True`` first degrades the input
-    (``factors``, ``degrade_interpolation``) as the training data was: for experiments on
-    HR scans. ``normalize=False`` feeds raw intensities (for a model trained with
-    ``data.normalize=none``). Nothing is written if anything fails.
+    Give either ``ckpt`` (read with :func:`~mdcsrn_lightning.checkpoints.load_generator`)
+    or an already built ``net``.
+
+    Args:
+        degrade: the input is an HR scan, degraded first (``factors``, ``interpolation``)
+            as the training data was: for experiments.
+        factors: the k-space reduction of ``degrade`` and of the data-consistency band
+            of a fine-grid input.
+        interpolation: how the network's fine-grid input is (or was) made from the
+            coarse grid: the checkpoint's training interpolation.
+        upsample: the input is on a coarse matrix with these factors: brought to the
+            fine grid (size ``upsample_shape``, default ``M * f``) and written there.
+        data_consistency: put the input's measured k-space band back into the output.
+        rule: the checkpoint's input scale rule (``"none"``: raw intensities).
+
+    Nothing is written if anything fails.
     """
     if net is None:
         net, _, _ = load_model(ckpt)
         net = prepare_runner(net, options)
+    if degrade and upsample is not None:
+        raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
     src = Path(input)
     volume = read_volume(src)
     check_output_path(output, overwrite=overwrite, protect=(src,))
     start = time.perf_counter()
-    data = volume.data
-    if degrade:
-        data = _degrade(data, factors=factors, interpolation=degrade_interpolation)  # type: ignore[arg-type]
-    scale = normalisation_scale(data, percentile, str(src)) if normalize else 1.0
+    data = measured = volume.data
+    band_factors = [float(f) for f in factors]
+    try:
+        if degrade:
+            data = measured = _degrade(volume.data, factors=factors, interpolation=interpolation)  # type: ignore[arg-type]
+        elif upsample is not None:
+            band_factors = [float(f) for f in upsample]
+            target = fine_shape(volume.data.shape, band_factors, upsample_shape)
+            data = to_fine_grid(volume.data, band_factors, interpolation, target)  # type: ignore[arg-type]
+        elif data_consistency and lr_shape(volume.data.shape, band_factors) == volume.data.shape:
+            raise ValueError(f"factors {band_factors} leave every axis of shape {volume.data.shape} whole: no band to keep")
+        scale = input_scale(data, str(src)) if rule != "none" else 1.0
+    except ValueError as exc:
+        message = str(exc)
+        raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr = predict_volume(net, data, options, scale=scale)
-    written = write_like(output, sr, volume, overwrite=overwrite)
+    if data_consistency:
+        sr = _data_consistency(sr, measured, band_factors, interpolation)  # type: ignore[arg-type]
+    if upsample is not None:
+        written = write_refined(output, sr, volume, overwrite=overwrite)
+    else:
+        written = write_like(output, sr, volume, overwrite=overwrite)
     return Prediction(
         input=str(src),
         output=str(written),
@@ -319,6 +406,8 @@ def predict_file(
         scale=scale,
         seconds=time.perf_counter() - start,
         degraded=bool(degrade),
+        upsampled=list(band_factors) if upsample is not None else None,
+        data_consistency=bool(data_consistency),
     )
 
 
@@ -329,34 +418,66 @@ def predict(
     *,
     options: PatchOptions | None = None,
     degrade: bool = False,
-    factors: Sequence[float] = (2, 2, 1),
+    factors: Sequence[float] | None = None,
     degrade_interpolation: str | None = None,
+    upsample: str | Sequence[float] | None = None,
+    upsample_shape: Sequence[int] | None = None,
+    data_consistency: bool = False,
     overwrite: bool = False,
-    percentile: float = 99.9,
     on_done: Any = None,
 ) -> list[Prediction]:
     """Super-resolve a NIfTI file, a folder of them or a glob into ``output``.
 
-    Checks first, writes after: the checkpoint is loaded, every input is read and checked
-    and every output path is checked before the first file is written, so a bad input
-    anywhere means nothing is written. ``degrade_interpolation=None`` uses the
-    interpolation the checkpoint was trained with (if recorded), else ``"linear"``; a
-    checkpoint trained with ``data.normalize=none`` gets raw intensities.
-    ``on_done(prediction)`` is called after each file.
+    Checks first, writes after: the checkpoint is loaded, the options are checked against
+    it, every input is read and checked and every output path is checked before the
+    first file is written, so a bad input anywhere means nothing is written.
+    ``factors=None``: the checkpoint's training factors, else ``(2, 2, 1)``.
+    ``degrade_interpolation=None``: the interpolation the checkpoint was trained with (if
+    recorded), else ``"linear"``; it is also how ``upsample`` reaches the fine grid (always
+    the checkpoint's). ``upsample``: see :func:`resolve_upsample`. ``on_done(prediction)``
+    is called after each file. A failure while
+    writing (disk full) leaves the outputs already written, complete, and no partial file.
     """
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    resolve_device((options or PatchOptions()).device)  # device=cuda without CUDA: fail now
     net, _, ckpt_path = load_model(ckpt)
+    settings = trained_data_settings(ckpt_path)
+    ups = resolve_upsample(upsample, settings, ckpt_path)
+    if degrade and ups is not None:
+        raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
+    if upsample_shape is not None and ups is None:
+        raise InferenceError("upsample_shape: only with upsample=[...] or upsample=auto")
+    trained_interp = str(settings.get("interpolation") or "linear")
+    interpolation = str(degrade_interpolation or trained_interp) if degrade else trained_interp
+    if factors is None:
+        factors = [float(f) for f in settings.get("factors") or (2, 2, 1)]
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
+    normalize = settings.get("normalize") != "none"
+    # Every input is checked before anything is written (all or nothing for bad inputs):
+    # readable, 3D, finite, positive voxel sizes, not constant, and a scale to divide by.
     for src, dst in zip(inputs, outputs):
-        read_volume(src)  # raises on a bad file before anything is written
+        volume = read_volume(src)  # raises on a bad file before anything is written
+        check_not_constant(volume.data, str(src))
+        if normalize:
+            input_scale(volume.data, str(src))  # an all-zero or negative volume: fail now
         check_output_path(dst, overwrite=overwrite, protect=tuple(inputs))
+        if ups is not None:
+            try:
+                fine_shape(volume.data.shape, ups, upsample_shape)
+            except ValueError as exc:
+                raise InferenceError(f"{src}: {exc}") from None
+    for folder in {dst.parent for dst in outputs}:
+        remove_stale_temps(folder)  # left by a killed run
+    try:  # after the input checks, so that a bad request gives one line and no warning
+        rule = trained_input_scale(settings, str(ckpt_path))
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
     try:  # after the checks: a bad input fails before any (slow) export
         runner = prepare_runner(net, options)  # exported once for all files
     except (ImportError, RuntimeError) as exc:
         raise InferenceError(f"engine={(options or PatchOptions()).engine}: {exc}") from exc
-    settings = trained_data_settings(ckpt_path)
-    if degrade and degrade_interpolation is None:
-        degrade_interpolation = str(settings.get("interpolation") or "linear")
     results = []
     for src, dst in zip(inputs, outputs):
         result = predict_file(
@@ -366,10 +487,12 @@ def predict(
             options=options,
             degrade=degrade,
             factors=factors,
-            degrade_interpolation=degrade_interpolation or "linear",
+            interpolation=interpolation,
+            upsample=ups,
+            upsample_shape=upsample_shape,
+            data_consistency=data_consistency,
             overwrite=overwrite,
-            percentile=percentile,
-            normalize=settings.get("normalize") != "none",
+            rule=rule,
         )
         result.extra["checkpoint"] = str(ckpt_path)
         results.append(result)

@@ -51,11 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["StreamingMDCSRN", "stream_forward", "stream_super_resolve"]
+from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
 
-#: The attributes of an mDCSRN generator (:class:`MDCSRN` or :class:`ReferenceMDCSRN`) that
-#: the streamed and the lean (exported) passes rely on.
-MDCSRN_ATTRIBUTES = ("stem", "blocks", "compressors", "reconstruction", "reconstruction_type")
+__all__ = ["StreamingMDCSRN", "stream_forward", "stream_super_resolve"]
 
 
 def _bn(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None) -> Tensor:

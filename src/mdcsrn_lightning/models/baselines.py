@@ -5,7 +5,8 @@ The paper: "As there is no image-size changing in our SISR, the up-sampling CNNs
 replaced with the same scale convolutional layers." All three map (B, C, D, H, W) to
 (B, C, D, H, W) for any D, H, W (every conv is stride 1 with "same" zero padding).
 
-Parameter counts with the defaults (``tests/test_baselines.py`` asserts them) vs the paper:
+Parameter counts with the defaults vs the paper (``tests/test_baselines.py`` compares them
+with the paper's numbers, within these deviations):
 
 * ``FSRCNN3D``: 64,900 (paper 0.06M). FSRCNN(d=56, s=12, m=4); the 9x9 deconvolution
   becomes a 9x9x9 conv. PReLU has one shared slope per layer (``nn.PReLU()``); per-channel

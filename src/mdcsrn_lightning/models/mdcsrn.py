@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MDCSRN", "DenseUnit", "DenseBlock", "count_parameters", "lean_forward"]
+__all__ = ["MDCSRN", "MDCSRN_ATTRIBUTES", "DenseUnit", "DenseBlock", "count_parameters", "is_mdcsrn", "lean_forward"]
 
 Reconstruction = Literal["direct", "conv"]
 _RECONSTRUCTIONS: tuple[str, ...] = ("direct", "conv")
@@ -318,6 +318,17 @@ class MDCSRN(nn.Module):
         if self.global_residual:
             out = out + x
         return out
+
+
+#: The attributes of an mDCSRN generator (:class:`MDCSRN` or
+#: :class:`~mdcsrn_lightning.models.reference.ReferenceMDCSRN`) that the lean pass below and
+#: the streamed pass (:mod:`mdcsrn_lightning.inference.streaming`) rely on.
+MDCSRN_ATTRIBUTES = ("stem", "blocks", "compressors", "reconstruction", "reconstruction_type")
+
+
+def is_mdcsrn(net: object) -> bool:
+    """Whether ``net`` has the mDCSRN layout (:data:`MDCSRN_ATTRIBUTES`)."""
+    return all(hasattr(net, a) for a in MDCSRN_ATTRIBUTES)
 
 
 def lean_forward(net: nn.Module, x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir
         for i in range(batch["hr"][tio.DATA].shape[0]):
             hr = batch["hr"][tio.DATA][i, 0].numpy()
             scores = interpolation_scores(
-                hr, cfg.data.factors, list(cfg.get("baselines", [])), module.metric_axis, module.metric_scale()
+                hr, cfg.data.factors, list(cfg.get("baselines", [])), module.metric_axis, module.metric_scale(batch, i)
             )
             for name, row in scores.items():
                 per_method.setdefault(name, []).append(row)

@@ -23,13 +23,14 @@ none of it (critic step: SR is computed under ``torch.no_grad``, so no reducer h
 and none is expected). In the generator step the critic's ``requires_grad`` is switched
 off (``toggle_optimizer``), so no critic weight gradients are computed at all.
 
-Exact resume: besides the counters, checkpoints hold the global RNG states (torch, numpy,
-``random``; CUDA for this device) and a resumed fit restores them. The TorchIO queue draws
-patch positions, subject order and augmentations from those RNGs, and Lightning creates
-the train loader's iterator (one draw from torch's RNG) before ``on_train_epoch_start`` in
-the first epoch of a run but after it in later epochs, so without the restore a resumed
-epoch sees other patches than the uninterrupted run. Exact for a checkpoint written at an
-epoch end with the queue drained (a full epoch; not with ``limit_train_batches``).
+Exact resume: besides the counters, checkpoints hold the global RNG states, restored on
+resume, as for every :class:`~mdcsrn_lightning.training.base.SRModule`.
+
+Critic steps leave the generator exactly as it was: SR is computed under ``no_grad`` in
+train mode (the same function of the batch as in the generator's own step, so the critic
+learns on what the adversarial term will push), and the generator's buffers (BatchNorm
+running statistics, ``num_batches_tracked``) are put back afterwards, so they do not drift
+through the 10k critic-only warm-up updates nor the 5 critic updates of every cycle.
 
 Lightning warns "Found N module(s) in eval mode at the start of training": that is the
 frozen copy of the initial generator (``l1_net``, the panels' "L1-SR"), kept in eval mode.
@@ -38,8 +39,8 @@ frozen copy of the initial generator (``l1_net``, the panels' "L1-SR"), kept in 
 from __future__ import annotations
 
 import copy
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -47,44 +48,36 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchio as tio
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from mdcsrn_lightning.checkpoints import load_generator
 from mdcsrn_lightning.training.base import SRModule
-from mdcsrn_lightning.training.checkpoint import load_generator
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
 from mdcsrn_lightning.training.gradient_penalty import gradient_penalty
 
 __all__ = ["WGANGPModule"]
 
 _STATE_KEY = "gan_schedule"
-_RNG_KEY = "rng_states"
 
 
-def get_rng_states(device: torch.device | None = None) -> dict[str, Any]:
-    """The global RNG states as tensors and plain Python data (loadable with ``weights_only``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-    if device is not None and device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
+@contextmanager
+def kept_buffers(module: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``module`` (BatchNorm running statistics, counters) back on exit."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
-def set_rng_states(states: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore what :func:`get_rng_states` returned (the CUDA state only onto a CUDA ``device``)."""
-    torch.set_rng_state(states["torch"].cpu())
-    n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+def _as_size(value: int | Sequence[int]) -> tuple[int, int, int]:
+    sizes = [value] * 3 if isinstance(value, int) else list(value)
+    if len(sizes) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"em_patch_size must be an int >= 1 or 3 ints >= 1, got {value!r}")
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 class WGANGPModule(SRModule):
@@ -100,29 +93,26 @@ class WGANGPModule(SRModule):
             config uses WGAN-GP's Adam lr 1e-4, betas (0.5, 0.9)).
         init_ckpt: an ``mdcsrn-train`` checkpoint (L1 pretraining) to start the generator
             from; it must hold the same architecture as ``net_config``
-            (:class:`~mdcsrn_lightning.training.checkpoint.CheckpointError` otherwise).
+            (:class:`~mdcsrn_lightning.checkpoints.CheckpointError` otherwise).
             ``None`` starts from the freshly initialised generator, with a warning.
         adversarial_weight: lambda of the generator loss (paper: 0.1).
         gp_weight: weight of the gradient penalty (paper: 10).
         critic_warmup_steps, critic_per_generator, burst_every, burst_steps: the schedule,
             see :mod:`~mdcsrn_lightning.training.gan_schedule` (paper: 10000, 5, 500, 200).
         max_generator_steps: generator updates after which training stops (paper: 200k).
-        em_patch_size: side of the cubic crops on which validation evaluates the critic
-            for ``val/em_distance`` (clamped to the volume's size per axis). The same value
+        em_patch_size: size of the crops (an int for a cube, or 3 ints) on which
+            validation evaluates the critic for ``val/em_distance`` (clamped to the
+            volume's size per axis). The configs set it to ``data.patch_size``: the critic
+            is trained on those patches, and its scores (a dense head after adaptive
+            pooling) are only calibrated for inputs of that size. The same value
             is logged as ``val/em_distance_gan`` once the generator has had a GAN update
             (+inf before: the checkpoint monitor, see ``on_validation_epoch_end``).
         em_crops: crops per validation subject: the centre crop, then ``em_crops - 1``
             random ones (drawn from a generator seeded by the subject's index, so
             validation does not touch the global RNG and is the same every epoch).
-        restore_rng: checkpoints hold the RNG states (torch CPU and this device's CUDA
-            generator, numpy, ``random``) and a resumed fit restores them, so the TorchIO
-            queue (patch positions, subject order, augmentation, all drawn from the global
-            RNGs) and the gradient penalty's mixing weights draw the same numbers as an
-            uninterrupted run would. Exact for checkpoints written at the end of an epoch
-            (``last.ckpt``); a mid-epoch checkpoint cannot be, because the queue's
-            content is not saved.
         net_config: the generator's config (see :class:`SRModule`); ``init_ckpt`` must match it.
-        **kwargs: see :class:`SRModule` (``metric_axis``, ``channels_last``, ``compile``).
+        **kwargs: see :class:`SRModule` (``metric_axis``, ``channels_last``, ``compile``,
+            ``restore_rng``).
     """
 
     def __init__(
@@ -139,9 +129,8 @@ class WGANGPModule(SRModule):
         burst_every: int = 500,
         burst_steps: int = 200,
         max_generator_steps: int = 200_000,
-        em_patch_size: int = 64,
+        em_patch_size: int | Sequence[int] = 40,
         em_crops: int = 1,
-        restore_rng: bool = True,
         net_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -149,8 +138,8 @@ class WGANGPModule(SRModule):
         # the optimizer partials stay out: checkpoints then load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["net", "discriminator", "optimizer", "critic_optimizer"], logger=False)
         self.automatic_optimization = False
-        if em_patch_size < 1 or em_crops < 1:
-            raise ValueError(f"em_patch_size and em_crops must be >= 1, got {em_patch_size}, {em_crops}")
+        if isinstance(em_crops, bool) or not isinstance(em_crops, int) or em_crops < 1:
+            raise ValueError(f"em_crops must be an int >= 1, got {em_crops!r}")
         if max_generator_steps < 0:
             raise ValueError(f"max_generator_steps must be >= 0, got {max_generator_steps}")
         self.discriminator = discriminator
@@ -165,9 +154,8 @@ class WGANGPModule(SRModule):
             burst_steps=burst_steps,
         )
         self.max_generator_steps = int(max_generator_steps)
-        self.em_patch_size = int(em_patch_size)
+        self.em_patch_size = _as_size(em_patch_size)
         self.em_crops = int(em_crops)
-        self.restore_rng = restore_rng
         # the schedule state: updates done so far (saved in / restored from checkpoints)
         self.critic_steps = 0
         self.generator_steps = 0
@@ -251,7 +239,7 @@ class WGANGPModule(SRModule):
         self.log("train/generator_steps", float(self.generator_steps), batch_size=n, prog_bar=True)
 
     def _critic_step(self, lr: Tensor, hr: Tensor, opt_d: Any) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), kept_buffers(self.net):  # the generator must not change here
             sr = self(lr)
         self.toggle_optimizer(opt_d)
         scores = self.discriminator(torch.cat([hr, sr.to(hr.dtype)])).float()
@@ -289,16 +277,13 @@ class WGANGPModule(SRModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[_STATE_KEY] = {"critic_steps": self.critic_steps, "generator_steps": self.generator_steps}
-        checkpoint[_RNG_KEY] = get_rng_states(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(_STATE_KEY)
         if state is not None:
             self.critic_steps = int(state["critic_steps"])
             self.generator_steps = int(state["generator_steps"])
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if self.restore_rng and fitting and _RNG_KEY in checkpoint:
-            set_rng_states(checkpoint[_RNG_KEY], self.device)
 
     # -- validation: EM distance and the L1-SR | GAN-SR | HR panel ------------------
     def _crop_starts(self, shape: tuple[int, ...], size: tuple[int, ...], index: int) -> list[tuple[int, ...]]:
@@ -312,7 +297,7 @@ class WGANGPModule(SRModule):
     def em_distance(self, hr: Tensor, sr: Tensor, index: int = 0) -> float:
         """Mean D(HR) - D(SR) over the crops of one subject (tensors (1, 1, D, H, W))."""
         shape = tuple(hr.shape[2:])
-        size = tuple(min(self.em_patch_size, n) for n in shape)
+        size = tuple(min(p, n) for p, n in zip(self.em_patch_size, shape))
         minimum = getattr(self.discriminator, "min_input_size", 1)
         if min(size) < minimum:
             raise ValueError(
@@ -330,9 +315,12 @@ class WGANGPModule(SRModule):
         return float(scores[:k].mean() - scores[k:].mean())
 
     def _evaluate_gan(self, batch: dict[str, Any], batch_idx: int, rows: list[dict[str, float]], stage: str) -> None:
-        row, volumes, sr = self._evaluate_subject(batch)
-        row["em_distance"] = self.em_distance(batch["hr"][tio.DATA], sr, index=batch_idx)
-        rows.append(row)
+        new_rows, volumes, sr = self._evaluate_batch(batch)
+        hr = batch["hr"][tio.DATA]
+        for i, row in enumerate(new_rows):
+            # the subject's index in the loader seeds its random crops (same every epoch)
+            row["em_distance"] = self.em_distance(hr[i : i + 1], sr[i : i + 1], index=batch_idx * hr.shape[0] + i)
+        rows.extend(new_rows)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             with torch.no_grad():
                 l1_sr = self.l1_net(batch["lr"][tio.DATA])

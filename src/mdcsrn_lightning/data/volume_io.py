@@ -1,0 +1,226 @@
+"""The one reader and validator of 3D volume files (training sources, evaluation, inference).
+
+Formats: NIfTI (``.nii``, ``.nii.gz``), FreeSurfer MGH (``.mgz``) and Analyze
+(``.img``/``.hdr``), all read with nibabel. Every problem is one :class:`VolumeError` line
+``"<file>: <problem>"``:
+
+- missing file, a folder, not readable by nibabel;
+- not 3D (4D is accepted only when it holds one volume), empty, complex/RGB/non-numeric;
+- NaN or Inf voxels;
+- a zero, negative or non-finite voxel size in the header.
+
+:func:`check_not_constant` is the extra check for a volume that will be normalised by its
+own intensities (inference inputs, evaluation references): an all-zero or constant volume
+is refused with its file name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdcsrn_lightning.atomic import is_temp_name
+
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "LoadedVolume",
+    "VolumeError",
+    "check_array",
+    "check_not_constant",
+    "check_voxel_sizes",
+    "header_voxel_sizes",
+    "is_volume_path",
+    "load_volume",
+    "read_volume",
+    "volume_stem",
+]
+
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mgz", ".img", ".hdr")
+_FORMAT = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".mgz": "MGH", ".img": "Analyze", ".hdr": "Analyze"}
+
+
+class VolumeError(ValueError):
+    """A volume (or a folder of them) cannot be used; the message names the file and the problem."""
+
+
+def _suffix_of(path: str | os.PathLike[str]) -> str | None:
+    name = Path(path).name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+
+
+def is_volume_path(path: str | os.PathLike[str]) -> bool:
+    """``True`` for a volume file name we read (see ``VOLUME_SUFFIXES``), ``False`` for our own
+    temporary files (``.<name>.<random>.part.nii.gz``, left by a killed writer)."""
+    return _suffix_of(path) is not None and not is_temp_name(path)
+
+
+def volume_stem(path: str | os.PathLike[str]) -> str:
+    """``"scan.nii.gz" -> "scan"``, ``"scan.mgz" -> "scan"``; other names unchanged."""
+    name = Path(path).name
+    suffix = _suffix_of(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def _squeeze_to_3d(data: np.ndarray, location: str) -> np.ndarray:
+    if data.ndim == 3:
+        return data
+    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+        return data.reshape(data.shape[:3])
+    if data.ndim == 4:
+        raise VolumeError(f"{location}: 4D with {data.shape[3]} volumes (shape {data.shape}); expected one 3D volume")
+    raise VolumeError(f"{location}: not 3D (shape {data.shape}); expected one 3D volume (X, Y, Z)")
+
+
+def check_array(data: Any, location: str) -> np.ndarray:
+    """Check an array as a volume: real numeric, 3D (or 4D holding one volume), non-empty, finite.
+
+    Returns:
+        ``(X, Y, Z)`` float32, C-contiguous.
+    """
+    data = np.asanyarray(data)
+    if data.dtype.names is not None or np.iscomplexobj(data):
+        raise VolumeError(f"{location}: data type {data.dtype} is not a real scalar (RGB or complex data)")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise VolumeError(f"{location}: non-numeric data of dtype {data.dtype}")
+    data = _squeeze_to_3d(data, location)
+    if min(data.shape) < 1:
+        raise VolumeError(f"{location}: empty volume (shape {data.shape})")
+    out = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        nan = int(np.isnan(out).sum())
+        inf = int(out.size - finite.sum() - nan)
+        raise VolumeError(f"{location}: contains {nan} NaN and {inf} Inf voxel(s)")
+    return np.ascontiguousarray(out)
+
+
+def check_voxel_sizes(sizes: Any, location: str) -> tuple[float, float, float]:
+    """The first three voxel sizes (mm); refuses zero, negative or non-finite ones."""
+    values = tuple(float(s) for s in tuple(sizes)[:3])
+    if len(values) < 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        shown = tuple(round(v, 6) for v in values)
+        raise VolumeError(f"{location}: voxel sizes {shown} in the header must be positive numbers")
+    return values  # type: ignore[return-value]
+
+
+def check_not_constant(data: np.ndarray, location: str) -> None:
+    """Refuse an all-zero or constant volume (nothing to normalise by, nothing to super-resolve)."""
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if lo == hi:
+        what = "all zero" if hi == 0 else f"constant ({hi:g} everywhere)"
+        raise VolumeError(f"{location}: the volume is {what}")
+
+
+@dataclass
+class LoadedVolume:
+    """A checked volume and the image it came from.
+
+    Attributes:
+        data: ``(X, Y, Z)`` float32, the stored values with the header's scaling applied.
+        image: the nibabel image (header and affine of the file).
+        path: where it was read from.
+        shape: the file's own data shape, e.g. ``(X, Y, Z)`` or ``(X, Y, Z, 1)``.
+        voxel_sizes: the header's first three voxel sizes (all > 0).
+    """
+
+    data: np.ndarray
+    image: Any
+    path: Path
+    shape: tuple[int, ...]
+    voxel_sizes: tuple[float, float, float]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """``(4, 4)`` float64 voxel -> world matrix (identity when the file has none)."""
+        affine = getattr(self.image, "affine", None)
+        return np.asarray(np.eye(4) if affine is None else affine, dtype=np.float64)
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    # nibabel's own LoggingOutputSuppressor loses its handler; disabling the logger is enough
+    log = logging.getLogger("nibabel.global")
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
+def _open(path: Path, error: type[VolumeError]) -> Any:
+    import nibabel as nib  # deferred: keeps `import mdcsrn_lightning.data.sources` light
+
+    if not path.exists():
+        raise error(f"{path}: no such file")
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a volume file")
+    kind = _FORMAT.get(_suffix_of(path) or "", "NIfTI")
+    try:
+        # nibabel logs (to stderr) the header fields it "fixes" while loading, e.g. a zero
+        # pixdim; we check what the file stores ourselves and report it as one line
+        with _quiet_nibabel():
+            return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{path}: not readable as {kind} ({detail})") from None
+
+
+def _stored_voxel_sizes(image: Any) -> tuple[float, ...]:
+    """The voxel sizes as stored in the file.
+
+    nibabel "fixes" a zero or negative ``pixdim`` of a NIfTI/Analyze header while loading
+    (with only a log message): read the header again unchecked to see what the file holds.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    header = image.header
+    if isinstance(header, nib.analyze.AnalyzeHeader):
+        holder = image.file_map.get("header") or image.file_map.get("image")  # .nii: one file
+        if holder is not None and holder.filename:
+            with ImageOpener(holder.filename) as fh:
+                raw = type(header).from_fileobj(fh, check=False)
+            return tuple(float(z) for z in raw["pixdim"][1:4])
+    return tuple(float(z) for z in header.get_zooms()[:3])
+
+
+def header_voxel_sizes(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> tuple[float, float, float]:
+    """The checked voxel sizes of a volume file, from its header only (no voxel data read)."""
+    path = Path(path)
+    try:
+        return check_voxel_sizes(_stored_voxel_sizes(_open(path, error)), str(path))
+    except VolumeError as exc:
+        raise error(str(exc)) from None
+
+
+def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> LoadedVolume:
+    """Read and check one volume file (see the module docstring); raises ``error`` (a :class:`VolumeError`)."""
+    path = Path(path)
+    image = _open(path, error)
+    location = str(path)
+    try:
+        shape = tuple(int(s) for s in image.shape)
+        raw = np.asanyarray(image.dataobj)
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{location}: data cannot be read ({detail})") from None
+    try:
+        data = check_array(raw, location)
+        sizes = check_voxel_sizes(_stored_voxel_sizes(image), location)
+    except VolumeError as exc:
+        raise error(str(exc)) from None
+    return LoadedVolume(data=data, image=image, path=path, shape=shape, voxel_sizes=sizes)
+
+
+def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read a volume file as ``((X, Y, Z) float32, (4, 4) float64 affine)`` (training sources)."""
+    volume = load_volume(path)
+    return volume.data, volume.affine

@@ -1,0 +1,113 @@
+"""Checks of a training request made before anything is built or written (one line each).
+
+- :func:`check_checkpoint_file`: a resume checkpoint exists and is an intact PyTorch archive
+  (zip structure and every member's CRC), without unpickling anything.
+- :func:`check_trainer_options`: ``trainer.*`` values have the types ``lightning.Trainer``
+  takes (``trainer.max_steps=abc`` names the key) and the accelerator exists here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import typing
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mdcsrn_lightning.checkpoints import describe_state_mismatch
+
+__all__ = ["RunConfigError", "check_checkpoint_file", "check_trainer_options"]
+
+
+class RunConfigError(ValueError):
+    """A bad training option or file; the message is one line naming the key or file."""
+
+
+def check_checkpoint_file(path: str | os.PathLike[str], key: str = "ckpt_path") -> Path:
+    """Refuse a missing, empty, truncated or foreign file as a checkpoint (reads it, runs nothing).
+
+    ``torch.save`` writes a zip archive; a truncated copy loses the archive's directory and a
+    damaged one fails a member's CRC.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunConfigError(f"{key}={path}: no such checkpoint file")
+    if p.is_dir():
+        raise RunConfigError(f"{key}={path}: is a folder, not a checkpoint file")
+    if p.stat().st_size == 0:
+        raise RunConfigError(f"{key}={path}: empty file, not a checkpoint")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise RunConfigError(f"{key}={path}: not a readable PyTorch checkpoint (truncated or another kind of file: {exc})") from None
+    if damaged is not None:
+        raise RunConfigError(f"{key}={path}: damaged checkpoint (CRC error in {damaged})")
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        raise RunConfigError(f"{key}={path}: a zip file but not a PyTorch checkpoint (no data.pkl)")
+    return p
+
+
+def _allows_str(annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return any(isinstance(a, str) for a in typing.get_args(annotation))
+    if origin is not None and origin is not typing.Union and str(origin) != "<class 'types.UnionType'>":
+        return True  # containers, callables...: not ours to judge
+    args = typing.get_args(annotation)
+    if not args:
+        return annotation not in (int, float, bool, type(None))
+    return any(_allows_str(a) for a in args)
+
+
+def check_trainer_options(options: Mapping[str, Any], prefix: str = "trainer") -> None:
+    """Refuse a string where ``lightning.Trainer`` takes only numbers/bools, and a missing accelerator."""
+    from lightning.pytorch import Trainer
+
+    try:
+        hints = typing.get_type_hints(Trainer.__init__)
+    except Exception:  # unresolvable annotations: fall back to no type check
+        hints = {}
+    for key, value in options.items():
+        if key.startswith("_") or not isinstance(value, str) or key not in hints:
+            continue
+        if not _allows_str(hints[key]):
+            raise RunConfigError(f"{prefix}.{key}={value!r}: expected {_describe(hints[key])}")
+    accelerator = str(options.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunConfigError(f"{prefix}.accelerator={accelerator}: no CUDA GPU is available here; use trainer=cpu")
+
+
+def _describe(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+
+
+def check_resume_fits(model_state: Mapping[str, Any], path: str | os.PathLike[str], key: str = "ckpt_path") -> None:
+    """Refuse resuming from a checkpoint of another architecture (one line, not a 4 KB state-dict dump).
+
+    Loads the checkpoint with ``weights_only=True`` (no code runs).
+    """
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RunConfigError(f"{key}={path}: cannot be loaded safely ({first})") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, Mapping):
+        raise RunConfigError(f"{key}={path}: no state_dict; not a checkpoint written by mdcsrn-train")
+    differ = describe_state_mismatch(model_state, state)
+    if differ:
+        raise RunConfigError(f"{key}={path}: holds another architecture than this config: {differ}")
