@@ -68,7 +68,8 @@ def _expected(module: L1Module, dm: SRDataModule, axis: int) -> dict[str, float]
         lr, hr = subject["lr"][tio.DATA][None], subject["hr"][tio.DATA][None]
         with torch.no_grad():
             sr = module.net(lr)[0, 0].numpy()
-        scores = slice_metrics(sr, hr[0, 0].numpy(), axis=axis, scale=1.0)
+        # the HR's reference in the batch's units (inputs are divided by the LR's own scale)
+        scores = slice_metrics(sr, hr[0, 0].numpy(), axis=axis, scale=float(subject["metric_scale"]))
         scores["mse"] = float(np.mean((sr - hr[0, 0].numpy()) ** 2))
         rows.append(scores)
     assert len(rows) == 2

@@ -88,7 +88,7 @@ def check_run_config(cfg: DictConfig) -> None:
             if missing:
                 key = missing[0] if missing[0].startswith(f"{group}.") else f"{group}.{missing[0]}"
                 raise RunConfigError(f"{key}: required, give {key}=<value>")
-    if cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") and str(cfg.ckpt_path) not in _LIGHTNING_CKPT_NAMES:
         check_checkpoint_file(cfg.ckpt_path)
     check_trainer_options(cfg.trainer)
 
@@ -115,8 +115,8 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
     datamodule = instantiate(cfg.data, _convert_="all")
     net = instantiate(cfg.model)
     module = build_module(cfg, net)
-    if cfg.get("ckpt_path"):
-        check_resume_fits(module.state_dict(), cfg.ckpt_path)
+    if resume and str(resume) not in _LIGHTNING_CKPT_NAMES:
+        check_resume_fits(module.state_dict(), resume)
     loggers = _instantiate_all(cfg.get("logger"))
     run_config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                   for k, v in cfg.items() if k != "hydra"}
