@@ -219,3 +219,33 @@ def test_infer_and_eval_apply_data_consistency(tmp_path: Path, monkeypatch, caps
     assert results[False].rows[0]["psnr"] == pytest.approx(slice_metrics(2 * lr, hr, axis=2)["psnr"], rel=1e-5)
     assert results[True].rows[0]["psnr"] > results[False].rows[0]["psnr"] + 3
     assert results[True].settings["data_consistency"] is True
+
+
+def test_data_consistency_auto_follows_the_checkpoints_recommendation(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`auto` (infer's default): on for a checkpoint whose release record asks for it, off otherwise."""
+    shape = (26, 22, 7)
+    hr = _hr(shape)
+    lr = d.degrade(hr, (2, 2, 1), "zero_filled")
+    lr_file = _save(tmp_path / "lr.nii.gz", lr, HR_AFFINE)
+    settings = {"factors": [2, 2, 1], "interpolation": "zero_filled", "input_scale": "lr_p99.9"}
+    plain = write_tiny_checkpoint(tmp_path / "plain.ckpt", datamodule_hyper_parameters=settings)
+    released = write_tiny_checkpoint(
+        tmp_path / "released.ckpt", datamodule_hyper_parameters=settings, release={"data_consistency": True}
+    )
+    outputs = {}
+    for name, ckpt, extra in (
+        ("plain_auto", plain, []), ("released_auto", released, []), ("released_off", released, ["data_consistency=false"])
+    ):
+        code, out, err = _infer(monkeypatch, capsys, f"input={lr_file}", f"ckpt={ckpt}", f"output={tmp_path / name}.nii.gz", *extra)
+        assert code == 0, err
+        outputs[name] = nib.load(str(tmp_path / f"{name}.nii.gz")).get_fdata().astype(np.float32)
+    # the released record switches it on; `false` still wins; a plain checkpoint stays off
+    np.testing.assert_allclose(
+        outputs["released_auto"], d.data_consistency(outputs["released_off"], lr, (2, 2, 1), "zero_filled"), atol=1e-5
+    )
+    assert not np.allclose(outputs["released_auto"], outputs["released_off"], atol=1e-3)
+    np.testing.assert_allclose(outputs["plain_auto"], outputs["released_off"], atol=1e-6)  # same weights, no step
+
+    code, _, err = _infer(monkeypatch, capsys, f"input={lr_file}", f"ckpt={plain}", f"output={tmp_path / 'x.nii.gz'}", "data_consistency=maybe")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "data_consistency must be true, false or auto" in err
+    assert not (tmp_path / "x.nii.gz").exists()

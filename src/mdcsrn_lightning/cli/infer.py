@@ -42,6 +42,11 @@ def _required(cfg: DictConfig, key: str, example: str) -> Any:
     return cfg[key]
 
 
+def _consistency(value: Any) -> bool | str:
+    """``true``/``false`` as booleans; anything else (``auto``) is resolved against the checkpoint."""
+    return value if isinstance(value, bool) else str(value)
+
+
 def _numbers(value: Any) -> Any:
     """A Hydra list as a plain list; strings and ``None`` unchanged."""
     return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else value
@@ -88,7 +93,7 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         degrade_interpolation=cfg.get("degrade_interpolation"),
         upsample=_numbers(cfg.get("upsample")),
         upsample_shape=_numbers(cfg.get("upsample_shape")),
-        data_consistency=bool(cfg.get("data_consistency", False)),
+        data_consistency=_consistency(cfg.get("data_consistency", "auto")),
         overwrite=bool(cfg.overwrite),
         on_done=report,
     )

@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import nn
@@ -188,6 +188,25 @@ def load_model(ckpt: str | os.PathLike[str] | None) -> tuple[nn.Module, dict[str
     except Exception as exc:  # e.g. a net_config whose _target_ cannot be built
         raise InferenceError(f"{path}: cannot rebuild the generator ({type(exc).__name__}: {exc})") from exc
     return net.eval(), config, path
+
+
+def resolve_data_consistency(value: bool | str, ckpt: str | os.PathLike[str]) -> bool:
+    """``True``/``False`` as given; ``"auto"``: what the checkpoint recommends, else ``False``.
+
+    A released checkpoint records the choice measured for it on held-out real scans
+    (``checkpoint["release"]["data_consistency"]``, see ``release/MODEL_CARD.md``); any other
+    checkpoint runs without the step unless asked, since whether it helps depends on how the
+    model was trained.
+    """
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() != "auto":
+        raise InferenceError(f"data_consistency must be true, false or auto, got {value!r}")
+    try:
+        release = read_checkpoint(ckpt).get("release") or {}
+    except CheckpointError as exc:
+        raise InferenceError(str(exc)) from exc
+    return bool(release.get("data_consistency", False)) if isinstance(release, dict) else False
 
 
 def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -422,7 +441,7 @@ def predict(
     degrade_interpolation: str | None = None,
     upsample: str | Sequence[float] | None = None,
     upsample_shape: Sequence[int] | None = None,
-    data_consistency: bool = False,
+    data_consistency: bool | Literal["auto"] = False,
     overwrite: bool = False,
     on_done: Any = None,
 ) -> list[Prediction]:
@@ -434,8 +453,8 @@ def predict(
     ``factors=None``: the checkpoint's training factors, else ``(2, 2, 1)``.
     ``degrade_interpolation=None``: the interpolation the checkpoint was trained with (if
     recorded), else ``"linear"``; it is also how ``upsample`` reaches the fine grid (always
-    the checkpoint's). ``upsample``: see :func:`resolve_upsample`. ``on_done(prediction)``
-    is called after each file. A failure while
+    the checkpoint's). ``upsample``: see :func:`resolve_upsample`. ``data_consistency``:
+    see :func:`resolve_data_consistency`. ``on_done(prediction)`` is called after each file. A failure while
     writing (disk full) leaves the outputs already written, complete, and no partial file.
     """
     from mdcsrn_lightning.inference.patches import resolve_device
@@ -452,6 +471,7 @@ def predict(
     interpolation = str(degrade_interpolation or trained_interp) if degrade else trained_interp
     if factors is None:
         factors = [float(f) for f in settings.get("factors") or (2, 2, 1)]
+    data_consistency = resolve_data_consistency(data_consistency, ckpt_path)
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
     normalize = settings.get("normalize") != "none"
