@@ -24,6 +24,9 @@ def test_released_checkpoint_is_small_and_loads_weights_only() -> None:
     checkpoint = torch.load(RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
     assert "optimizer_states" not in checkpoint
     assert checkpoint["datamodule_hyper_parameters"]["interpolation"] == "zero_filled"
+    # trained under the LR-only input rule, and records the measured data-consistency choice
+    assert checkpoint["datamodule_hyper_parameters"]["input_scale"] == "lr_p99.9"
+    assert checkpoint["release"]["data_consistency"] is True
     net, config = load_generator(RELEASED_WEIGHTS)
     assert isinstance(net, MDCSRN) and config["global_residual"] is True
     assert (config["num_blocks"], config["units_per_block"], config["growth_rate"]) == (2, 4, 8)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 RELEASE_DIR = Path(__file__).resolve().parent
 # mDCSRN b2u4 k=8 with the global residual, trained by `mdcsrn-train experiment=release_cpu`
-RELEASED_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_mni152.ckpt"
+# on the realistic mixture (see MODEL_CARD.md)
+RELEASED_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_realmix.ckpt"
 MODEL_CARD = RELEASE_DIR / "MODEL_CARD.md"
 
 
