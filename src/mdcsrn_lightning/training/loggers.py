@@ -72,6 +72,9 @@ class LocalMLFlowLogger(MLFlowLogger):
     Args:
         store: folder of the local store (created); unused when a tracking URI is given.
         tracking_uri: a tracking server or database; ``None``: ``$MLFLOW_TRACKING_URI``, else ``store``.
+        run_dir: this run's folder, kept as the tag ``run_dir``; parameters whose value is a
+            path inside it (checkpoint folder, split file) are left out, since they differ
+            between every two runs and would bury the parameters that do in MLflow's comparison.
         experiment_name, run_name, tags, log_model, **kwargs: as for ``MLFlowLogger``.
     """
 
@@ -83,8 +86,12 @@ class LocalMLFlowLogger(MLFlowLogger):
         run_name: str | None = None,
         tags: dict[str, Any] | None = None,
         log_model: bool = False,
+        run_dir: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._run_dir = str(Path(run_dir).resolve()) if run_dir else None
+        if self._run_dir:
+            tags = {**(tags or {}), "run_dir": self._run_dir}
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         if tracking_uri is None:
             if store is None or str(store) == "":
@@ -103,6 +110,20 @@ class LocalMLFlowLogger(MLFlowLogger):
             **kwargs,
         )
 
+    def log_hyperparams(self, params: Mapping[str, Any] | Any) -> None:
+        if self._run_dir and isinstance(params, Mapping):
+            params = self._without_run_paths(params)
+        super().log_hyperparams(params)
+
+    def _without_run_paths(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: self._without_run_paths(v) if isinstance(v, Mapping) else v
+                for k, v in params.items() if not self._inside_run_dir(v)}
+
+    def _inside_run_dir(self, value: Any) -> bool:
+        if not isinstance(value, str) or os.sep not in value or self._run_dir is None:
+            return False
+        return value == self._run_dir or str(Path(value).resolve()).startswith(self._run_dir + os.sep)
+
 
 # ---------------------------------------------------------------------------- identity
 def identity_arguments(
@@ -118,9 +139,10 @@ def identity_arguments(
                 "tags": list(identity.tags), "id": wandb_id}
     if issubclass(logger_class, MLFlowLogger):
         tags = {"group": identity.group or "", "job_type": identity.job_type, "row": ",".join(identity.tags)}
-        if run_dir:
-            tags["run_dir"] = run_dir
-        return {"experiment_name": identity.experiment, "run_name": identity.name, "tags": tags}
+        arguments: dict[str, Any] = {"experiment_name": identity.experiment, "run_name": identity.name, "tags": tags}
+        if run_dir and issubclass(logger_class, LocalMLFlowLogger):
+            arguments["run_dir"] = run_dir
+        return arguments
     return {}
 
 
