@@ -10,11 +10,13 @@ Panels and the test results go to each logger in the form its dashboard shows
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,7 @@ class LocalMLFlowLogger(MLFlowLogger):
         if self._run_dir:
             tags = {**(tags or {}), "run_dir": self._run_dir}
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if tracking_uri is None:
             if store is None or str(store) == "":
                 raise ValueError("LocalMLFlowLogger: give store (a folder) or tracking_uri")
@@ -101,14 +104,18 @@ class LocalMLFlowLogger(MLFlowLogger):
             tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
             # only used when this run creates the experiment; later runs find it
             kwargs.setdefault("artifact_location", (root / "artifacts").as_uri())
-        super().__init__(
-            experiment_name=experiment_name or "mdcsrn-lightning",
-            run_name=run_name,
-            tracking_uri=tracking_uri,
-            tags=tags,
-            log_model=log_model,
-            **kwargs,
-        )
+            # the client creates the database (schema migrations) on first use: parallel sweep
+            # jobs (hydra/launcher=parallel) starting on a new store take turns
+            lock = _flocked(root / ".create.lock")
+        with lock:
+            super().__init__(
+                experiment_name=experiment_name or "mdcsrn-lightning",
+                run_name=run_name,
+                tracking_uri=tracking_uri,
+                tags=tags,
+                log_model=log_model,
+                **kwargs,
+            )
 
     def log_hyperparams(self, params: Mapping[str, Any] | Any) -> None:
         if self._run_dir and isinstance(params, Mapping):
@@ -123,6 +130,16 @@ class LocalMLFlowLogger(MLFlowLogger):
         if not isinstance(value, str) or os.sep not in value or self._run_dir is None:
             return False
         return value == self._run_dir or str(Path(value).resolve()).startswith(self._run_dir + os.sep)
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    with open(path, "a", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------- identity
