@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -301,12 +302,16 @@ def test_mlflow_ui_compares_the_sweep_in_a_browser(mlflow_sweep: Path, tmp_path:
     experiment = client.get_experiment_by_name("train/sweep")
     run_ids = sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id]))
     port = _free_port()
+    # one web worker and no background job runner (MLflow 3 starts several huey consumers):
+    # the page is all we need; its own session, so that teardown ends every process it started
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env,
+                              start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
@@ -315,7 +320,7 @@ def test_mlflow_ui_compares_the_sweep_in_a_browser(mlflow_sweep: Path, tmp_path:
             except OSError:
                 pass
             assert server.poll() is None, "mlflow ui exited"
-            assert time.monotonic() < deadline, "mlflow ui did not answer on /health in 120 s"
+            assert time.monotonic() < deadline, "mlflow ui did not answer on /health in 240 s"
             time.sleep(1)
         query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment.experiment_id])})
         page = f"{base}/#/compare-runs?{query}"
@@ -324,8 +329,12 @@ def test_mlflow_ui_compares_the_sweep_in_a_browser(mlflow_sweep: Path, tmp_path:
         shot = tmp_path / "mlflow_compare.png"
         _chromium(f"--screenshot={shot}", "--window-size=1400,900", page)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
     pixels = imread(shot)
     assert pixels.shape[:2] == (900, 1400) and float(np.std(pixels[..., :3])) > 0.05  # not a blank page
     keep = os.environ.get("MDCSRN_SCREENSHOT_DIR")
