@@ -17,17 +17,25 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint, unsafe_reason
 from mdcsrn_lightning.cli.run_guard import created_run_folder
+from mdcsrn_lightning.cli.run_identity import run_identity
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.split import SplitError
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
 from mdcsrn_lightning.runlock import RunLockError, acquire_run_lock, is_global_zero, release_run_lock
+from mdcsrn_lightning.training.loggers import (
+    identity_arguments,
+    new_wandb_id,
+    read_wandb_id,
+    write_wandb_run,
+)
 from mdcsrn_lightning.training.results import write_test_results
 from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
@@ -54,6 +62,37 @@ def build_module(cfg: DictConfig, net: Any) -> L.LightningModule:
     # hparams go into checkpoints, which must load with weights_only
     factory = instantiate(cfg.module, _partial_=True, _convert_="all")
     return factory(net=net, net_config=OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def _resumed_run_folder(cfg: DictConfig) -> Path | None:
+    """The run folder of ``ckpt_path`` (``<run>/checkpoints/<file>``), if one is resumed from a file."""
+    resume = cfg.get("ckpt_path")
+    if not resume or str(resume) in _LIGHTNING_CKPT_NAMES:
+        return None
+    return Path(resume).resolve().parent.parent
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Any]:
+    """The loggers of ``cfg.logger``, named by :func:`run_identity` where their config leaves it null.
+
+    A W&B logger gets the run id recorded in the run folder it resumes (or this one), else a
+    new one, and the id is recorded in ``output_dir`` (``wandb_run.json``).
+    """
+    identity = run_identity(cfg)
+    loggers = []
+    for entry in (cfg.get("logger") or {}).values():
+        if entry is None or "_target_" not in entry:
+            continue
+        cls = get_class(entry._target_)
+        wandb_id = None
+        if issubclass(cls, WandbLogger):
+            previous = [f for f in (_resumed_run_folder(cfg), output_dir) if f is not None]
+            wandb_id = entry.get("id") or read_wandb_id(previous) or new_wandb_id()
+        extra = identity_arguments(cls, identity, wandb_id=wandb_id, run_dir=str(output_dir))
+        loggers.append(instantiate(entry, **{k: v for k, v in extra.items() if entry.get(k) is None}))
+        if wandb_id is not None and is_global_zero():
+            write_wandb_run(output_dir, wandb_id, identity, entry.get("project"))
+    return loggers
 
 
 def _reuse_split_on_resume(cfg: DictConfig) -> None:
@@ -117,7 +156,7 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
     module = build_module(cfg, net)
     if resume and str(resume) not in _LIGHTNING_CKPT_NAMES:
         check_resume_fits(module.state_dict(), resume)
-    loggers = _instantiate_all(cfg.get("logger"))
+    loggers = build_loggers(cfg, Path(cfg.paths.output_dir))
     run_config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                   for k, v in cfg.items() if k != "hydra"}
     for logger in loggers:
@@ -138,7 +177,7 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             if trainer.is_global_zero:
-                write_test_results(cfg, module, datamodule, Path(cfg.paths.output_dir), best)
+                write_test_results(cfg, module, datamodule, Path(cfg.paths.output_dir), best, loggers=trainer.loggers)
         if trainer.is_global_zero:
             _print_outputs(Path(cfg.paths.output_dir), trainer)
     finally:

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torchio as tio
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -28,6 +27,7 @@ from torch import nn
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
 from mdcsrn_lightning.evaluation.panels import middle_slice, save_panel
 from mdcsrn_lightning.models import count_parameters
+from mdcsrn_lightning.training.loggers import log_panel
 from mdcsrn_lightning.training.rng_state import get_rng_states, set_rng_states
 from mdcsrn_lightning.training.timing import timed
 
@@ -201,6 +201,6 @@ class SRModule(LightningModule):
         path = save_panel(
             self.panel_dir() / f"{name}.png", images, reference="HR", error_of=error_of, title=name
         )
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/panel", images=[str(path)], caption=[name])
+        # W&B and TensorBoard show it as an image on the step axis, MLflow keeps the file
+        log_panel(self.loggers, path, key="test/panel" if name == "test" else "val/panel", caption=name,
+                  step=self.global_step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,14 @@ from mdcsrn_lightning.atomic import write_json
 from mdcsrn_lightning.evaluation.interpolation import interpolation_scores
 from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
 from mdcsrn_lightning.models import count_parameters
+from mdcsrn_lightning.training.loggers import log_test_results
 
 
-def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir: Path, checkpoint: str) -> Path:
-    """Write ``metrics.json`` (model and baselines, mean +- std over test subjects), print a table."""
+def write_test_results(
+    cfg: DictConfig, module: Any, datamodule: Any, output_dir: Path, checkpoint: str, loggers: Sequence[Any] = ()
+) -> Path:
+    """Write ``metrics.json`` (model and baselines, mean +- std over test subjects), print a table,
+    and hand the results to the dashboards among ``loggers`` (:func:`log_test_results`)."""
     per_method: dict[str, list[dict[str, float]]] = {"model": list(module.test_rows)}
     for batch in datamodule.test_dataloader():
         for i in range(batch["hr"][tio.DATA].shape[0]):
@@ -43,4 +48,6 @@ def write_test_results(cfg: DictConfig, module: Any, datamodule: Any, output_dir
     write_json(path, result)
     print(f"\nTest split ({summary['model']['n_subjects']} subject(s)), slice-wise in the degraded plane:")
     print(markdown_table(summary))
+    # the test panel already went to the dashboards as it was drawn (SRModule._log_panel)
+    log_test_results(loggers, result, [path], step=int(module.global_step))
     return path
