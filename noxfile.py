@@ -29,7 +29,10 @@ def install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (slow end-to-end tests included; `-- -m "not slow"` to skip them)."""
     install(session, "[test]")
-    session.run("pytest", "-q", "-ra", *session.posargs, env={"WANDB_SILENT": "true"})
+    # -s: after an OpenVINO model conversion, pytest's own captured-stderr buffer ends up closed
+    # and a later in-process CLI test kills the session ("lost sys.stderr"); with capture off
+    # every test passes (capsys/capfd still capture where a test asserts on output)
+    session.run("pytest", "-q", "-ra", "-s", *session.posargs, env={"WANDB_SILENT": "true"})
 
 
 @nox.session
