@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from mdcsrn_lightning.cli.report import main as report_main
-from mdcsrn_lightning.evaluation.panels import save_panel, zoom_window
+from mdcsrn_lightning.evaluation.panels import inset_bounds, save_panel, zoom_window
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -163,6 +163,13 @@ def test_zoom_window_finds_the_detailed_region() -> None:
     assert covered >= 0.6 * 12 * 12
     with pytest.raises(ValueError, match="expected a 2D image"):
         zoom_window(np.zeros((4, 4, 4)))
+
+
+def test_inset_goes_to_the_corner_farthest_from_the_window() -> None:
+    # (row, col, h, w) on a 100x100 image; axes coordinates: x right, y up (row 0 on top)
+    assert inset_bounds((70, 70, 20, 20), (100, 100)) == pytest.approx((0.0, 0.58, 0.42, 0.42))  # lower right -> upper left
+    assert inset_bounds((5, 5, 20, 20), (100, 100)) == pytest.approx((0.58, 0.0, 0.42, 0.42))  # upper left -> lower right
+    assert inset_bounds((10, 75, 20, 20), (100, 100)) == pytest.approx((0.0, 0.0, 0.42, 0.42))  # upper right -> lower left
 
 
 def test_panel_frames_the_zoomed_region_in_every_column(tmp_path: Path) -> None:

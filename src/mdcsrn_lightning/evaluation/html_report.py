@@ -143,7 +143,7 @@ def render_html(
             '<section class="panels">',
             "<h2>Test slice panels</h2>",
             '<p class="caption">Middle slice of the first test subject in the degraded plane; the framed '
-            "region is shown enlarged in each image's lower right corner.</p>",
+            "region is shown enlarged in the image corner farthest from it.</p>",
         ]
         for label, path in panels.items():
             name = html.escape(str(label))

@@ -14,7 +14,7 @@ import numpy as np
 
 from mdcsrn_lightning.atomic import atomic_path
 
-__all__ = ["middle_slice", "save_panel", "zoom_window"]
+__all__ = ["inset_bounds", "middle_slice", "save_panel", "zoom_window"]
 
 
 def middle_slice(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -46,6 +46,21 @@ def zoom_window(image: np.ndarray, fraction: float = 0.3) -> tuple[int, int, int
     return int(r), int(c), h, w
 
 
+_INSET = 0.42  # the inset's side, as a share of the image's
+
+
+def inset_bounds(window: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[float, float, float, float]:
+    """``(x0, y0, width, height)`` in axes coordinates of the inset: the image corner farthest
+    from the framed ``window`` (so the inset never hides the region it enlarges)."""
+    r, c, h, w = window
+    rows, cols = shape[:2]
+    # the window's centre in axes coordinates (x right, y up; row 0 is the top)
+    x, y = (c + w / 2) / cols, 1.0 - (r + h / 2) / rows
+    corners = [(x0, y0) for y0 in (0.0, 1.0 - _INSET) for x0 in (1.0 - _INSET, 0.0)]
+    x0, y0 = max(corners, key=lambda xy: (xy[0] + _INSET / 2 - x) ** 2 + (xy[1] + _INSET / 2 - y) ** 2)
+    return x0, y0, _INSET, _INSET
+
+
 def save_panel(
     path: str | Path,
     images: Mapping[str, np.ndarray],
@@ -62,7 +77,8 @@ def save_panel(
         reference: the column the error is measured against (and the zoom chosen on).
         error_of: the column whose absolute error is added as the last column.
         zoom: frame one region (:func:`zoom_window` of the reference, else of the first
-            image) in every column and show it enlarged in the column's lower right corner.
+            image) in every column and show it enlarged in the image corner farthest from it
+            (:func:`inset_bounds`).
 
     The file is written to a temporary name and moved into place, so a reader never
     sees half a PNG.
@@ -91,7 +107,7 @@ def save_panel(
         if window is not None:
             r, c, h, w = window
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), w, h, fill=False, edgecolor="#ffcc00", linewidth=1.0))
-            inset = ax.inset_axes((0.58, 0.0, 0.42, 0.42))
+            inset = ax.inset_axes(inset_bounds(window, image.shape))
             inset.imshow(image[r : r + h, c : c + w], **style)
             inset.set_xticks([])
             inset.set_yticks([])
