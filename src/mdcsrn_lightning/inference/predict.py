@@ -1,6 +1,7 @@
-"""File-level inference: NIfTI in, NIfTI out, with a generator read from a checkpoint.
+"""File-level inference: a scan in (NIfTI, ``.mgz``, Analyze, DICOM series folder), NIfTI out,
+with a generator read from a checkpoint.
 
-One scan's path: NIfTI file -> checked ``(X, Y, Z)`` float32 (:mod:`.nifti_io`) ->
+One scan's path: volume file or series folder -> checked ``(X, Y, Z)`` float32 (:mod:`.nifti_io`) ->
 on the fine grid (as it is; or brought there from a coarse matrix, ``upsample=``; or, for
 experiments, an HR degraded first, ``degrade=True``) -> divided by its own 99.9th
 percentile -> patch-wise generator (:func:`.patches.super_resolve`) -> multiplied back by
@@ -447,7 +448,8 @@ def predict(
     overwrite: bool = False,
     on_done: Any = None,
 ) -> list[Prediction]:
-    """Super-resolve a NIfTI file, a folder of them or a glob into ``output``.
+    """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
+    (inputs: :func:`collect_inputs`).
 
     Checks first, writes after: the checkpoint is loaded, the options are checked against
     it, every input is read and checked and every output path is checked before the
