@@ -187,6 +187,30 @@ def test_training_source_reads_dicom_folders_and_refuses_alike(tmp_path: Path) -
     assert str(from_source.value) == str(from_infer.value)
 
 
+def test_data_module_trains_from_dicom_folders_through_its_cache(tmp_path: Path) -> None:
+    """With a disk cache the HR is re-read lazily by the queue: from the series folder itself."""
+    import torchio as tio
+
+    from mdcsrn_lightning.data.datamodule import SRDataModule
+
+    for i in range(4):
+        nifti = write_nifti(tmp_path / f"s{i}.nii.gz", phantom(seed=i))
+        write_dicom_series(nifti, tmp_path / "cohort" / f"subj{i}" / "T1", series=i + 1)
+    dm = SRDataModule(
+        GlobSource(str(tmp_path / "cohort"), pattern="*/T1"), patch_size=8, samples_per_volume=2, batch_size=2,
+        queue_length=4, split_fractions=[2, 1, 0, 1], cache_dir=str(tmp_path / "cache"),
+    )
+    dm.setup()
+    assert dm._entries[dm.split["test"][0]].hr_file.endswith("/T1")  # not held in memory
+    assert next(iter(dm.train_dataloader()))["hr"][tio.DATA].shape == (2, 1, 8, 8, 8)
+    test = next(iter(dm.test_dataloader()))
+    (name,) = dm.split["test"]
+    expected = phantom(seed=int(name[-1])).astype(np.float32)
+    hr = test["hr"][tio.DATA][0, 0].numpy() * float(test["input_scale"][0])
+    np.testing.assert_allclose(hr, expected, rtol=1e-5, atol=1e-3)
+    assert np.abs(np.asarray(test["hr"][tio.AFFINE][0]) - AFFINE).max() < 1e-4
+
+
 def infer_read(path: Path):
     """What mdcsrn-infer does with one input before any work: read and check it."""
     from mdcsrn_lightning.inference.nifti_io import read_volume as infer_read_volume
