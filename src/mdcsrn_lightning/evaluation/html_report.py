@@ -39,8 +39,8 @@ table.results th { text-align: center; border-bottom: 2px solid #333; }
 table.results td { text-align: right; white-space: nowrap; }
 table.results td.name { text-align: left; }
 table.results tr.baseline td { color: #666; }
-table.results tr.model td.name { font-weight: 600; }
-table.results td.best { font-weight: 700; }
+table.results tr.model td { color: #111; }
+table.results td.best { font-weight: 700; background: #e8f1fb; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.9rem; color: #333; margin-bottom: 0.3rem; font-weight: 600; }
