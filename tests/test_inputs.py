@@ -4,6 +4,7 @@ package's one reader (data/volume_io.py) for training sources, mdcsrn-eval and m
 from __future__ import annotations
 
 import json
+import locale
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ AFFINE[:3, :3] = np.array(
     [[np.cos(THETA), -np.sin(THETA), 0.0], [np.sin(THETA), np.cos(THETA), 0.0], [0.0, 0.0, 1.0]]
 ) @ np.diag([0.9, 1.1, 2.0])
 AFFINE[:3, 3] = [-10.5, 20.25, 30.0]
+CTYPE_BEFORE = locale.setlocale(locale.LC_CTYPE)
 
 
 def phantom(shape: tuple[int, int, int] = (16, 14, 8), seed: int = 0) -> np.ndarray:
@@ -72,6 +74,17 @@ def write_dicom_series(nifti: Path, folder: Path, series: int = 1) -> list[Path]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     files = []
+    # GDCM's writer sets the process locale to "C" (text files opened later in this pytest
+    # process would then be read as ASCII): put it back
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(image, writer, tags, uid, series, folder, files)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return files
+
+
+def _write_slices(image: sitk.Image, writer: sitk.ImageFileWriter, tags: dict[str, str], uid: str, series: int, folder: Path, files: list[Path]) -> None:
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
         for tag, value in tags.items():
@@ -84,7 +97,6 @@ def write_dicom_series(nifti: Path, folder: Path, series: int = 1) -> list[Path]
         writer.SetFileName(str(path))
         writer.Execute(piece)
         files.append(path)
-    return files
 
 
 @pytest.fixture
@@ -99,6 +111,7 @@ def dicom(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
 # ---------------------------------------------------------------------- DICOM
 def test_dicom_series_is_read_with_the_nifti_geometry(dicom) -> None:
     nifti, folder, data = dicom
+    assert locale.setlocale(locale.LC_CTYPE) == CTYPE_BEFORE  # the helper left the locale alone
     assert is_dicom_series(folder) and not is_dicom_series(nifti.parent)
     volume = load_volume(folder)
     assert volume.shape == data.shape and np.array_equal(volume.data, data.astype(np.float32))
