@@ -194,7 +194,7 @@ def test_inputs_outputs_and_checkpoint_resolution(tmp_path: Path) -> None:
     assert collect_inputs(tmp_path / "in" / "b.nii") == ([tmp_path / "in" / "b.nii"], False)
     with pytest.raises(InferenceError, match="no such file"):
         collect_inputs(tmp_path / "missing.nii.gz")
-    with pytest.raises(InferenceError, match="no NIfTI files match"):
+    with pytest.raises(InferenceError, match="no volume files or DICOM series folders match"):
         collect_inputs(str(tmp_path / "in" / "*.mgz"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InferenceError, match="no .nii"):

@@ -308,7 +308,7 @@ def test_validation_logs_em_distance_and_the_monitor(tmp_path: Path) -> None:
     assert np.isfinite(warmup["val/em_distance"])
     assert warmup["val/em_distance_gan"] == float("inf")  # warm-up only: not a candidate
     assert gan["val/em_distance_gan"] == gan["val/em_distance"]
-    assert (tmp_path / "panels" / "val_epoch001.png").is_file()  # L1-SR | GAN-SR | HR
+    assert (tmp_path / "panels" / "val_epoch001.png").is_file()  # LR | SR | GAN-SR | HR | error
 
 
 # --------------------------------------------------------------------------- configs

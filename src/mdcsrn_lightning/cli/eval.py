@@ -64,7 +64,12 @@ def _references(cfg: DictConfig) -> tuple[Any, list[float], str]:
 
         dm = instantiate(data)
         hp = dm.hparams
-        split = load_or_create_split(dm.source.subject_ids(), hp.split_fractions, hp.split_seed, hp.split_file)
+        # the training run's split: same forced sets and person groups as SRDataModule.setup
+        source = dm.source
+        split = load_or_create_split(
+            source.subject_ids(), hp.split_fractions, hp.split_seed, hp.split_file,
+            source.forced_sets(), source.split_groups(),
+        )
         names = split.get(str(cfg.split))
         if names is None:
             raise InferenceError(f"split: unknown set {cfg.split!r}; choose train, val, eval or test")

@@ -1,6 +1,8 @@
-"""`mdcsrn-infer`: NIfTI in, super-resolved NIfTI out; the last stdout line is JSON.
+"""`mdcsrn-infer`: a scan in (NIfTI, .mgz, Analyze, DICOM series folder), super-resolved NIfTI
+out; the last stdout line is JSON.
 
     mdcsrn-infer input=scan.nii.gz output=sr.nii.gz ckpt=model.ckpt
+    mdcsrn-infer input=dicom/T1_MPRAGE output=sr.nii.gz ckpt=model.ckpt
     mdcsrn-infer input=scans/ output=sr/ ckpt=model.ckpt overwrite=true
     mdcsrn-infer input=hr.nii.gz output=sr.nii.gz ckpt=model.ckpt degrade=true
     mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true

@@ -442,7 +442,9 @@ class SRDataModule(LightningDataModule):
             return
         hp = self.hparams
         ids = self.source.subject_ids()
-        split = load_or_create_split(ids, hp.split_fractions, hp.split_seed, hp.split_file, self.source.forced_sets())
+        split = load_or_create_split(
+            ids, hp.split_fractions, hp.split_seed, hp.split_file, self.source.forced_sets(), self.source.split_groups()
+        )
         names = [n for s in SPLIT_NAMES for n in split[s]]
 
         world, rank = self._ddp_share()

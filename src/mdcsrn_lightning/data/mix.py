@@ -109,6 +109,13 @@ class MixSource(VolumeSource):
                 out.update({f"{p.name}/{sid}": p.role for sid in p.source.subject_ids()})
         return out
 
+    def split_groups(self) -> dict[str, str] | None:
+        out: dict[str, str] = {}
+        for p in self.parts.values():
+            groups = p.source.split_groups() or {}
+            out.update({f"{p.name}/{sid}": f"{p.name}/{g}" for sid, g in groups.items()})
+        return out or None
+
     def sampling_groups(self) -> dict[str, tuple[str, float]]:
         return {f"{p.name}/{sid}": (p.name, p.weight) for p in self.parts.values() for sid in p.source.subject_ids()}
 

@@ -33,7 +33,14 @@ from mdcsrn_lightning.atomic import is_temp_name
 from mdcsrn_lightning.data import degradation
 
 # the one volume reader and its error (re-exported here: other modules import them from sources)
-from mdcsrn_lightning.data.volume_io import VolumeError, header_voxel_sizes, read_volume, volume_stem
+from mdcsrn_lightning.data.volume_io import (
+    VolumeError,
+    header_voxel_sizes,
+    is_dicom_series,
+    read_volume,
+    volume_stem,
+    volume_token,
+)
 
 __all__ = [
     "MNI152_FILENAME",
@@ -82,8 +89,8 @@ def check_patch_fits(shape: Sequence[int], patch_size: Sequence[int], location: 
 
 
 def _file_token(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    # a file's path, size and mtime; every file's for a DICOM series folder
+    return volume_token(path)
 
 
 class VolumeSource(ABC):
@@ -130,6 +137,12 @@ class VolumeSource(ABC):
         """
         return {}
 
+    def split_groups(self) -> dict[str, str] | None:
+        """``{id: group}``: subjects that must land in one set of the split (the sessions of
+        one person), or ``None``: every subject stands alone. The seeded split then counts
+        groups, not ids (see ``data/split.py``)."""
+        return None
+
     def sampling_groups(self) -> dict[str, tuple[str, float]] | None:
         """``{id: (group, weight)}``: each group's expected share of training patches, or
         ``None``: every training subject is drawn equally often (see ``MixSource``)."""
@@ -137,7 +150,11 @@ class VolumeSource(ABC):
 
 
 class GlobSource(VolumeSource):
-    """Every NIfTI file under ``root`` matching ``pattern`` (sorted), one subject per file.
+    """Every volume under ``root`` matching ``pattern`` (sorted), one subject per match.
+
+    A match is a volume file (NIfTI, ``.mgz``, Analyze) or a folder holding one DICOM series
+    (``pattern="*/T1_MPRAGE"``); both are read by the package's one reader
+    (:func:`~mdcsrn_lightning.data.volume_io.load_volume`).
 
     The subject id is the first ``id_depth`` components of the path relative to ``root``
     (the file name loses its ``.nii``/``.nii.gz`` extension); ``id_depth=None`` uses the
@@ -199,7 +216,10 @@ class GlobSource(VolumeSource):
         if not base.is_dir():
             raise VolumeError(f"{root}: data root is not a folder")
         # our own temporary files (left by a killed writer) are never subjects
-        files = sorted(p for p in base.glob(pattern) if p.is_file() and not is_temp_name(p.name))
+        files = sorted(
+            p for p in base.glob(pattern)
+            if (p.is_file() and not is_temp_name(p.name)) or (p.is_dir() and is_dicom_series(p))
+        )
         if not files:
             raise VolumeError(f"{root}: no files match the pattern {pattern!r}")
         out: dict[str, str] = {}

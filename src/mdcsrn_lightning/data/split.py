@@ -13,6 +13,12 @@ A split written to a file is *read back and reused* when the file exists (a resu
 keeps its split even if the seed or fractions in the config changed); it is validated
 first: it must be a JSON object with the four lists, name only subjects the source has, and
 name no subject twice.
+
+**Groups.** A source may tie several subject ids to one person (``split_groups``: the
+sessions of one BIDS subject). The seeded split then orders and counts *groups*, and every
+id of a group lands in its group's set: the fractions apply to persons, and sessions of one
+person never straddle train and test. An existing split file that puts one group's ids in
+two sets is refused.
 """
 
 from __future__ import annotations
@@ -174,8 +180,42 @@ def read_split(path: str | os.PathLike[str], known_subjects: Sequence[str] | Non
     return split
 
 
+def _check_groups(split: Mapping[str, Sequence[str]], groups: Mapping[str, str], where: str) -> None:
+    """Refuse a split in which the ids of one group (one person) sit in two sets."""
+    seen: dict[str, tuple[str, str]] = {}
+    for set_name in SPLIT_NAMES:
+        for sid in split.get(set_name, ()):
+            group = groups.get(sid)
+            if group is None:
+                continue
+            if group in seen and seen[group][1] != set_name:
+                other, other_set = seen[group]
+                raise SplitError(
+                    f"{where}: {other!r} ({other_set}) and {sid!r} ({set_name}) belong to one subject "
+                    f"{group!r} but sit in two sets; delete the file to recompute the split"
+                )
+            seen.setdefault(group, (sid, set_name))
+
+
+def _split_by_group(
+    free: Sequence[str], fractions: Sequence[float], seed: int, groups: Mapping[str, str]
+) -> dict[str, list[str]]:
+    """:func:`make_split` over the groups of ``free`` (an id without a group is its own group)."""
+    members: dict[str, list[str]] = {}
+    for sid in free:
+        # a prefix keeps a lone id from colliding with a group name
+        key = f"g:{groups[sid]}" if sid in groups else f"s:{sid}"
+        members.setdefault(key, []).append(sid)
+    by_group = make_split(sorted(members), fractions, seed)
+    return {k: sorted(sid for key in by_group[k] for sid in members[key]) for k in SPLIT_NAMES}
+
+
 def _split_with_forced(
-    subjects: Sequence[str], fractions: Sequence[float], seed: int, forced: Mapping[str, str]
+    subjects: Sequence[str],
+    fractions: Sequence[float],
+    seed: int,
+    forced: Mapping[str, str],
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     names = [str(s) for s in subjects]
     unknown = sorted(set(forced) - set(names))
@@ -186,7 +226,12 @@ def _split_with_forced(
         raise SplitError(f"forced sets must be one of {SPLIT_NAMES}, got {bad}")
     free = [n for n in names if n not in forced]
     check_fractions(fractions)
-    split = make_split(free, fractions, seed) if free else {k: [] for k in SPLIT_NAMES}
+    if not free:
+        split: dict[str, list[str]] = {k: [] for k in SPLIT_NAMES}
+    elif groups:
+        split = _split_by_group(free, fractions, seed, groups)
+    else:
+        split = make_split(free, fractions, seed)
     for name, set_name in forced.items():
         split[set_name].append(name)
     split = {k: sorted(v) for k, v in split.items()}
@@ -201,6 +246,7 @@ def load_or_create_split(
     seed: int = 42,
     path: str | os.PathLike[str] | None = None,
     forced: Mapping[str, str] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """Reuse the split in ``path`` if it exists, otherwise make one (and write it if ``path``).
 
@@ -209,9 +255,13 @@ def load_or_create_split(
 
     ``forced`` (``{id: set}``) places those subjects in their set directly; ``fractions``
     and ``seed`` split the others (none left is fine when every subject is forced).
+    ``groups`` (``{id: group}``, e.g. the sessions of one person) keeps each group in one set
+    (see the module docstring); a file that splits a group is refused.
     """
     if path is not None and Path(path).exists():
         split = read_split(path, known_subjects=subjects)
+        if groups:
+            _check_groups(split, groups, str(path))
         listed = {s for lst in split.values() for s in lst}
         missing = [s for s in subjects if s not in listed]
         if missing:
@@ -223,7 +273,9 @@ def load_or_create_split(
                 missing[0],
             )
         return split
-    split = _split_with_forced(subjects, fractions, seed, forced or {})
+    split = _split_with_forced(subjects, fractions, seed, forced or {}, groups)
+    if groups:
+        _check_groups(split, groups, "the forced sets")  # a source that forces one person into two sets
     if path is not None:
         write_split(path, split, seed=int(seed), fractions=[float(f) for f in fractions])
     return split

@@ -1,10 +1,15 @@
 """The one reader and validator of 3D volume files (training sources, evaluation, inference).
 
 Formats: NIfTI (``.nii``, ``.nii.gz``), FreeSurfer MGH (``.mgz``) and Analyze
-(``.img``/``.hdr``), all read with nibabel. Every problem is one :class:`VolumeError` line
-``"<file>: <problem>"``:
+(``.img``/``.hdr``), read with nibabel, and a DICOM series: a *folder* holding the files of
+one series, read with SimpleITK (GDCM sorts the slices by position) and turned into RAS
+voxel data and affine by TorchIO's ``sitk_to_nib``, so orientation and spacing are the
+scanner's; the loaded volume carries a NIfTI image with that affine (qform and sform code 1,
+scanner) so that outputs are written as NIfTI with the same geometry. Every problem is one
+:class:`VolumeError` line ``"<file>: <problem>"``:
 
-- missing file, a folder, not readable by nibabel;
+- missing file, not readable by nibabel; a folder that is not one DICOM series (no DICOM
+  files, several series, unevenly spaced or missing slices); a single ``.dcm`` file;
 - not 3D (4D is accepted only when it holds one volume), empty, complex/RGB/non-numeric;
 - NaN or Inf voxels;
 - a zero, negative or non-finite voxel size in the header.
@@ -35,11 +40,14 @@ __all__ = [
     "check_array",
     "check_not_constant",
     "check_voxel_sizes",
+    "dicom_series_ids",
     "header_voxel_sizes",
+    "is_dicom_series",
     "is_volume_path",
     "load_volume",
     "read_volume",
     "volume_stem",
+    "volume_token",
 ]
 
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mgz", ".img", ".hdr")
@@ -155,6 +163,120 @@ def _quiet_nibabel() -> Iterator[None]:
         log.disabled = before
 
 
+# ------------------------------------------------------------------------ DICOM series
+_DICOM_FILE_SUFFIXES = (".dcm", ".ima", ".dicom")
+# slice positions may differ from an even spacing by this share of the spacing (DS rounding)
+_SLICE_GAP_TOLERANCE = 0.01
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    # ITK prints warnings (non-uniform sampling, ...) to stderr itself; we check and report
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
+def dicom_series_ids(folder: str | os.PathLike[str]) -> list[str]:
+    """The DICOM series UIDs of the files directly in ``folder`` (``[]``: no DICOM file there)."""
+    import SimpleITK as sitk
+
+    path = Path(folder)
+    if not path.is_dir():
+        return []
+    with _quiet_itk():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def is_dicom_series(path: str | os.PathLike[str]) -> bool:
+    """``True`` for a folder holding the files of exactly one DICOM series (one input volume)."""
+    return len(dicom_series_ids(path)) == 1
+
+
+def _check_slice_spacing(positions: list[np.ndarray], normal: np.ndarray, location: str) -> None:
+    """Refuse a series whose slices are not evenly spaced along the slice normal (a missing slice)."""
+    if len(positions) < 3:
+        return
+    along = np.sort(np.asarray([float(np.dot(p, normal)) for p in positions]))
+    steps = np.diff(along)
+    median = float(np.median(steps))
+    if not median > 0:
+        raise VolumeError(f"{location}: DICOM slices share one position (duplicate slices?)")
+    worst = float(np.max(np.abs(steps - median)))
+    if worst > _SLICE_GAP_TOLERANCE * median:
+        raise VolumeError(
+            f"{location}: DICOM slices are not evenly spaced (steps from {steps.min():.4g} to "
+            f"{steps.max():.4g} mm; a missing slice?); cannot build one 3D grid"
+        )
+
+
+def _load_dicom(path: Path, error: type[VolumeError]) -> LoadedVolume:
+    """One DICOM series folder -> a checked volume with a NIfTI image of its RAS geometry."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from torchio.data.io import sitk_to_nib
+
+    location = str(path)
+    ids = dicom_series_ids(path)
+    if not ids:
+        raise error(f"{location}: is a folder holding no DICOM series (give a volume file or a DICOM series folder)")
+    if len(ids) > 1:
+        raise error(f"{location}: holds {len(ids)} DICOM series; give the folder of one series")
+    reader = sitk.ImageSeriesReader()
+    with _quiet_itk():
+        files = list(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _quiet_itk():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "unreadable")
+        raise error(f"{location}: DICOM series not readable ({detail[:200]})") from None
+    try:
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise VolumeError(f"{location}: DICOM series with {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB?); expected grey values")
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        positions = []
+        for i in range(len(files)):
+            if reader.HasMetaDataKey(i, "0020|0032"):
+                positions.append(np.asarray([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]))
+        if len(positions) == len(files):
+            _check_slice_spacing(positions, direction[:, 2], location)
+        data, affine = sitk_to_nib(image, keepdim=True)  # (1, X, Y, Z) and the RAS affine
+        volume = check_array(np.asarray(data)[0], location)
+        sizes = check_voxel_sizes(image.GetSpacing(), location)
+    except VolumeError as exc:
+        raise error(str(exc)) from None
+    nifti = nib.Nifti1Image(volume, affine)
+    # DICOM positions are scanner coordinates: both codes say so
+    nifti.header.set_qform(affine, code=1)
+    nifti.header.set_sform(affine, code=1)
+    nifti.header.set_xyzt_units("mm")
+    return LoadedVolume(data=volume, image=nifti, path=path, shape=tuple(volume.shape), voxel_sizes=sizes)
+
+
+def volume_token(path: str | os.PathLike[str]) -> str:
+    """A string that changes whenever the volume's data changes: path, size and mtime of the
+    file, or of every file in a DICOM series folder."""
+    p = Path(path)
+    if p.is_dir():
+        parts = [os.path.abspath(p)]
+        for child in sorted(p.iterdir()):
+            if child.is_file():
+                st = child.stat()
+                parts.append(f"{child.name}:{st.st_size}:{st.st_mtime_ns}")
+        return "|".join(parts)
+    st = os.stat(p)
+    return f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+# ------------------------------------------------------------------------ nibabel formats
 def _open(path: Path, error: type[VolumeError]) -> Any:
     import nibabel as nib  # deferred: keeps `import mdcsrn_lightning.data.sources` light
 
@@ -162,6 +284,8 @@ def _open(path: Path, error: type[VolumeError]) -> Any:
         raise error(f"{path}: no such file")
     if path.is_dir():
         raise error(f"{path}: is a folder, not a volume file")
+    if path.name.lower().endswith(_DICOM_FILE_SUFFIXES):
+        raise error(f"{path}: is one DICOM file; give the folder that holds the whole series")
     kind = _FORMAT.get(_suffix_of(path) or "", "NIfTI")
     try:
         # nibabel logs (to stderr) the header fields it "fixes" while loading, e.g. a zero
@@ -193,8 +317,11 @@ def _stored_voxel_sizes(image: Any) -> tuple[float, ...]:
 
 
 def header_voxel_sizes(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> tuple[float, float, float]:
-    """The checked voxel sizes of a volume file, from its header only (no voxel data read)."""
+    """The checked voxel sizes of a volume file, from its header only (no voxel data read;
+    a DICOM series folder is read whole: its slice spacing comes from the slice positions)."""
     path = Path(path)
+    if path.is_dir():
+        return load_volume(path, error).voxel_sizes
     try:
         return check_voxel_sizes(_stored_voxel_sizes(_open(path, error)), str(path))
     except VolumeError as exc:
@@ -202,8 +329,11 @@ def header_voxel_sizes(path: str | os.PathLike[str], error: type[VolumeError] = 
 
 
 def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> LoadedVolume:
-    """Read and check one volume file (see the module docstring); raises ``error`` (a :class:`VolumeError`)."""
+    """Read and check one volume file or DICOM series folder (see the module docstring); raises
+    ``error`` (a :class:`VolumeError`)."""
     path = Path(path)
+    if path.is_dir():
+        return _load_dicom(path, error)
     image = _open(path, error)
     location = str(path)
     try:
@@ -221,6 +351,7 @@ def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeE
 
 
 def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a volume file as ``((X, Y, Z) float32, (4, 4) float64 affine)`` (training sources)."""
+    """Read a volume file (or DICOM series folder) as ``((X, Y, Z) float32, (4, 4) float64 affine)``
+    (training sources)."""
     volume = load_volume(path)
     return volume.data, volume.affine

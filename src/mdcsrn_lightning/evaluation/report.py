@@ -15,7 +15,8 @@ differ between the table's runs, else by its folder name.
 
     report = build_report([Path("logs/train/multiruns/2026-11-26_07-00-00_000000")])
     print(report.markdown())
-    report.write(Path("report"))   # report.md, report.csv, val_psnr.png, panels.png, panels/
+    report.write(Path("report"))   # report.md, report.csv, val_psnr.png, val_curves.png, panels.png, panels/
+    report.write(Path("report"), html=True)   # and report.html: all of it in one file
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ __all__ = [
     "build_report",
     "find_runs",
     "format_params",
+    "format_score",
+    "format_seconds",
     "read_run",
 ]
 
@@ -54,6 +57,8 @@ __all__ = [
 BASELINE_ORDER = ("nearest", "trilinear", "tricubic", "zero_filled")
 # (key, title, digits): the columns metrics.json holds (written through tables.summarise_methods)
 METRICS = COLUMNS
+# the validation curves read from the CSV logger's metrics.csv, with their axis labels
+CURVE_KEYS: dict[str, str] = {"val/psnr": "validation PSNR (dB)", "val/ssim": "validation SSIM"}
 _SKIP_DIRS = {"checkpoints", "csv", "panels", "wandb", "cache"}
 
 
@@ -78,6 +83,8 @@ class Run:
     split: str | None = None
     # (step, val/psnr) of the validation passes
     curve: list[tuple[int, float]] = field(default_factory=list)
+    # {"val/psnr": [(step, value)], "val/ssim": [...]}: every key of CURVE_KEYS the CSV holds
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     panel: Path | None = None
 
     @property
@@ -108,9 +115,9 @@ class Table:
         header = "| | " + " | ".join(title for _, title, _ in METRICS) + " | #params | time (s) |"
         lines = [header, "|---" * (len(METRICS) + 3) + "|"]
         for row in self.rows:
-            cells = [_format_score(row.scores, key, digits) for key, _, digits in METRICS]
+            cells = [format_score(row.scores, key, digits) for key, _, digits in METRICS]
             params = format_params(row.params) if row.kind == "model" else "N/A"
-            seconds = _format_seconds(row.seconds_per_volume) if row.kind == "model" else "N/A"
+            seconds = format_seconds(row.seconds_per_volume) if row.kind == "model" else "N/A"
             lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {params} | {seconds} |")
         return "\n".join(lines)
 
@@ -172,18 +179,24 @@ class Report:
                 writer.writerow(line)
         return buf.getvalue()
 
-    def write(self, out_dir: Path, figures: bool = True) -> dict[str, Path]:
+    def write(self, out_dir: Path, figures: bool = True, html: bool = False) -> dict[str, Path]:
         """Write ``report.md``, ``report.csv`` and (``figures``) ``val_psnr.png``,
-        ``panels.png`` and ``panels/<table>__<row>.png`` into ``out_dir``; returns them."""
+        ``val_curves.png`` (PSNR and SSIM), ``panels.png`` and ``panels/<table>__<row>.png``
+        into ``out_dir``; with ``html``, also ``report.html``: the tables and those figures in
+        one self-contained file (:mod:`.html_report`). Returns the paths written."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         names: list[str] = []
+        panels: dict[str, Path] = {}
         if figures:
             curves = plot_val_psnr(self, out_dir / "val_psnr.png")
             if curves is not None:
                 written["val_psnr"] = curves
                 names.append(curves.name)
+            both = plot_val_curves(self, out_dir / "val_curves.png")
+            if both is not None:
+                written["val_curves"] = both
             panels = collect_panels(self, out_dir)
             if panels:
                 written.update({f"panel:{k}": v for k, v in panels.items()})
@@ -193,6 +206,11 @@ class Report:
                     names.append(composite.name)
         written["markdown"] = write_text(out_dir / "report.md", "# Results\n\n" + self.markdown(names))
         written["csv"] = write_text(out_dir / "report.csv", self.csv())
+        if html:
+            from mdcsrn_lightning.evaluation.html_report import render_html
+
+            page = render_html(self, curves=written.get("val_curves"), panels=panels)
+            written["html"] = write_text(out_dir / "report.html", page)
         return written
 
 
@@ -207,11 +225,11 @@ def format_params(n: int | None) -> str:
     return f"{m:.2g}M"
 
 
-def _format_seconds(s: float | None) -> str:
+def format_seconds(s: float | None) -> str:
     return "—" if s is None or not math.isfinite(s) else f"{s:.2f}"
 
 
-def _format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> str:
+def format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> str:
     if scores is None or key not in scores:
         return "—"
     text = f"{scores[key]:.{digits}f}"
@@ -231,17 +249,22 @@ def _load_yaml(path: Path) -> Any:
         return None
 
 
-def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """``(step, val/psnr)`` from the CSV logger's ``metrics.csv`` (``csv/`` or ``csv/version_*``)."""
+def _read_curves(run_dir: Path, keys: Sequence[str] = tuple(CURVE_KEYS)) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value)]}`` from the CSV logger's ``metrics.csv`` (``csv/`` or ``csv/version_*``);
+    keys the files never hold are left out."""
     files = sorted((run_dir / "csv").glob("**/metrics.csv")) if (run_dir / "csv").is_dir() else []
-    points: dict[int, float] = {}
+    points: dict[str, dict[int, float]] = {key: {} for key in keys}
     for path in files:
         with open(path, newline="", encoding="utf-8") as f:
             for line in csv.DictReader(f):
-                value, step = line.get("val/psnr"), line.get("step")
-                if value not in (None, "") and step not in (None, ""):
-                    points[int(float(step))] = float(value)
-    return sorted(points.items())
+                step = line.get("step")
+                if step in (None, ""):
+                    continue
+                for key in keys:
+                    value = line.get(key)
+                    if value not in (None, ""):
+                        points[key][int(float(step))] = float(value)
+    return {key: sorted(values.items()) for key, values in points.items() if values}
 
 
 def _multirun_root(run_dir: Path) -> Path | None:
@@ -265,8 +288,9 @@ def read_run(run_dir: Path) -> Run:
         tags=[str(t) for t in (config.get("tags") or [])],
         overrides=[str(o) for o in overrides],
         job_num=int(job_num) if isinstance(job_num, int) else None,
-        curve=_read_curve(run_dir),
+        curves=_read_curves(run_dir),
     )
+    run.curve = run.curves.get("val/psnr", [])
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         data = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -467,6 +491,31 @@ def plot_val_psnr(report: Report, path: Path) -> Path | None:
         ax.set_ylabel("validation PSNR (dB)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_val_curves(report: Report, path: Path) -> Path | None:
+    """Validation PSNR and SSIM against training step, side by side, every run on both
+    (None: no run logged either)."""
+    keys = [k for k in CURVE_KEYS if any(row.run and row.run.curves.get(k) for _, row in _model_rows(report))]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.2), squeeze=False)
+    try:
+        for ax, key in zip(axes[0], keys):
+            for label, row in _model_rows(report):
+                curve = row.run.curves.get(key) if row.run else None
+                if curve:
+                    steps, values = zip(*curve)
+                    ax.plot(steps, values, marker="o", markersize=3, label=label)
+            ax.set_xlabel("training step")
+            ax.set_ylabel(CURVE_KEYS[key])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         return _save(fig, path)
     finally:

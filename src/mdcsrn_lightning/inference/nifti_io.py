@@ -1,7 +1,8 @@
 """Read and write volumes for inference: checked on the way in, atomic on the way out.
 
 Reading (:func:`read_volume`) is the package's one reader
-(:func:`mdcsrn_lightning.data.volume_io.load_volume`: NIfTI, MGH ``.mgz``, Analyze) with every
+(:func:`mdcsrn_lightning.data.volume_io.load_volume`: NIfTI, MGH ``.mgz``, Analyze, a DICOM
+series folder, which arrives as a NIfTI image of its RAS geometry) with every
 problem as one :class:`NiftiError` ``"<file>: <problem>"`` (missing, not a volume, not 3D, 4D
 with more than one volume, NaN/Inf, complex/RGB data, zero or negative voxel sizes). Writing
 (:func:`write_like`) keeps the geometry of a reference image exactly: the header is a copy of
@@ -69,7 +70,8 @@ def nifti_stem(path: str | os.PathLike[str]) -> str:
 
 
 def read_volume(path: str | os.PathLike[str]) -> NiftiVolume:
-    """Load one volume file (NIfTI, MGH, Analyze) as a checked ``(X, Y, Z)`` float32 volume.
+    """Load one volume file (NIfTI, MGH, Analyze) or DICOM series folder as a checked
+    ``(X, Y, Z)`` float32 volume.
 
     The checks are :func:`mdcsrn_lightning.data.volume_io.load_volume`'s (the one reader of
     the package); every problem raises :class:`NiftiError`.

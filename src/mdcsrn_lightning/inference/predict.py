@@ -1,6 +1,7 @@
-"""File-level inference: NIfTI in, NIfTI out, with a generator read from a checkpoint.
+"""File-level inference: a scan in (NIfTI, ``.mgz``, Analyze, DICOM series folder), NIfTI out,
+with a generator read from a checkpoint.
 
-One scan's path: NIfTI file -> checked ``(X, Y, Z)`` float32 (:mod:`.nifti_io`) ->
+One scan's path: volume file or series folder -> checked ``(X, Y, Z)`` float32 (:mod:`.nifti_io`) ->
 on the fine grid (as it is; or brought there from a coarse matrix, ``upsample=``; or, for
 experiments, an HR degraded first, ``degrade=True``) -> divided by its own 99.9th
 percentile -> patch-wise generator (:func:`.patches.super_resolve`) -> multiplied back by
@@ -57,7 +58,7 @@ from mdcsrn_lightning.data.degradation import data_consistency as _data_consiste
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
-from mdcsrn_lightning.data.volume_io import check_not_constant, is_volume_path
+from mdcsrn_lightning.data.volume_io import check_not_constant, dicom_series_ids, is_dicom_series, is_volume_path
 from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.inference.nifti_io import (
     check_output_path,
@@ -238,28 +239,42 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ inputs/outputs
 def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
-    """``(files, is_collection)`` for a NIfTI file, a folder of them or a glob pattern.
+    """``(inputs, is_collection)`` for a volume file, a DICOM series folder, a folder of volumes
+    or a glob pattern.
 
-    A folder gives its volume files (``.nii``, ``.nii.gz``, ``.mgz``, ``.img``/``.hdr``;
-    not recursive), sorted; a glob (``*``, ``?``, ``[``) gives its matching volume files,
-    sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never inputs. ``is_collection`` is
-    ``True`` for a folder or glob: the output is then a folder.
+    The folder rule: a folder holding volume files (``.nii``, ``.nii.gz``, ``.mgz``,
+    ``.img``/``.hdr``; not recursive) is a collection of them, sorted; otherwise a folder
+    holding the files of one DICOM series is *one* input volume; otherwise its subfolders
+    that each hold one DICOM series are a collection (a study exported as one folder per
+    series). A glob (``*``, ``?``, ``[``) gives its matching volume files and DICOM series
+    folders, sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never
+    inputs. ``is_collection`` is ``True`` for a collection: the output is then a folder.
     """
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
         files = _volume_files(path.iterdir())
-        if not files:
-            raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files")
-        return files, True
+        if files:
+            return files, True
+        series = dicom_series_ids(path)
+        if len(series) == 1:
+            return [path], False
+        if len(series) > 1:
+            raise InferenceError(f"{path}: holds {len(series)} DICOM series; give the folder of one series")
+        folders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_series(p))
+        if folders:
+            return folders, True
+        raise InferenceError(
+            f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files and no DICOM series"
+        )
     if path.exists():
         return [path], False
     if _GLOB_CHARS & set(text):
         matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
-        files = _volume_files(matches)
-        if not files:
-            raise InferenceError(f"{text}: no NIfTI files match this pattern")
-        return files, True
+        found = _volume_files(matches) + [p for p in matches if p.is_dir() and is_dicom_series(p)]
+        if not found:
+            raise InferenceError(f"{text}: no volume files or DICOM series folders match this pattern")
+        return sorted(found), True
     raise InferenceError(f"{path}: no such file or folder")
 
 
@@ -270,12 +285,19 @@ def _volume_files(paths: Any) -> list[Path]:
     return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
 
 
+def _output_name(path: Path) -> str:
+    """The output file name of an input in a collection: its own name, ``.nii.gz`` for a
+    DICOM series folder and for MGH/Analyze files (the output is always NIfTI)."""
+    return path.name if is_nifti_path(path) else f"{nifti_stem(path)}.nii.gz"
+
+
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
     """Output path of each input.
 
     One file in: ``output`` is the file to write (or, if it is an existing folder or has
     no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into). A
-    folder/glob in: ``output`` is a folder and each output keeps its input's file name.
+    folder/glob in: ``output`` is a folder and each output keeps its input's file name
+    (``<name>.nii.gz`` for a DICOM series folder or an ``.mgz``/``.img`` file).
     """
     out = Path(output).expanduser()
     if not is_collection and is_nifti_path(out) and not out.is_dir():
@@ -284,7 +306,7 @@ def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_coll
         raise InferenceError(f"{out}: output for several inputs must be a folder, and this is a file")
     if not is_collection:
         return [out / f"{nifti_stem(inputs[0])}_sr.nii.gz"]
-    planned = [out / p.name for p in inputs]
+    planned = [out / _output_name(p) for p in inputs]
     if len(set(planned)) != len(planned):
         raise InferenceError(f"{out}: two inputs share a file name; give a folder of distinctly named files")
     return planned
@@ -445,7 +467,8 @@ def predict(
     overwrite: bool = False,
     on_done: Any = None,
 ) -> list[Prediction]:
-    """Super-resolve a NIfTI file, a folder of them or a glob into ``output``.
+    """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
+    (inputs: :func:`collect_inputs`).
 
     Checks first, writes after: the checkpoint is loaded, the options are checked against
     it, every input is read and checked and every output path is checked before the

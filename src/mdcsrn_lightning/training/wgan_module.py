@@ -33,7 +33,7 @@ running statistics, ``num_batches_tracked``) are put back afterwards, so they do
 through the 10k critic-only warm-up updates nor the 5 critic updates of every cycle.
 
 Lightning warns "Found N module(s) in eval mode at the start of training": that is the
-frozen copy of the initial generator (``l1_net``, the panels' "L1-SR"), kept in eval mode.
+frozen copy of the initial generator (``l1_net``, the panels' "SR"), kept in eval mode.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class WGANGPModule(SRModule):
         else:
             pretrained, _ = load_generator(init_ckpt, expected_config=net_config)
             self.net.load_state_dict(pretrained.state_dict())
-        # the generator as it started (the L1 model): the "L1-SR" column of the panels
+        # the generator as it started (the L1 model): the "SR" column of the panels
         self.l1_net = copy.deepcopy(self.net).eval().requires_grad_(False)
 
         # DDP reduces the generator's gradients only; the critic's are averaged in
@@ -285,7 +285,7 @@ class WGANGPModule(SRModule):
             self.critic_steps = int(state["critic_steps"])
             self.generator_steps = int(state["generator_steps"])
 
-    # -- validation: EM distance and the L1-SR | GAN-SR | HR panel ------------------
+    # -- validation: EM distance and the LR | SR | GAN-SR | HR panel ------------------
     def _crop_starts(self, shape: tuple[int, ...], size: tuple[int, ...], index: int) -> list[tuple[int, ...]]:
         starts = [tuple((n - s) // 2 for n, s in zip(shape, size))]
         rng = torch.Generator().manual_seed(index)
@@ -324,7 +324,8 @@ class WGANGPModule(SRModule):
         if batch_idx == 0 and not self.trainer.sanity_checking:
             with torch.no_grad():
                 l1_sr = self.l1_net(batch["lr"][tio.DATA])
-            images = {"L1-SR": l1_sr[0, 0].float().cpu().numpy(), "GAN-SR": volumes["SR"], "HR": volumes["HR"]}
+            # the paper's figure: LR | SR (the L1 model it started from) | GAN-SR | HR | error
+            images = {"LR": volumes["LR"], "SR": l1_sr[0, 0].float().cpu().numpy(), "GAN-SR": volumes["SR"], "HR": volumes["HR"]}
             name = f"val_epoch{self.current_epoch:03d}" if stage == "val" else "test"
             self._log_panel(images, name, error_of="GAN-SR")
 
