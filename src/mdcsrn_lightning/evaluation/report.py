@@ -476,6 +476,17 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _draw_curves(ax: Any, curves: list[tuple[str, Any]], ylabel: str) -> None:
+    """One line per ``(label, [(step, value), ...])`` against training step."""
+    for label, curve in curves:
+        steps, values = zip(*curve)
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_val_psnr(report: Report, path: Path) -> Path | None:
     """Validation PSNR against training step, every run on one plot (None: no curves)."""
     curves = [(label, row.run.curve) for label, row in _model_rows(report) if row.run and row.run.curve]
@@ -484,13 +495,7 @@ def plot_val_psnr(report: Report, path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
-        for label, curve in curves:
-            steps, values = zip(*curve)
-            ax.plot(steps, values, marker="o", markersize=3, label=label)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation PSNR (dB)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _draw_curves(ax, curves, "validation PSNR (dB)")
         fig.tight_layout()
         return _save(fig, path)
     finally:
@@ -507,15 +512,8 @@ def plot_val_curves(report: Report, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.2), squeeze=False)
     try:
         for ax, key in zip(axes[0], keys):
-            for label, row in _model_rows(report):
-                curve = row.run.curves.get(key) if row.run else None
-                if curve:
-                    steps, values = zip(*curve)
-                    ax.plot(steps, values, marker="o", markersize=3, label=label)
-            ax.set_xlabel("training step")
-            ax.set_ylabel(CURVE_KEYS[key])
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            curves = [(label, row.run.curves[key]) for label, row in _model_rows(report) if row.run and row.run.curves.get(key)]
+            _draw_curves(ax, curves, CURVE_KEYS[key])
         fig.tight_layout()
         return _save(fig, path)
     finally:
