@@ -24,10 +24,14 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from mdcsrn_lightning.training.rank_record import tensor_digest
+from mdcsrn_lightning.training.run_checks import RunConfigError, check_sync_batchnorm
 
-from .conftest import TINY
+from .conftest import TINY, compose_train
 
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+def multinode(test):
+    """Two processes per launch: slow, and marked `multinode` (run by the default invocation)."""
+    return pytest.mark.slow(pytest.mark.multinode(test))
+
 
 # one launch of two processes (import ~5 s, a tiny fit ~5 s on 2 busy cores)
 TIMEOUT_S = 240
@@ -125,6 +129,45 @@ def checkpoint_digests(path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def test_tensor_digest_tells_values_dtype_and_shape_apart() -> None:
+    a = torch.arange(6, dtype=torch.float32)
+    assert tensor_digest([a]) == tensor_digest([a.clone()])
+    assert tensor_digest([a]) != tensor_digest([a.reshape(2, 3)]) != tensor_digest([a.double()])
+    b = a.clone()
+    b[3] = torch.nextafter(b[3], torch.tensor(10.0))  # one ulp
+    assert tensor_digest([a]) != tensor_digest([b])
+    assert tensor_digest([torch.tensor(3)]) != tensor_digest([torch.tensor(4)])  # 0-dim buffers too
+
+
+def test_rank_record_composes_beside_the_default_callbacks(tmp_path: Path) -> None:
+    cfg = compose_train(["callbacks=[default,rank_record]", "trainer=ddp", "trainer.num_nodes=2"], tmp_path / "run")
+    assert {"model_checkpoint", "last_checkpoint", "distributed_teardown", "rank_record"} <= set(cfg.callbacks)
+    assert cfg.callbacks.rank_record.dirpath == str(tmp_path / "run" / "ranks")
+    assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.sync_batchnorm) == ("ddp", 2, False)
+
+
+def test_sync_batchnorm_is_refused_on_cpu_and_with_memory_efficient_units(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(RunConfigError, match=r"^trainer.sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only"):
+        check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "cpu"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RunConfigError, match="GPUs only"):
+        check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "auto"})
+    with pytest.raises(RunConfigError, match="model.memory_efficient=true"):
+        check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "gpu"}, {"memory_efficient": True})
+    check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "gpu"}, {"memory_efficient": False})
+    check_sync_batchnorm({"sync_batchnorm": False, "accelerator": "cpu"}, {"memory_efficient": True})
+    # the CLI refuses it with one line before anything is built
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdcsrn_lightning.cli.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.sync_batchnorm=true", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("mdcsrn-train: error: trainer.sync_batchnorm=true: ")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@multinode
 def test_two_nodes_split_subjects_agree_on_weights_and_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     ranks = train_two_nodes(run, "trainer.max_epochs=2", cwd=tmp_path)
@@ -161,6 +204,7 @@ def test_two_nodes_split_subjects_agree_on_weights_and_resume(tmp_path: Path) ->
     assert (ckpt["global_step"], ckpt["epoch"]) == (6, 2)
 
 
+@multinode
 def test_two_nodes_wgan_gp_keep_generator_and_critic_in_sync(tmp_path: Path) -> None:
     from .test_wgan_module import TINY_D
 
@@ -187,6 +231,7 @@ def test_two_nodes_wgan_gp_keep_generator_and_critic_in_sync(tmp_path: Path) -> 
         ]
 
 
+@multinode
 def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
     """The README's torchrun command, once per node (static rendezvous on node 0's address)."""
     port = str(free_port())
@@ -204,3 +249,99 @@ def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert set(ranks[0]["epochs"]["0"]["subjects"]).isdisjoint(ranks[1]["epochs"]["0"]["subjects"])
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+# The same L1 fit on one process (batch 4) and on two nodes (batch 2 each) from the same
+# initial weights over the same items: each global batch of the two nodes holds exactly the
+# one process's batch. With BatchNorm frozen (normalising with its running statistics, an
+# affine map) DDP must reproduce the one-process fit to float precision; with BatchNorm in
+# training mode each node normalises with its own half-batch statistics, the one difference.
+EQUIVALENCE_SCRIPT = """# usage: python equivalence.py OUT_DIR NUM_NODES BATCH_PER_NODE batch|frozen [sync]
+import functools, json, os, sys
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from mdcsrn_lightning.models.mdcsrn import MDCSRN
+from mdcsrn_lightning.training.callbacks import DistributedTeardown
+from mdcsrn_lightning.training.l1_module import L1Module
+from mdcsrn_lightning.training.rank_record import RankRecord
+
+out, nodes, batch, bn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sync = len(sys.argv) > 5 and sys.argv[5] == "sync"
+
+class Pairs(Dataset):
+    # 32 fixed (LR, HR) pairs of 8^3; index i is the same pair in every process
+    def __init__(self):
+        g = torch.Generator().manual_seed(7)
+        self.hr = torch.rand(32, 1, 8, 8, 8, generator=g)
+        self.lr = self.hr + 0.2 * torch.randn(self.hr.shape, generator=g)
+    def __len__(self):
+        return len(self.hr)
+    def __getitem__(self, i):
+        return {"lr": {"data": self.lr[i]}, "hr": {"data": self.hr[i]}, "name": f"pair{i}"}
+
+class FrozenBN(Callback):
+    # BatchNorm normalising with its running statistics (an affine map: no batch dependence)
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm3d):
+                mod.eval()
+
+class SaveWeights(Callback):
+    def on_train_end(self, trainer, m):
+        torch.save(m.net.state_dict(), os.path.join(out, f"weights_rank{trainer.global_rank}.pt"))
+
+torch.manual_seed(0)  # the same initial weights in every run
+module = L1Module(MDCSRN(num_blocks=1, units_per_block=2, growth_rate=4), optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+callbacks = [RankRecord(out), SaveWeights(), DistributedTeardown()] + ([FrozenBN()] if bn == "frozen" else [])
+trainer = L.Trainer(
+    accelerator="cpu", devices=1, num_nodes=nodes, strategy="ddp" if nodes > 1 else "auto", max_epochs=1,
+    sync_batchnorm=sync, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    enable_model_summary=False, callbacks=callbacks, use_distributed_sampler=False,
+)
+# node r takes the items r, r+2, ... in order: each global batch of the two nodes holds the
+# same items as the one process's batch
+data = Pairs()
+sampler = DistributedSampler(data, num_replicas=nodes, rank=int(os.environ.get("NODE_RANK", 0)), shuffle=False)
+trainer.fit(module, DataLoader(data, batch_size=batch, sampler=sampler))
+"""
+
+
+def _fit_one_and_two_nodes(tmp_path: Path, bn: str) -> tuple[list[float], list[float], float, bool]:
+    script = tmp_path / "equivalence.py"
+    script.write_text(EQUIVALENCE_SCRIPT)
+    one, two = tmp_path / f"one_{bn}", tmp_path / f"two_{bn}"
+    port = str(free_port())
+    cmds = [[sys.executable, str(script), str(one), "1", "4", bn]] + [[sys.executable, str(script), str(two), "2", "2", bn]] * 2
+    envs = [clean_env()] + [clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r), WORLD_SIZE="2")
+                            for r in (0, 1)]
+    run_processes(cmds, envs, tmp_path)
+    single = json.loads((one / "rank0.json").read_text())["epochs"]["0"]["losses"]
+    halves = [json.loads((two / f"rank{r}.json").read_text())["epochs"]["0"]["losses"] for r in (0, 1)]
+    # each node's loss is the mean over its half of the batch: the global loss is their mean
+    ddp = [(a + b) / 2 for a, b in zip(*halves)]
+    w1 = torch.load(one / "weights_rank0.pt", weights_only=True)
+    w2 = [torch.load(two / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    params = [k for k in w1 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    max_diff = max(float((w1[k] - w2[0][k]).abs().max()) for k in params)
+    ranks_equal = all(torch.equal(w2[0][k], w2[1][k]) for k in params)
+    return single, ddp, max_diff, ranks_equal
+
+
+@multinode
+def test_two_nodes_follow_the_one_process_loss_curve(tmp_path: Path) -> None:
+    """Measured on the 2-core CPU box (b1u2 k4, 8 Adam steps of 4 items of 8^3, lr 1e-3):
+    frozen BN: loss curves within 1.4e-7 relative, weights within 1.5e-8; BN in training
+    mode: within 1.5e-4 relative (the per-node batch statistics), weights within 2e-3."""
+    single, ddp, w_diff, ranks_equal = _fit_one_and_two_nodes(tmp_path, "frozen")
+    assert len(single) == len(ddp) == 8 and ranks_equal
+    assert single[-1] < 0.8 * single[0], "the fit must learn, or equal curves prove little"
+    assert max(abs(a - b) / b for a, b in zip(ddp, single)) < 1e-5, (single, ddp)
+    assert w_diff < 1e-6
+
+    single, ddp, w_diff, ranks_equal = _fit_one_and_two_nodes(tmp_path, "batch")
+    assert ranks_equal
+    assert max(abs(a - b) / b for a, b in zip(ddp, single)) < 2e-3, (single, ddp)
+    assert w_diff < 2e-2
