@@ -345,3 +345,29 @@ def test_two_nodes_follow_the_one_process_loss_curve(tmp_path: Path) -> None:
     assert ranks_equal
     assert max(abs(a - b) / b for a, b in zip(ddp, single)) < 2e-3, (single, ddp)
     assert w_diff < 2e-2
+
+
+@multinode
+def test_two_slurm_tasks_on_localhost(tmp_path: Path) -> None:
+    """What `hydra/launcher=slurm trainer.num_nodes=2 trainer.devices=1` gets from srun: one task
+    per node with SLURM_* variables (Lightning's SLURMEnvironment checks them against the
+    trainer: ntasks-per-node = devices, nnodes = num_nodes). The sbatch text itself is checked in
+    tests/test_sweeps.py::test_slurm_launcher_writes_the_sbatch_we_expect."""
+    port = str(free_port())
+    run = tmp_path / "slurm"
+    cmd = [sys.executable, "-m", "mdcsrn_lightning.cli.train", *TWO_NODES, "trainer.max_epochs=1",
+           f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mdcsrn", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1", "SLURM_LOCALID": "0", "MASTER_PORT": port}
+    envs = [clean_env(**slurm, SLURM_PROCID=str(r), SLURM_NODEID=str(r)) for r in (0, 1)]
+    outputs = run_processes([cmd, cmd], envs, tmp_path)
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["global_rank"], r["node_rank"], r["world_size"]) for r in ranks] == [(0, 0, 2), (1, 1, 2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert set(ranks[0]["epochs"]["0"]["subjects"]).isdisjoint(ranks[1]["epochs"]["0"]["subjects"])
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    # a layout that disagrees with the trainer stops with Lightning's message, not a hang
+    bad = [clean_env(**{**slurm, "SLURM_NTASKS_PER_NODE": "2"}, SLURM_PROCID="0", SLURM_NODEID="0")]
+    proc = subprocess.run([*cmd[:-2], f"hydra.run.dir={tmp_path / 'bad'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          env=bad[0], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode != 0 and "ntasks-per-node=2" in proc.stdout + proc.stderr, proc.stderr[-2000:]
