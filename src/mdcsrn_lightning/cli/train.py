@@ -41,6 +41,7 @@ from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
     check_checkpoint_file,
     check_resume_fits,
+    check_sync_batchnorm,
     check_trainer_options,
 )
 
@@ -119,7 +120,8 @@ def check_run_config(cfg: DictConfig) -> None:
     """What can be checked before anything is built or written; raises :class:`RunConfigError`.
 
     ``ckpt_path`` (an intact checkpoint archive), ``trainer.*`` option types and accelerator,
-    and every mandatory value (``???``) of the groups that will be built.
+    ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), and every
+    mandatory value (``???``) of the groups that will be built.
     """
     for group in ("data", "model", "module", "trainer"):
         if group in cfg:
@@ -130,6 +132,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and str(cfg.ckpt_path) not in _LIGHTNING_CKPT_NAMES:
         check_checkpoint_file(cfg.ckpt_path)
     check_trainer_options(cfg.trainer)
+    check_sync_batchnorm(cfg.trainer, cfg.get("model"))
 
 
 def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, float]:

@@ -4,6 +4,7 @@
   (zip structure and every member's CRC), without unpickling anything.
 - :func:`check_trainer_options`: ``trainer.*`` values have the types ``lightning.Trainer``
   takes (``trainer.max_steps=abc`` names the key) and the accelerator exists here.
+- :func:`check_sync_batchnorm`: ``trainer.sync_batchnorm=true`` only where it can work.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from mdcsrn_lightning.checkpoints import describe_state_mismatch
 
-__all__ = ["RunConfigError", "check_checkpoint_file", "check_trainer_options"]
+__all__ = ["RunConfigError", "check_checkpoint_file", "check_sync_batchnorm", "check_trainer_options"]
 
 
 class RunConfigError(ValueError):
@@ -86,6 +87,37 @@ def check_trainer_options(options: Mapping[str, Any], prefix: str = "trainer") -
 
         if not torch.cuda.is_available():
             raise RunConfigError(f"{prefix}.accelerator={accelerator}: no CUDA GPU is available here; use trainer=cpu")
+
+
+def check_sync_batchnorm(trainer: Mapping[str, Any], model: Mapping[str, Any] | None = None) -> None:
+    """Refuse ``trainer.sync_batchnorm=true`` where it fails or silently goes wrong.
+
+    - On CPU: torch's ``SyncBatchNorm`` raises at the first training batch ("SyncBatchNorm
+      layers only work with GPU modules"; checked with torch 2.13 and gloo).
+    - With ``model.memory_efficient=true``: the checkpointed dense units recompute their
+      BatchNorm in backward with ``F.batch_norm`` on the local batch (models/mdcsrn.py,
+      ``_norm``), not with the synced statistics of the forward, so gradients would be
+      computed from other activations than the forward's.
+    """
+    if not trainer.get("sync_batchnorm"):
+        return
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu" or accelerator == "auto" and not _cuda_available():
+        raise RunConfigError(
+            "trainer.sync_batchnorm=true: torch's SyncBatchNorm runs on GPUs only; on CPU leave it false "
+            "(each rank then normalises with its own batch statistics)"
+        )
+    if model is not None and model.get("memory_efficient"):
+        raise RunConfigError(
+            "trainer.sync_batchnorm=true with model.memory_efficient=true: the recomputed BatchNorm of the "
+            "checkpointed units uses local, not synced, batch statistics; set one of them to false"
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _describe(annotation: Any) -> str:
