@@ -179,6 +179,8 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
         (q,) = run["queue"]
         assert q["cache_reused"] and q["augment"] == "paper" and q["num_workers"] == 0
         assert q["patches"] == 2 and q["patches_per_s"] > 0 and q["worker_peak_rss_mb"] is None
+        # the fill: 4 queue places, 2 patches per subject -> 2 subjects (or all train subjects, if fewer)
+        assert q["fill_patches"] == min(4, 2 * run["split"]["train"]) and q["fill_patches_per_s"] > 0
         assert [c["what"] for c in run["rss_checks"]] == ["setup", "queue paper w=0"]
         assert all(c["within"] for c in run["rss_checks"]), run["rss_checks"]
         assert not (work / f"n{n}" / "cache").exists()  # deleted after the run (keep_cache=False)
@@ -192,6 +194,7 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
     table = markdown(result)
     assert "| N (train) | setup s/subject | cache MB/subject |" in table
     assert table.count("| paper | 0 |") == 2 and "**estimate**" in table and "flat in N" in table
+    assert "queue fill: patches in s" in table
 
 
 def test_bench_data_task_argument_checks(tmp_path: Path) -> None:

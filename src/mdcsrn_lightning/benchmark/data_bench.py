@@ -27,13 +27,20 @@ the data module keeps only metadata per subject (a few hundred bytes), so with
 * queue: ``base + Q + (2 w + 1) S`` with ``w >= 1`` workers (the subject being sampled and
   up to ``prefetch_factor = 2`` loaded subjects per worker in shared memory; the loading
   itself happens in the workers), ``base + Q + S + L`` with ``w = 0`` (the main process
-  loads, and with ``augment=realistic`` degrades, each subject itself);
+  loads each subject itself; with ``augment=realistic`` it also resamples and degrades it:
+  there ``L = 16 S``, SimpleITK resampling in float64 before the degradation);
 
 where ``base`` is the RSS before ``setup()`` (after loading the libraries the pipeline
 uses) plus 32 MB of slack (allocator pools). None of these terms grows with ``N``; the
 queue workers' own peaks (reported apart) are bounded alike by ``L`` plus what they hand
 over. "Flat in N" (``rss_flat_in_n``): the peaks' spread over N stays below
-``max(S, 32 MB)``.
+``max(S, 32 MB)``: setup over every N, the queue over the N whose training set fills the
+queue (``train x samples_per_volume >= queue_length``; with fewer the queue holds less).
+
+The queue's rate is ``fill_patches_per_s``: the patches the first fill produced (loading
+and sampling ``queue_length / samples_per_volume`` subjects, fewer if the training set is
+smaller) over its seconds; ``patches_per_s`` after it mostly serves patches already queued
+unless ``batches`` spans several queue lengths.
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ Log = Callable[[str], None]
 GLOB_TARGET = "mdcsrn_lightning.data.sources.GlobSource"
 #: added to every RSS bound and to the flatness test: allocator pools, lazily loaded code
 SLACK_MB = 32.0
+#: one subject's loading working set, in S: a degradation (setup; realistic reloads), and for
+#: augment=realistic also TorchIO's affine/elastic resampling (SimpleITK, float64) before it
+LOAD_PAPER = 8
+LOAD_REALISTIC = 16
 
 
 def _stderr(msg: str) -> None:
@@ -194,14 +205,27 @@ def data_task(
 
 
 def _flat(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Largest peak RSS spread over N, against one subject's HR + LR (``S``)."""
-    setup = [r["setup_peak_rss_mb"] for r in runs]
-    queue = [max(q["main_peak_rss_mb"] for q in r["queue"]) for r in runs if r["queue"]]
+    """Peak RSS spread over N against ``max(S, 32 MB)``: ``setup`` over every N; the queue
+    over the N whose training set fills the queue (a smaller one holds fewer subjects' patches)."""
     subject_mb = runs[0]["subject_mb"]
-    spread = max(max(setup) - min(setup), (max(queue) - min(queue)) if queue else 0.0)
-    # flat: the spread stays below one subject's HR + LR (allocator noise: at least 32 MB)
-    return {"spread_mb": round(spread, 1), "subject_mb": subject_mb, "flat": spread < max(subject_mb, SLACK_MB),
-            "all_within_bound": all(c["within"] for r in runs for c in r["rss_checks"])}
+    limit = max(subject_mb, SLACK_MB)
+    setup = [r["setup_peak_rss_mb"] for r in runs]
+    full = [r for r in runs if r["split"].get("train", 0) * r["samples_per_volume"] >= r["queue_length"]]
+    queue_spread = None
+    if len(full) >= 2:
+        queue_spread = 0.0
+        for i in range(len(full[0]["queue"])):
+            peaks = [r["queue"][i]["main_peak_rss_mb"] for r in full]
+            queue_spread = max(queue_spread, max(peaks) - min(peaks))
+    setup_spread = max(setup) - min(setup)
+    return {
+        "subject_mb": subject_mb,
+        "setup_spread_mb": round(setup_spread, 1),
+        "queue_spread_mb": None if queue_spread is None else round(queue_spread, 1),
+        "queue_compared": [r["subjects"] for r in full],
+        "flat": setup_spread < limit and (queue_spread is None or queue_spread < limit),
+        "all_within_bound": all(c["within"] for r in runs for c in r["rss_checks"]),
+    }
 
 
 # --------------------------------------------------------------------------- probe side
@@ -296,12 +320,13 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
         "queue": [],
     }
     base_mb = base_rss / MB + SLACK_MB
-    checks = [{"what": "setup", "peak_mb": out["setup_peak_rss_mb"], "bound_mb": round(base_mb + 8 * subject_mb, 1)}]
+    checks = [{"what": "setup", "peak_mb": out["setup_peak_rss_mb"], "bound_mb": round(base_mb + LOAD_PAPER * subject_mb, 1)}]
     del dm
     gc.collect()
     for augment in spec["augments"]:
         for w in spec["workers"]:
             c = dict(cfg, num_workers=int(w), augment=augment)
+            load = LOAD_REALISTIC if augment == "realistic" else LOAD_PAPER
             if augment != "realistic":
                 c["augment_options"] = None
             elif cfg.get("augment") != "realistic":
@@ -318,6 +343,7 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
             workers_peak = 0.0
             n, patches, epoch = 0, 0, 0
             first = steady_start = None
+            produced = 0
             start = time.perf_counter()
             while n < int(spec["batches"]):
                 dm.set_epoch(epoch)
@@ -327,6 +353,8 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
                     if first is None:
                         first = time.perf_counter() - start
                         steady_start = time.perf_counter()
+                        # what the fill produced: this batch plus what waits in the queue
+                        produced = int(batch["lr"]["data"].shape[0]) + len(dm.train_queue.patches_list)
                     else:
                         patches += int(batch["lr"]["data"].shape[0])
                     if n >= int(spec["batches"]):
@@ -340,6 +368,8 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
                 "resetup_seconds": round(resetup, 2),
                 "cache_reused": reused,
                 "first_batch_seconds": first,
+                "fill_patches": produced,
+                "fill_patches_per_s": produced / first if first else float("nan"),
                 "patches": patches,
                 "seconds": steady,
                 "patches_per_s": patches / steady if steady > 0 else float("nan"),
@@ -350,7 +380,7 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
             out["queue"].append(row)
             checks.append({
                 "what": f"queue {augment} w={w}", "peak_mb": row["main_peak_rss_mb"],
-                "bound_mb": round(base_mb + queue_mb + (2 * int(w) + 1) * subject_mb + (0 if w else 8 * subject_mb), 1),
+                "bound_mb": round(base_mb + queue_mb + (2 * int(w) + 1) * subject_mb + (0 if w else load * subject_mb), 1),
             })
             del dm, batch
             gc.collect()

@@ -178,7 +178,7 @@ def _data(r: dict[str, Any]) -> str:
         f"queue {first.get('queue_length', '-')}, {first.get('samples_per_volume', '-')} patches per subject; "
         f"{r['device']}, {r['threads']} threads. Each N in a fresh process, from an empty disk cache.\n",
         "| N (train) | setup s/subject | cache MB/subject | setup peak RSS MB (bound) | augment | workers | "
-        "first batch s | patches/s | main peak RSS MB (bound) | largest worker peak RSS MB |",
+        "queue fill: patches in s | **patches/s** | main peak RSS MB (bound) | largest worker peak RSS MB |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
@@ -198,8 +198,8 @@ def _data(r: dict[str, Any]) -> str:
             lead = head if i == 0 else "| | | | |"
             reuse = "" if q["cache_reused"] else " (cache NOT reused)"
             lines.append(
-                f"{lead} {q['augment']}{reuse} | {q['num_workers']} | {q['first_batch_seconds']:.1f} | "
-                f"{q['patches_per_s']:.2f} | {q['main_peak_rss_mb']:.0f} ({bound:.0f}) | {_f(q['worker_peak_rss_mb'], '.0f')} |"
+                f"{lead} {q['augment']}{reuse} | {q['num_workers']} | {q['fill_patches']} in {q['first_batch_seconds']:.1f} | "
+                f"{q['fill_patches_per_s']:.2f} | {q['main_peak_rss_mb']:.0f} ({bound:.0f}) | {_f(q['worker_peak_rss_mb'], '.0f')} |"
             )
     d = r.get("demand")
     if d:
@@ -216,10 +216,13 @@ def _data(r: dict[str, Any]) -> str:
         )
     flat = r.get("rss_flat_in_n")
     if flat:
+        queue = (
+            f"queue {flat['queue_spread_mb']:.0f} MB over N = {flat['queue_compared']}"
+            if flat["queue_spread_mb"] is not None else "queue: fewer than two N fill the queue, not compared"
+        )
         lines.append(
-            f"\nPeak RSS over N: largest spread {flat['spread_mb']:.0f} MB "
-            f"({'<' if flat['flat'] else '>='} max(S, 32 MB) with S = {flat['subject_mb']:.0f} MB: "
-            f"{'flat' if flat['flat'] else 'NOT flat'} in N); "
-            f"every peak within its bound: {'yes' if flat['all_within_bound'] else 'NO'} (bounds: see benchmark/data_bench.py)."
+            f"\nPeak RSS spread over N: setup {flat['setup_spread_mb']:.0f} MB, {queue}; limit max(S, 32 MB) "
+            f"= {max(flat['subject_mb'], 32):.0f} MB: {'flat' if flat['flat'] else 'NOT flat'} in N. "
+            f"Every peak within its bound: {'yes' if flat['all_within_bound'] else 'NO'} (bounds: benchmark/data_bench.py)."
         )
     return "\n".join(lines) + "\n"
