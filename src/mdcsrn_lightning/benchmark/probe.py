@@ -28,6 +28,10 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
     task = spec["task"]
+    if task == "data":  # its own measurements (setup, cache, queue): see data_bench.py
+        from mdcsrn_lightning.benchmark.data_bench import measure_data
+
+        return measure_data(spec)
     start_rss = rss_bytes()
     if task == "infer":
         net = build_net(spec["model"], int(spec["seed"]))

@@ -72,6 +72,8 @@ def markdown(result: dict[str, Any]) -> str:
         return _queue(result)
     if task == "volume":
         return _volume(result)
+    if task == "data":
+        return _data(result)
     return ""
 
 
@@ -162,4 +164,65 @@ def _volume(r: dict[str, Any]) -> str:
         )
     elif p:
         lines.append(f"| patches, margin=auto | failed: {p['error']} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _data(r: dict[str, Any]) -> str:
+    runs = r.get("runs", [])
+    ok = [x for x in runs if "error" not in x]
+    first = ok[0] if ok else {}
+    shape = "x".join(map(str, r.get("volume_shape", []))) or "?"
+    lines = [
+        f"Data pipeline at cohort scale: {r['root']} ({shape} volumes; one subject's HR + LR in float32 "
+        f"S = {first.get('subject_mb', '-')} MB), {first.get('patch_size', '-')}^3 patches, batch {first.get('batch_size', '-')}, "
+        f"queue {first.get('queue_length', '-')}, {first.get('samples_per_volume', '-')} patches per subject; "
+        f"{r['device']}, {r['threads']} threads. Each N in a fresh process, from an empty disk cache.\n",
+        "| N (train) | setup s/subject | cache MB/subject | setup peak RSS MB (bound) | augment | workers | "
+        "queue fill: patches in s | **patches/s** | main peak RSS MB (bound) | largest worker peak RSS MB |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        n = run.get("subjects", "?")
+        if "error" in run:
+            lines.append(f"| {n} | failed: {run['error']} | | | | | | | | |")
+            continue
+        bounds = {c["what"]: c["bound_mb"] for c in run["rss_checks"]}
+        head = (
+            f"| {n} ({run['split'].get('train', '-')}) | {run['setup_seconds_per_subject']:.1f} | "
+            f"{run['cache_mb_per_subject']:.0f} | {run['setup_peak_rss_mb']:.0f} ({bounds['setup']:.0f}) |"
+        )
+        if not run["queue"]:
+            lines.append(head + " | | | | | |")
+        for i, q in enumerate(run["queue"]):
+            bound = bounds[f"queue {q['augment']} w={q['num_workers']}"]
+            lead = head if i == 0 else "| | | | |"
+            reuse = "" if q["cache_reused"] else " (cache NOT reused)"
+            lines.append(
+                f"{lead} {q['augment']}{reuse} | {q['num_workers']} | {q['fill_patches']} in {q['first_batch_seconds']:.1f} | "
+                f"{q['fill_patches_per_s']:.2f} | {q['main_peak_rss_mb']:.0f} ({bound:.0f}) | {_f(q['worker_peak_rss_mb'], '.0f')} |"
+            )
+    d = r.get("demand")
+    if d:
+        name = r.get("model_name", "generator")
+        lines.append(
+            f"| **demand** | {name} training step, batch {d['batch']} of {d['patch']}^3 "
+            f"({d['step_tflop']} TFLOP) | | | | | CPU measured: {d['cpu_seconds_per_step']:.2f} s/step | "
+            f"{d['cpu_patches_per_s']:.2f} | | |"
+        )
+        lines.append(
+            f"| **demand** | same step on a GPU, **estimate** (conv FLOPs at an assumed "
+            f"{d['gpu_assumed_tflops']:g} TFLOP/s) | | | | | {d['gpu_seconds_per_step_estimate']:.3f} s/step | "
+            f"{d['gpu_patches_per_s_estimate']:.0f} | | |"
+        )
+    flat = r.get("rss_flat_in_n")
+    if flat:
+        queue = (
+            f"queue {flat['queue_spread_mb']:.0f} MB over N = {flat['queue_compared']}"
+            if flat["queue_spread_mb"] is not None else "queue: fewer than two N fill the queue, not compared"
+        )
+        lines.append(
+            f"\nPeak RSS spread over N: setup {flat['setup_spread_mb']:.0f} MB, {queue}; limit max(S, 32 MB) "
+            f"= {max(flat['subject_mb'], 32):.0f} MB: {'flat' if flat['flat'] else 'NOT flat'} in N. "
+            f"Every peak within its bound: {'yes' if flat['all_within_bound'] else 'NO'} (bounds: benchmark/data_bench.py)."
+        )
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@
     mdcsrn-bench bench.task=train                                  # seconds per Adam step, options on/off
     mdcsrn-bench bench.task=queue                                  # TorchIO queue vs training step
     mdcsrn-bench depth=b8u4 bench.task=volume                      # exact 181x217x181 pass, peak RSS
+    mdcsrn-bench depth=b8u4 data=hcp data.source.root=/data/hcp64 bench.task=data   # setup, cache, queue per N
 
 Every setting of a task is timed in alternating rounds in one process (ratios hold on a
 noisy machine); see :mod:`mdcsrn_lightning.benchmark.tasks`.
@@ -22,11 +23,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mdcsrn_lightning.benchmark import infer_task, machine, markdown, queue_task, train_task, volume_task
+from mdcsrn_lightning.benchmark import data_task, infer_task, machine, markdown, queue_task, train_task, volume_task
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.models import count_parameters
 
-TASKS = ("infer", "train", "queue", "volume")
+TASKS = ("infer", "train", "queue", "volume", "data")
 
 
 def _model_name(model: dict[str, Any]) -> str:
@@ -69,6 +70,15 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         out = queue_task(
             data, model, batches=int(b.queue.batches), consume_settings=list(b.queue.consume_settings),
             consume_repeats=int(b.queue.consume_repeats), **common,
+        )
+    elif b.task == "data":
+        data = OmegaConf.to_container(cfg.data, resolve=False)
+        assert isinstance(data, dict)
+        d = b.data
+        out = data_task(
+            data, model, subjects=list(d.subjects), workers=list(d.workers), augments=list(d.augments),
+            batches=int(d.batches), step_repeats=int(d.step_repeats), gpu_tflops=float(d.gpu_tflops),
+            workdir=d.workdir, keep_cache=bool(d.keep_cache), threads=b.threads, seed=int(b.seed),
         )
     else:
         v = b.volume

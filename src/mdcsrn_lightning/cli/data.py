@@ -4,6 +4,9 @@
     mdcsrn-data fetch s1 icbm152_t1 --data-dir /data/mdcsrn
     mdcsrn-data list                      # keys, cached or not, licence, description
     mdcsrn-data path itk_lowres           # the path (fetched if needed), e.g. for mdcsrn-infer
+    mdcsrn-data make-hcp /data/hcp64 --n 64 --templates mni152 icbm152_t1
+                                          # N synthetic 320x320x256 heads in the HCP layout
+                                          # (benchmarks only; see benchmark/hcp_like.py)
 
 ``$MDCSRN_DATA_DIR`` sets the cache folder too. Errors are one line on stderr, exit code 1.
 """
@@ -26,7 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="known files and whether they are cached")
     p_path = sub.add_parser("path", help="print a file's path (fetching it on first use)")
     p_path.add_argument("key")
-    for p in (p_fetch, p_list, p_path):
+    p_hcp = sub.add_parser("make-hcp", help="N synthetic full-size heads in the HCP layout (benchmarks, never data)")
+    p_hcp.add_argument("root", help="folder to fill (subjects already there are kept)")
+    p_hcp.add_argument("--n", type=int, required=True, help="number of subjects")
+    p_hcp.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="default 320 320 256")
+    p_hcp.add_argument("--spacing", type=float, default=None, help="voxel size in mm (default 0.7)")
+    p_hcp.add_argument("--seed", type=int, default=0)
+    p_hcp.add_argument("--templates", nargs="+", default=["mni152"], help="mni152 (in nilearn) and/or icbm152_t1 (fetched)")
+    for p in (p_fetch, p_list, p_path, p_hcp):
         p.add_argument("--data-dir", default=None, help=f"cache folder (default ${fetch_mod.DATA_DIR_ENV} or ~/.cache)")
     return parser
 
@@ -51,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, path in paths.items():
                 print(f"{key}\t{path.stat().st_size / 1e6:.1f} MB\t{path}")
             print(f"{len(paths)} file(s) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        elif args.command == "make-hcp":
+            from mdcsrn_lightning.benchmark import hcp_like
+
+            out = hcp_like.make_hcp_like(
+                args.root, args.n, shape=args.shape or hcp_like.HCP_SHAPE, spacing=args.spacing or hcp_like.HCP_SPACING,
+                seed=args.seed, templates=args.templates, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr),
+            )
+            per = out["seconds_per_subject"]
+            print(f"{args.root}: {out['made']} made ({'-' if per is None else f'{per:.1f}'} s each), {out['skipped']} "
+                  f"already there, {out['bytes'] / 1e9:.2f} GB in {args.n} volume files")
         elif args.command == "path":
             print(fetch_mod.data_path(args.key, args.data_dir))
         else:
@@ -62,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{spec.key}\t{state}\t{pkg.spec} [{pkg.licence}]\t{spec.description}")
             for local in fetch_mod.LOCAL_FILES.values():
                 print(f"{local.key}\tinstalled\t{local.module} [{local.licence}]\t{local.description}")
-    except fetch_mod.FetchError as exc:
+    except (fetch_mod.FetchError, ValueError, OSError) as exc:
         print(f"mdcsrn-data: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -29,6 +29,7 @@ right across epochs, and both are wired automatically:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchio.transforms.augmentation import RandomTransform
 
-from mdcsrn_lightning.atomic import atomic_path
+from mdcsrn_lightning.atomic import WriteError, atomic_path
 from mdcsrn_lightning.data import degradation, intensity
 from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, realistic_hr_transform
 from mdcsrn_lightning.data.sources import (
@@ -712,10 +713,7 @@ class SRDataModule(LightningDataModule):
         )
         if cache is None:
             return entry
-        lr_file: str | None = None
-        if not lr_from_file:
-            lr_file = f"{key}.lr.npy"
-            _atomic_write(cache / lr_file, lambda fh: np.save(fh, lr, allow_pickle=False))
+        lr_file = None if lr_from_file else f"{key}.lr.npy"
         meta = {
             "version": _CACHE_VERSION,
             "name": name,
@@ -729,8 +727,7 @@ class SRDataModule(LightningDataModule):
             "reference_scale": reference_scale,
             "lr_file": lr_file,
         }
-        # The metadata goes last: its presence marks a complete entry.
-        _atomic_write(cache / f"{key}.json", lambda fh: json.dump(meta, fh), mode="w")
+        self._write_cache_entry(cache, key, lr_file, lr, meta)
         # With a disk cache, hold only what cannot be re-read (keeps 1000-subject cohorts out of RAM).
         entry.hr_file = src.hr_path(name)
         if entry.hr_file is not None:
@@ -740,6 +737,28 @@ class SRDataModule(LightningDataModule):
         if entry.lr_file is not None:
             entry.lr = None
         return entry
+
+    @staticmethod
+    def _write_cache_entry(cache: Path, key: str, lr_file: str | None, lr: np.ndarray, meta: dict[str, Any]) -> None:
+        """The LR array, then the metadata (whose presence marks a complete entry); on a
+        failure neither is left behind and the error is one line naming the cache folder."""
+        written: list[Path] = []
+        try:
+            if lr_file is not None:
+                _atomic_write(cache / lr_file, lambda fh: np.save(fh, lr, allow_pickle=False))
+                written.append(cache / lr_file)
+            _atomic_write(cache / f"{key}.json", lambda fh: json.dump(meta, fh), mode="w")
+        except OSError as exc:
+            for path in written:  # complete but orphaned without its metadata
+                path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                need = lr.nbytes / 1e6 if lr_file is not None else 0.0
+                raise WriteError(
+                    f"{cache}: no space left on device for the degraded-volume cache (data.cache_dir; "
+                    f"{need:.0f} MB per subject); free space there or point data.cache_dir elsewhere",
+                    exc.errno,
+                ) from None
+            raise
 
     def _subject(self, entry: _Entry) -> tio.Subject:
         # LR and HR share the LR's unit: the target is what the input would be at full resolution.
