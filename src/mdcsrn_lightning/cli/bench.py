@@ -65,10 +65,13 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             warmup=int(b.warmup), memory=str(b.memory), slab=b.slab, gemm_size=int(b.gemm_size), **common,
         )
     elif b.task == "train":
-        out = train_task(
-            model, settings=list(b.train.settings), batches=[list(x) for x in b.train.batches],
-            repeats=int(b.repeats), warmup=int(b.warmup), memory=str(b.memory), **common,
-        )
+        if list(b.train.settings):
+            out = train_task(
+                model, settings=list(b.train.settings), batches=[list(x) for x in b.train.batches],
+                repeats=int(b.repeats), warmup=int(b.warmup), memory=str(b.memory), **common,
+            )
+        else:  # bench.train.settings=[]: only the curves
+            out = {"task": "train", "device": str(b.device), "threads": torch.get_num_threads(), "runs": []}
         c = b.train.get("curves")
         if c is not None and c.enabled:
             out["curves"] = precision_curves(
