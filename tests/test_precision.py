@@ -89,3 +89,25 @@ def test_mdcsrn_train_resolves_auto_logs_why_and_resumes(native, train_cfg, monk
     assert second.trainer.precision == other
     resumed = torch.load(Path(second.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert (resumed["global_step"], resumed["epoch"]) == (4, 1)
+
+
+def test_validation_and_test_score_the_float32_model_under_bf16_autocast() -> None:
+    # Lightning runs validation/test inside the precision plugin's autocast; the scores (and the
+    # checkpoint chosen by them) must be those of the model as mdcsrn-infer runs it: float32
+    import torchio as tio
+
+    from mdcsrn_lightning.models import MDCSRN
+    from mdcsrn_lightning.training.l1_module import L1Module
+
+    torch.manual_seed(0)
+    module = L1Module(MDCSRN(1, 2, 4), optimizer=torch.optim.Adam, metric_axis=2).eval()
+    lr = torch.rand(1, 1, 12, 12, 12)
+    batch = {"lr": {tio.DATA: lr}, "hr": {tio.DATA: (lr + 0.05).clamp(0, 1)}}
+    with torch.no_grad():
+        expected = module.net(lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = module.net(lr)
+            rows, _, sr = module._evaluate_batch(batch)
+    assert sr.dtype == torch.float32 and torch.equal(sr, expected)
+    assert (bf16.float() - expected).abs().max() > 1e-4  # autocast would have changed the scores
+    assert rows[0]["mse"] == pytest.approx(float(((expected - batch["hr"][tio.DATA]) ** 2).mean()), rel=1e-6)

@@ -30,7 +30,6 @@ volume, batch 1 of 16^3): the tests use it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mdcsrn_lightning.benchmark.curves import read_curve
 from mdcsrn_lightning.benchmark.measure import PeakMemory, alternate, summarize
 from mdcsrn_lightning.benchmark.runners import build_net
 from mdcsrn_lightning.benchmark.tasks import infer_task, train_task
@@ -218,11 +218,7 @@ def _fit(
         return Row(name, "FAIL", f"mdcsrn-train exit {proc.returncode}: {tail[0][:300]} (log: {run_dir / 'output.log'})")
     if expect is not None and not re.search(expect, proc.stdout + proc.stderr):
         return Row(name, "FAIL", f"the run's log lacks {expect!r} (log: {run_dir / 'output.log'})")
-    losses: dict[int, float] = {}
-    with open(run_dir / "csv" / "metrics.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            if r.get("train/loss") not in (None, ""):
-                losses[int(r["step"])] = float(r["train/loss"])
+    losses = {int(step): value for step, value in read_curve(run_dir / "csv" / "metrics.csv")["train/loss"]}
     used = _precision_used(proc.stderr + proc.stdout)
     detail = {"steps": len(losses), "seconds": seconds, "losses": losses, "precision": used}
     figure = f"{len(losses)} steps, last train/loss {losses[max(losses)]:.4g}, {seconds:.0f} s wall with start-up" if losses else ""

@@ -134,7 +134,15 @@ class SRModule(LightningModule):
         """
         lr = batch["lr"][tio.DATA]
         hr = batch["hr"][tio.DATA]
-        sr, seconds = timed(lambda: self(lr), lr.device)
+
+        def forward_fp32() -> torch.Tensor:
+            # scored as mdcsrn-infer / mdcsrn-eval run the model (float32), whatever the training
+            # precision: under trainer.precision=bf16-mixed Lightning runs validation and test
+            # inside bf16 autocast, which would score bf16 inference and pick checkpoints by it
+            with torch.autocast(lr.device.type, enabled=False):
+                return self(lr.float())
+
+        sr, seconds = timed(forward_fp32, lr.device)
         axis = self._metric_axis()
         rows: list[dict[str, float]] = []
         first: dict[str, np.ndarray] = {}
