@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s demo` (the quickstart, L1 then GAN, on the embedded data).
+"""Sessions: `nox -s tests` (the suite), `nox -s demo` (the quickstart, L1 then GAN, on the embedded data),
+`nox -s gpu` (the GPU check: one markdown table; skipped with its reason where no CUDA GPU is visible).
 
 Torch: `MDCSRN_TORCH` picks the torch requirement (default `torch==2.13.0`; on a machine whose
 pip finds a local CPU wheel of it, that wheel, otherwise PyPI's build for the platform, CUDA
@@ -48,3 +49,20 @@ def demo(session: nox.Session) -> None:
         *session.posargs,
     )
     session.log(f"L1 model: {l1_dir} (metrics.json, panels/, checkpoints/); GAN fine-tuning: {gan_dir}")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The GPU check (`python -m mdcsrn_lightning.benchmark.gpu_check`): bf16-mixed, torch.compile and
+    1-device DDP fits, the inference engines, b4u4/b8u4 on a 320x320x256 volume and training steps
+    at batch 6 of 40^3; one markdown table, under 10 minutes on one recent GPU. Arguments after
+    `--` go to the check (e.g. `nox -s gpu -- --table gpu.md --repeats 3`). Without a CUDA GPU the
+    session is skipped with the reason (not a failure); `-- --device cpu --tiny` dry-runs it."""
+    install(session)
+    module = ("python", "-m", "mdcsrn_lightning.benchmark.gpu_check")
+    if "--device" not in session.posargs:
+        found = session.run(*module, "--detect", silent=True, success_codes=[0, 77]) or ""
+        if not str(found).startswith("cuda:"):
+            session.skip(str(found).strip() or "no CUDA GPU")
+        session.log(str(found).strip())
+    session.run(*module, *session.posargs)

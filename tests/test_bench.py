@@ -163,3 +163,56 @@ def test_volume_task_streams_exactly_and_checks_itself(tmp_path) -> None:
     assert result["crops_max_abs_diff"] < 1e-5
     assert result["patches"]["max_abs_diff_vs_stream"] < 1e-5 and result["patches"]["margin"] == 3
     assert "streamed whole volume" in markdown(result)
+
+
+# ---------------------------------------------------------------------- fp32 vs bf16-mixed curves
+def test_curves_table_puts_precisions_side_by_side(tmp_path) -> None:
+    from mdcsrn_lightning.benchmark.curves import _windows, read_curve
+
+    csv_file = tmp_path / "metrics.csv"
+    csv_file.write_text(
+        "epoch,step,train/loss,val/psnr\n0,0,0.5,\n0,1,0.3,\n0,1,,30.5\n1,2,0.2,\n1,3,0.1,\n1,3,,31.25\n"
+    )
+    curve = read_curve(csv_file)
+    assert curve == {"train/loss": [[0, 0.5], [1, 0.3], [2, 0.2], [3, 0.1]], "val/psnr": [[1, 30.5], [3, 31.25]]}
+    assert [w["mean"] for w in _windows(curve["train/loss"], 2)] == pytest.approx([0.4, 0.15])
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        read_curve(tmp_path / "missing.csv")
+
+    def run(psnr: float, seconds: float) -> dict:
+        return {"seconds": seconds, "steps": 4, "loss_windows": _windows(curve["train/loss"], 2),
+                "val_psnr": curve["val/psnr"], "test_psnr": psnr, "test_ssim": 0.9, "best_baseline": "zero_filled",
+                "best_baseline_psnr": 34.0}
+
+    runs = {"32-true": run(35.0, 100.0), "bf16-mixed": run(34.95, 50.0)}
+    runs["bf16-mixed"].update(psnr_diff_vs_first=-0.05, seconds_vs_first=2.0)
+    runs["32-true"].update(psnr_diff_vs_first=0.0, seconds_vs_first=1.0)
+    table = markdown({"task": "train", "device": "cpu", "threads": 2, "runs": [],
+                      "curves": {"experiment": "quickstart", "overrides": [], "window": 2, "runs": runs}})
+    assert "| | 32-true | bf16-mixed |" in table
+    assert "| train loss, steps 0-1 | 0.40000 | 0.40000 |" in table
+    assert "| val PSNR (dB) at step 3 | 31.250 | 31.250 |" in table
+    assert "| **test PSNR (dB), held out** | **35.000** | **34.950** |" in table
+    assert "| test PSNR minus 32-true (dB) | +0.000 | -0.050 |" in table
+    assert "| run wall time s (fit, validation, test; speed-up vs 32-true) | 100 (1.00x) | 50 (2.00x) |" in table
+
+
+@pytest.mark.slow
+def test_precision_curves_train_the_same_run_in_each_precision(tmp_path) -> None:
+    from mdcsrn_lightning.benchmark.curves import precision_curves
+
+    tiny = ["depth=b1u2", "width=k4", "data.source.resolution=2", "data.patch_size=8", "data.samples_per_volume=2",
+            "data.batch_size=2", "data.queue_length=8", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+            f"paths.root_dir={tmp_path}"]
+    result = precision_curves(["32-true", "bf16-mixed"], overrides=tiny, window=2, workdir=str(tmp_path / "runs"))
+    runs = result["runs"]
+    assert list(runs) == ["32-true", "bf16-mixed"] and all("error" not in r for r in runs.values()), runs
+    for precision, r in runs.items():
+        assert r["steps"] == 6 and len(r["val_psnr"]) == 2 and r["seconds"] > 0  # 3 steps per epoch, 2 epochs
+        assert r["best_baseline"] == "zero_filled" and abs(r["test_psnr"] - r["best_baseline_psnr"]) < 20
+        assert (tmp_path / "runs" / precision / "checkpoints" / "last.ckpt").is_file()
+    assert runs["32-true"]["psnr_diff_vs_first"] == 0.0
+    assert runs["bf16-mixed"]["psnr_diff_vs_first"] == runs["bf16-mixed"]["test_psnr"] - runs["32-true"]["test_psnr"]
+    # the two runs differ only in precision: same seed, same data, so the first step's loss agrees closely
+    first = [r["loss_windows"][0]["mean"] for r in runs.values()]
+    assert abs(first[0] - first[1]) < 0.05 * first[0]

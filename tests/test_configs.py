@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from mdcsrn_lightning.cli.train import build_module
+from mdcsrn_lightning.cli.train import build_module, resolve_trainer_precision
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.models import count_parameters
 
@@ -33,6 +33,7 @@ def test_experiment_composes_and_instantiates(experiment: str, train_cfg) -> Non
     module = build_module(cfg, net)
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    resolve_trainer_precision(cfg)  # "auto" -> what mdcsrn-train gives Lightning
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     assert module.net is net and datamodule is not None and trainer is not None
 

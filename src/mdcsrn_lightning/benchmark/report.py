@@ -119,7 +119,50 @@ def _train(r: dict[str, Any]) -> str:
                 f"{_f(row.get('speedup_vs_reference'), '.2f')}x | {_mem(row)} | {_f(row.get('peak_vs_reference'), '.0%')} |"
             )
         out.append("")
+    if r.get("curves"):
+        out.append(_curves(r["curves"]))
     return "\n".join(out)
+
+
+def _curves(c: dict[str, Any]) -> str:
+    """The same training run per precision: loss windows, validation PSNR, held-out test PSNR."""
+    runs = c.get("runs", {})
+    names = list(runs)
+    extra = (" " + " ".join(c["overrides"])) if c.get("overrides") else ""
+    out = [
+        f"Accuracy: `mdcsrn-train experiment={c['experiment']}{extra}` once per precision (same seed), "
+        f"training L1 loss averaged over {c['window']}-step windows.\n",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for name in names:
+        if "error" in runs[name]:
+            out.append(f"| {name} | failed: {runs[name]['error']} |" + " |" * (len(names) - 1))
+    ok = [n for n in names if "error" not in runs[n]]
+    if not ok:
+        return "\n".join(out) + "\n"
+
+    def cells(fn: Any) -> str:
+        return " | ".join(fn(runs[n]) if n in ok else "-" for n in names)
+
+    windows = max(len(runs[n]["loss_windows"]) for n in ok)
+    for i in range(windows):
+        w = next(runs[n]["loss_windows"][i] for n in ok if i < len(runs[n]["loss_windows"]))
+        out.append(f"| train loss, steps {w['steps_from']}-{w['steps_to']} | " + cells(
+            lambda r, i=i: f"{r['loss_windows'][i]['mean']:.5f}" if i < len(r["loss_windows"]) else "-") + " |")
+    val_steps = sorted({int(s) for n in ok for s, _ in runs[n]["val_psnr"]})
+    for step in val_steps:
+        out.append(f"| val PSNR (dB) at step {step} | " + cells(
+            lambda r, step=step: next((f"{v:.3f}" for s, v in r["val_psnr"] if int(s) == step), "-")) + " |")
+    out.append("| **test PSNR (dB), held out** | " + cells(lambda r: f"**{r['test_psnr']:.3f}**") + " |")
+    out.append("| test SSIM | " + cells(lambda r: f"{r['test_ssim']:.4f}") + " |")
+    out.append(f"| test PSNR minus {names[0]} (dB) | " + cells(lambda r: _f(r.get("psnr_diff_vs_first"), "+.3f")) + " |")
+    out.append("| best interpolation baseline (PSNR dB) | " + cells(
+        lambda r: f"{r['best_baseline']} {r['best_baseline_psnr']:.3f}" if r.get("best_baseline") else "-") + " |")
+    out.append("| steps | " + cells(lambda r: str(r["steps"])) + " |")
+    out.append(f"| run wall time s (fit, validation, test; speed-up vs {names[0]}) | " + cells(
+        lambda r: f"{r['seconds']:.0f} ({_f(r.get('seconds_vs_first'), '.2f')}x)") + " |")
+    return "\n".join(out) + "\n"
 
 
 def _queue(r: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
     mdcsrn-bench depth=b8u4 width=k12 bench.timing=false          # parameter count only
     mdcsrn-bench depth=b8u4 bench.size=[64,64,64] bench.engines=[reference,torch,compile,onnxruntime,openvino]
     mdcsrn-bench bench.task=train                                  # seconds per Adam step, options on/off
+    mdcsrn-bench bench.task=train bench.train.curves.enabled=true  # + quickstart fp32 vs bf16-mixed curves
     mdcsrn-bench bench.task=queue                                  # TorchIO queue vs training step
     mdcsrn-bench depth=b8u4 bench.task=volume                      # exact 181x217x181 pass, peak RSS
     mdcsrn-bench depth=b8u4 data=hcp data.source.root=/data/hcp64 bench.task=data   # setup, cache, queue per N
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.benchmark import data_task, infer_task, machine, markdown, queue_task, train_task, volume_task
+from mdcsrn_lightning.benchmark.curves import precision_curves
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.models import count_parameters
 
@@ -36,6 +38,10 @@ def _model_name(model: dict[str, Any]) -> str:
         return name + ("-r" if model.get("reconstruction") == "conv" else "")
     except (KeyError, TypeError):
         return str(model.get("_target_", "generator"))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
@@ -60,10 +66,19 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             warmup=int(b.warmup), memory=str(b.memory), slab=b.slab, gemm_size=int(b.gemm_size), **common,
         )
     elif b.task == "train":
-        out = train_task(
-            model, settings=list(b.train.settings), batches=[list(x) for x in b.train.batches],
-            repeats=int(b.repeats), warmup=int(b.warmup), memory=str(b.memory), **common,
-        )
+        if list(b.train.settings):
+            out = train_task(
+                model, settings=list(b.train.settings), batches=[list(x) for x in b.train.batches],
+                repeats=int(b.repeats), warmup=int(b.warmup), memory=str(b.memory), **common,
+            )
+        else:  # bench.train.settings=[]: only the curves
+            out = {"task": "train", "device": str(b.device), "threads": torch.get_num_threads(), "runs": []}
+        c = b.train.get("curves")
+        if c is not None and c.enabled:
+            out["curves"] = precision_curves(
+                [str(p) for p in c.precisions], experiment=str(c.experiment), overrides=[str(o) for o in c.overrides],
+                window=int(c.window), workdir=c.workdir, log=_stderr,
+            )
     elif b.task == "queue":
         data = OmegaConf.to_container(cfg.data, resolve=False)
         assert isinstance(data, dict)

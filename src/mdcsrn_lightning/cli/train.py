@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -36,6 +37,7 @@ from mdcsrn_lightning.training.loggers import (
     read_wandb_id,
     write_wandb_run,
 )
+from mdcsrn_lightning.training.precision import resolve_precision
 from mdcsrn_lightning.training.results import write_test_results
 from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
@@ -116,6 +118,18 @@ def _print_outputs(output_dir: Path, trainer: L.Trainer) -> None:
             print(f"  {name}: {output_dir / name}")
 
 
+def resolve_trainer_precision(cfg: DictConfig) -> None:
+    """``trainer.precision=auto`` -> the precision this machine runs fastest safely (one info line)."""
+    if "precision" not in cfg.trainer:
+        return
+    setting = cfg.trainer.precision
+    precision, why = resolve_precision(setting, str(cfg.trainer.get("accelerator", "auto")))
+    if str(setting) == "auto":
+        with open_dict(cfg):
+            cfg.trainer.precision = precision
+        rank_zero_info(f"trainer.precision=auto -> {precision}: {why} (set trainer.precision=32-true to override)")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """What can be checked before anything is built or written; raises :class:`RunConfigError`.
 
@@ -143,6 +157,7 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
     ``global_step`` from it to tell a run refused before training from one that trained.
     """
     check_run_config(cfg)
+    resolve_trainer_precision(cfg)
     if is_global_zero():
         acquire_run_lock(cfg.paths.output_dir)
     if cfg.get("seed") is not None:

@@ -132,7 +132,17 @@ class SRModule(LightningModule):
         ``seconds`` of each row is the batch's forward time divided by ``B`` (synchronised
         on CUDA, see :func:`~mdcsrn_lightning.training.timing.timed`).
         """
-        lr = batch["lr"][tio.DATA]
+        # Scored as mdcsrn-infer / mdcsrn-eval run the model and score it (float32), whatever the
+        # training precision: under trainer.precision=bf16-mixed Lightning runs validation and test
+        # inside bf16 autocast, which would score bf16 inference (and SSIM's convolutions in bf16)
+        # and pick checkpoints by that.
+        with torch.autocast(batch["lr"][tio.DATA].device.type, enabled=False):
+            return self._evaluate_batch_fp32(batch)
+
+    def _evaluate_batch_fp32(
+        self, batch: dict[str, Any]
+    ) -> tuple[list[dict[str, float]], dict[str, np.ndarray], torch.Tensor]:
+        lr = batch["lr"][tio.DATA].float()
         hr = batch["hr"][tio.DATA]
         sr, seconds = timed(lambda: self(lr), lr.device)
         axis = self._metric_axis()
