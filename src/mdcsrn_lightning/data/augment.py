@@ -167,7 +167,7 @@ class RandomRegion(RandomTransform, tio.Transform):
 
     Images ``(C, X, Y, Z)`` -> ``(C, Rx, Ry, Rz)``. Per axis the box is ``size + 2 margin``
     long, centred on a random foreground voxel (``hr > 0.05 x metric_scale``, the metrics'
-    rule; drawn by rejection from 64 uniform voxels, uniform if none is foreground) and
+    rule; drawn by rejection from 4096 uniform voxels, uniform if none is foreground) and
     shifted to lie inside the volume; after ``transform`` the margin is cropped away, so
     the region never includes the volume's outer ``margin`` voxels. An axis shorter than
     ``size + 2 margin`` is kept whole (no crop, no margin: exactly as without a region).
@@ -229,7 +229,7 @@ class RandomRegion(RandomTransform, tio.Transform):
             reference = float(subject["metric_scale"])
         else:
             reference = float(torch.quantile(hr.flatten()[:: max(1, hr.numel() // 1_000_000)].float(), 0.999))
-        idx = [torch.randint(0, n, (64,)) for n in shape]
+        idx = [torch.randint(0, n, (4096,)) for n in shape]
         fg = (hr[idx[0], idx[1], idx[2]] > 0.05 * reference).nonzero().flatten()
         k = int(fg[0]) if fg.numel() else 0
         return [int(i[k]) for i in idx]
