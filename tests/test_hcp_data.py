@@ -208,6 +208,8 @@ def test_bench_data_task_argument_checks(tmp_path: Path) -> None:
         data_task(cfg, TINY_MODEL, subjects=[8], workdir=str(tmp_path / "w"), log=lambda m: None)
     with pytest.raises(ValueError, match="bench.data.batches must be >= 2"):
         data_task(cfg, TINY_MODEL, batches=1)
+    with pytest.raises(ValueError, match="bench.data.augments must be among none, paper, realistic, realistic_whole"):
+        data_task(cfg, TINY_MODEL, augments=["realistic_roi"])
 
 
 # ----------------------------------------------------------------------------- full size

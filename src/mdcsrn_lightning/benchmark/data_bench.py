@@ -72,6 +72,9 @@ SLACK_MB = 32.0
 #: augment=realistic also TorchIO's affine/elastic resampling (SimpleITK, float64) before it
 LOAD_PAPER = 8
 LOAD_REALISTIC = 16
+#: queue rows: ``realistic`` with its configured/default ``roi`` (``auto``: a 96^3 region at HCP
+#: size), ``realistic_whole`` the same with ``roi=null`` (the whole volume, each load)
+AUGMENT_ROWS = ("none", "paper", "realistic", "realistic_whole")
 
 
 def _stderr(msg: str) -> None:
@@ -157,8 +160,8 @@ def data_task(
     ws = [int(w) for w in workers]
     if not ws or any(w < 0 for w in ws):
         raise ValueError(f"bench.data.workers must be ints >= 0, got {list(workers)}")
-    if not augments or any(a not in ("none", "paper", "realistic") for a in augments):
-        raise ValueError(f"bench.data.augments must be among none, paper, realistic, got {list(augments)}")
+    if not augments or any(a not in AUGMENT_ROWS for a in augments):
+        raise ValueError(f"bench.data.augments must be among {', '.join(AUGMENT_ROWS)}, got {list(augments)}")
     if int(batches) < 2:
         raise ValueError(f"bench.data.batches must be >= 2 (the first one fills the queue), got {batches}")
     if not (isinstance(gpu_tflops, (int, float)) and gpu_tflops > 0):
@@ -325,12 +328,15 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     for augment in spec["augments"]:
         for w in spec["workers"]:
-            c = dict(cfg, num_workers=int(w), augment=augment)
-            load = LOAD_REALISTIC if augment == "realistic" else LOAD_PAPER
-            if augment != "realistic":
+            realistic = augment in ("realistic", "realistic_whole")
+            c = dict(cfg, num_workers=int(w), augment="realistic" if realistic else augment)
+            load = LOAD_REALISTIC if realistic else LOAD_PAPER
+            if not realistic:
                 c["augment_options"] = None
             elif cfg.get("augment") != "realistic":
                 c["augment_options"] = None  # the package's defaults (data/augment.py)
+            if augment == "realistic_whole":
+                c["augment_options"] = {**(c["augment_options"] or {}), "roi": None}
             before = calls[0]
             dm = instantiate(c)
             start = time.perf_counter()

@@ -50,7 +50,7 @@ from torchio.transforms.augmentation import RandomTransform
 
 from mdcsrn_lightning.atomic import WriteError, atomic_path
 from mdcsrn_lightning.data import degradation, intensity
-from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, realistic_hr_transform
+from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, RandomRegion, realistic_hr_transform, realistic_roi
 from mdcsrn_lightning.data.sources import (
     VolumeError,
     VolumeSource,
@@ -311,7 +311,9 @@ class SRDataModule(LightningDataModule):
         world_size, rank: DDP share of the training subjects; default (``None``): the
             attached Trainer's, else ``torch.distributed``'s, else a single process.
         augment_options: ``augment="realistic"`` settings overriding
-            ``data.augment.REALISTIC_DEFAULTS``.
+            ``data.augment.REALISTIC_DEFAULTS``; ``roi`` / ``roi_margin`` augment and
+            re-degrade a random region (each edge ``>=`` the patch) instead of the whole
+            volume (``data.augment.realistic_roi``, ``RandomRegion``).
 
     A source with ``forced_sets`` (held-out scans, slab roles) fixes those subjects' sets;
     one with ``sampling_groups`` (a ``MixSource``) has its training subjects drawn by
@@ -382,6 +384,7 @@ class SRDataModule(LightningDataModule):
             raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
         # Built here so that a bad option fails at construction, not at the first batch.
         self._hr_transform = realistic_hr_transform(augment_options) if augment == "realistic" else None
+        self._roi = realistic_roi(augment_options, patch) if augment == "realistic" else (None, 0, None)
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
         if augment_axes is None:
@@ -595,7 +598,19 @@ class SRDataModule(LightningDataModule):
         steps: list[tio.Transform] = []
         if self._hr_transform is not None:
             fg = float(hp.foreground_threshold) if hp.sampler == "label" else None
-            steps += [self._hr_transform, DegradeSample(self.factors, self.interpolation, foreground_threshold=fg)]
+            whole = tio.Compose(
+                [self._hr_transform, DegradeSample(self.factors, self.interpolation, foreground_threshold=fg)]
+            )
+            size, margin, min_ratio = self._roi
+            if size is None:
+                steps.append(whole)
+            else:
+                # A region: the subject keeps its whole-volume unit (see data/augment.py).
+                region = tio.Compose(
+                    [self._hr_transform, DegradeSample(self.factors, self.interpolation, renormalize=False)]
+                )
+                grid = [max(1, round(f)) for f in self.factors]
+                steps.append(RandomRegion(size, margin, region, whole_transform=whole, min_ratio=min_ratio, grid=grid))
         if hp.sampler == "label":
             steps.append(_AddForegroundMask())
         return tio.Compose(steps) if steps else None
