@@ -72,98 +72,104 @@ def _check_mdcsrn(net: object) -> None:
             raise TypeError(f"block streaming needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
 
 
-class BlockGraph(nn.Module):
-    """Dense block ``index`` of ``net`` (with the stem for block 0) over one slab.
+def _folded_bn(bn: nn.BatchNorm3d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift``, both (1, C, 1, 1, 1)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.view(1, -1, 1, 1, 1), shift.view(1, -1, 1, 1, 1)
 
-    ``forward(x, mask)``: ``x`` (B, C_in, t + 2h, H, W) is the block input (the network
-    input for block 0, else the compressor's output) on slices ``[s - h, s + t + h)``,
-    zeros where outside the volume; ``mask`` (1, 1, t + 2h, 1, 1) is 1 on the slices inside
-    the volume, 0 outside. Returns (B, R, t, H, W): for slices ``[s, s + t)``, the block's
-    pieces (block input and unit outputs; for block 0 the stem counts twice, as the first
-    level and as the block input) times the matching columns of every later consumer's
-    1x1x1 conv (compressors ``index .. b-2``, then the reconstruction's first conv), stacked
-    in that order; no biases (the caller's accumulators start at them). ``R`` is
-    :attr:`rows`; ``h`` is :attr:`halo`.
 
-    Shares ``net``'s modules (no copies); BatchNorm uses the running statistics.
+def block_parameters(block: nn.Module) -> list[Tensor]:
+    """A dense block's weights in the order :class:`DenseBlockGraph` takes them: per unit,
+    BN1 scale and shift, [bottleneck weight and bias, BN2 scale and shift], conv weight and
+    bias (BatchNorm folded with its running statistics)."""
+    out: list[Tensor] = []
+    for unit in block.units:  # type: ignore[union-attr]
+        out += _folded_bn(unit.norm1)
+        if unit.bottleneck is not None:
+            out += [unit.bottleneck.weight, unit.bottleneck.bias, *_folded_bn(unit.norm2)]
+        out += [unit.conv.weight, unit.conv.bias]
+    return [t.detach().contiguous() for t in out]
+
+
+def _layout(block: nn.Module) -> tuple[int, ...]:
+    """What the graph's structure depends on: the input width, the units' output widths and
+    which units have a bottleneck."""
+    units = list(block.units)  # type: ignore[union-attr]
+    return (
+        int(units[0].norm1.num_features),
+        *(int(u.conv.out_channels) for u in units),
+        *(int(u.bottleneck is not None) for u in units),
+    )
+
+
+class DenseBlockGraph(nn.Module):
+    """One dense block over one slab, its weights given as inputs: **one** graph (one
+    compiled model, one working memory) serves every block of the network.
+
+    ``forward(x, mask, *params)``: ``x`` (B, 2k, t + 2u, H, W) is the block input on slices
+    ``[s - u, s + t + u)`` (anything finite outside the volume); ``mask`` (1, 1, t + 2u,
+    1, 1) is 1 on the slices inside the volume, 0 outside; ``params`` is
+    :func:`block_parameters` of the block. Returns (B, 2k + u k, t, H, W): the block input
+    and the unit outputs on slices ``[s, s + t)`` (the block's output o_i there).
+
+    The 3x3x3 convs are valid along the first axis (each unit's output loses a slice per
+    side), and each unit's conv input is multiplied by the mask: zeros outside the volume,
+    the whole-volume pass's own zero padding.
     """
 
-    def __init__(self, net: nn.Module, index: int) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        _check_mdcsrn(net)
-        blocks = list(net.blocks)  # type: ignore[arg-type]
-        if not 0 <= index < len(blocks):
-            raise ValueError(f"block index must be in [0, {len(blocks)}), got {index}")
-        self.index = index
-        self.units = nn.ModuleList(blocks[index].units)
-        self.stem = net.stem if index == 0 else None
-        self.halo = len(self.units) + (1 if index == 0 else 0)
-        consumers: list[nn.Conv3d] = [*list(net.compressors)[index:], net.reconstruction[0]]  # type: ignore[list-item]
-        stem_width = int(net.stem.out_channels)  # type: ignore[union-attr]
-        k = int(self.units[0].conv.out_channels)
-        width = int(self.units[0].norm1.num_features) + len(self.units) * k  # block input + units
-        # columns of this block's pieces in cat(stem, o_1, ..., o_b): o_1 starts after the stem
-        column = stem_width + sum(int(b.units[0].norm1.num_features) + len(b.units) * k for b in blocks[:index])
-        rows = []
-        for conv in consumers:
-            w = conv.weight.detach()[:, column : column + width]
-            if w.shape[1] != width:
-                raise ValueError(f"block {index + 1}: consumer has {conv.weight.shape[1]} input channels, too few")
-            if index == 0:  # the stem is also level 0 (columns [0, stem_width))
-                w = w.clone()
-                w[:, :stem_width] += conv.weight.detach()[:, :stem_width]
-            rows.append(w)
-        self.register_buffer("weight", torch.cat(rows).contiguous(), persistent=False)
-        #: rows of each consumer in the output, in order (compressors index.., reconstruction)
-        self.consumer_rows = [int(r.shape[0]) for r in rows]
-        self.rows = sum(self.consumer_rows)
-        self.in_channels = int(net.stem.in_channels) if index == 0 else int(self.units[0].norm1.num_features)  # type: ignore[union-attr]
+        self.layout = _layout(block)
+        self.units = len(list(block.units))  # type: ignore[union-attr]
+        self.bottlenecks = [u.bottleneck is not None for u in block.units]  # type: ignore[union-attr]
+        self.in_channels = self.layout[0]
+        self.out_channels = self.in_channels + sum(self.layout[1 : 1 + self.units])
+        self.halo = self.units
 
-    @staticmethod
-    def _head(unit: nn.Module, x: Tensor) -> Tensor:
-        x = F.elu(_bn(x, unit.norm1))
-        if unit.bottleneck is not None:
-            x = F.elu(_bn(F.conv3d(x, unit.bottleneck.weight, unit.bottleneck.bias), unit.norm2))
-        return x
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, *params: Tensor) -> Tensor:
         n = x.shape[2]
-        lo = 0  # the pieces' common first slice (relative to the slab)
-        if self.stem is not None:
-            # x is zero outside the volume: exactly the stem conv's own padding
-            x = F.conv3d(x, self.stem.weight, self.stem.bias, padding=(0, 1, 1))
-            lo = 1
-        pieces = [(lo, x)]  # (first slice, tensor of slices [first, n - first))
+        pieces = [(0, x)]  # (first slice, tensor of slices [first, n - first))
+        i = 0
 
         def crop(first: int, t: Tensor, a: int) -> Tensor:
             return t[:, :, a - first : t.shape[2] - (a - first)]
 
-        for j, unit in enumerate(self.units):
-            a = lo + j  # this unit's conv input covers slices [a, n - a)
+        for a, bottleneck in enumerate(self.bottlenecks):  # unit a's conv input: slices [a, n - a)
             parts = [crop(first, t, a) for first, t in pieces]
-            head = self._head(unit, torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-            head = head * mask[:, :, a : n - a]  # zeros outside the volume = the conv's padding
-            pieces.append((a + 1, F.conv3d(head, unit.conv.weight, unit.conv.bias, padding=(0, 1, 1))))
-        last = lo + len(self.units)
-        cat = torch.cat([crop(first, t, last) for first, t in pieces], 1)
-        return F.conv3d(cat, self.weight)
+            h = F.elu((torch.cat(parts, 1) if len(parts) > 1 else parts[0]) * params[i] + params[i + 1])
+            i += 2
+            if bottleneck:
+                h = F.elu(F.conv3d(h, params[i], params[i + 1]) * params[i + 2] + params[i + 3])
+                i += 4
+            h = h * mask[:, :, a : n - a]  # zeros outside the volume = the conv's padding
+            pieces.append((a + 1, F.conv3d(h, params[i], params[i + 1], padding=(0, 1, 1))))
+            i += 2
+        return torch.cat([crop(first, t, self.units) for first, t in pieces], 1)
 
 
 # --------------------------------------------------------------------------- runners
 class _TorchRunner:
-    def __init__(self, graph: BlockGraph) -> None:
+    def __init__(self, graph: DenseBlockGraph) -> None:
         self.graph = graph
 
-    def __call__(self, x: Tensor, mask: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
         with torch.inference_mode():
-            return self.graph(x, mask)
+            return self.graph(x, mask, *params)
 
 
 class _OpenVinoRunner:
-    """``graph`` converted to OpenVINO once (traced on a small example) and compiled per
-    input shape (float32 precision hint; LRU of 2 shapes)."""
+    """The graph converted to OpenVINO once per slab length (traced on a small example) and
+    compiled per input shape (float32 precision hint; LRU of 2 shapes). One compiled model
+    for all blocks: OpenVINO keeps a working memory per compiled model (~1 GB for a b8u4
+    block on a 24-slice 217x181 slab), so one per block would not fit."""
 
-    def __init__(self, graph: BlockGraph, threads: int | None = None) -> None:
+    def __init__(self, graph: DenseBlockGraph, params: list[Tensor], threads: int | None = None) -> None:
         from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
 
         if not engine_available("openvino"):
@@ -172,6 +178,7 @@ class _OpenVinoRunner:
 
         self.core = ov.Core()
         self.graph = graph
+        self.param_shapes = [list(p.shape) for p in params]
         self.config = {
             "INFERENCE_PRECISION_HINT": "f32",  # CPUs with AMX default to bf16
             "PERFORMANCE_HINT": "LATENCY",
@@ -180,41 +187,34 @@ class _OpenVinoRunner:
         self._models: dict[int, Any] = {}  # slab length -> converted model
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
-    def _model(self, channels: int, n: int) -> Any:
+    def _model(self, params: list[Tensor], n: int) -> Any:
         # The slab length n is baked into the traced slices; H and W are reshaped later.
         if n not in self._models:
             import openvino as ov
 
-            example = (torch.zeros(1, channels, n, 3, 3), torch.ones(1, 1, n, 1, 1))
+            example = (torch.zeros(1, self.graph.in_channels, n, 3, 3), torch.ones(1, 1, n, 1, 1), *params)
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                self._models[n] = ov.convert_model(self.graph.eval(), example_input=example)
+                self._models[n] = ov.convert_model(self.graph, example_input=example)
         return self._models[n]
 
-    def _compiled_for(self, shape: tuple[int, ...]) -> Any:
+    def _compiled_for(self, shape: tuple[int, ...], params: list[Tensor]) -> Any:
         if shape in self._compiled:
             self._compiled.move_to_end(shape)
             return self._compiled[shape]
-        model = self._model(shape[1], shape[2]).clone()
-        model.reshape({model.inputs[0]: list(shape), model.inputs[1]: [1, 1, shape[2], 1, 1]})
+        model = self._model(params, shape[2]).clone()
+        shapes = [list(shape), [1, 1, shape[2], 1, 1], *self.param_shapes]
+        model.reshape({port: s for port, s in zip(model.inputs, shapes)})  # static: the fast kernels
         compiled = self.core.compile_model(model, "CPU", self.config)
         self._compiled[shape] = compiled
         if len(self._compiled) > 2:
             self._compiled.popitem(last=False)
         return compiled
 
-    def __call__(self, x: Tensor, mask: Tensor) -> Tensor:
-        compiled = self._compiled_for(tuple(x.shape))
-        out = compiled([x.numpy(), mask.numpy()])[compiled.outputs[0]]
-        return torch.from_numpy(out)  # the request's buffer: used before the next call
-
-
-def _runner(graph: BlockGraph, engine: str) -> Callable[[Tensor, Tensor], Tensor]:
-    if engine == "torch":
-        return _TorchRunner(graph)
-    if engine == "openvino":
-        return _OpenVinoRunner(graph)
-    raise ValueError(f"engine must be one of {BLOCK_ENGINES}, got {engine!r}")
+    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
+        compiled = self._compiled_for(tuple(x.shape), params)
+        out = compiled([x.numpy(), mask.numpy(), *(p.numpy() for p in params)])[compiled.outputs[0]]
+        return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------- driver
@@ -230,43 +230,87 @@ def best_offset(depth: int, slab: int, lags: list[int]) -> int:
 
 class BlockStreamingMDCSRN:
     """Callable ``(B, C, D, H, W) -> (B, C, D, H, W)``: ``net``'s eval forward pass over the
-    whole volume, exact, by per-block graphs on slabs of ``slab`` slices along D.
+    whole volume, exact, by one dense-block graph on slabs of ``slab`` slices along D.
 
     Args:
         net: an :class:`~mdcsrn_lightning.models.mdcsrn.MDCSRN` or
             :class:`~mdcsrn_lightning.models.reference.ReferenceMDCSRN` (eval-mode
             BatchNorm is used whatever its mode).
         slab: output slices per block graph call (``t``). Larger: less halo recompute
-            (``(t + u) / t``) and fewer calls, more memory (``~ H W (t + 2u)`` times the
-            block's widest working set, plus the compressors' partial sums).
-        engine: ``torch`` (eager) or ``openvino``; CPU only for ``openvino``.
+            (``~(t + u) / t``) and fewer calls, more memory (``~ H W (t + 2u)`` times the
+            block's working channels, plus the compressors' partial sums).
+        engine: ``torch`` (eager) or ``openvino`` (CPU).
 
-    Graphs are built once per engine and compiled once per input shape (cached), so
-    calling it on several volumes of one shape pays the compilation once.
+    The graph is converted once and compiled once per input shape (cached), so calling it
+    on several volumes of one shape pays the compilation once. Pure torch apart from the
+    graph: the stem conv, the 1x1x1 contributions of each block's output to the later
+    compressors and the reconstruction (a matmul, a few slices at a time), their sums and
+    the "-r" reconstruction's 3x3x3 conv.
     """
 
     def __init__(self, net: nn.Module, slab: int = 24, engine: BlockEngine = "openvino") -> None:
         _check_mdcsrn(net)
-        if isinstance(slab, bool) or int(slab) < 1:
+        if isinstance(slab, bool) or not isinstance(slab, int) or slab < 1:
             raise ValueError(f"slab must be an integer >= 1, got {slab!r}")
         if engine not in BLOCK_ENGINES:
             raise ValueError(f"engine must be one of {BLOCK_ENGINES}, got {engine!r}")
         self.net = net.eval()
-        self.slab = int(slab)
+        self.slab = slab
         self.engine = engine
         self.name = f"block-stream[{engine}]"
-        self.graphs = [BlockGraph(net, j) for j in range(len(net.blocks))]  # type: ignore[arg-type]
-        self.runners = [_runner(g, engine) for g in self.graphs]
+        blocks = list(net.blocks)  # type: ignore[arg-type]
+        layouts = {_layout(b) for b in blocks}
+        if len(layouts) != 1:
+            raise ValueError(f"block streaming needs blocks of one layout, got {sorted(layouts)}")
+        self.graph = DenseBlockGraph(blocks[0])
+        self.params = [block_parameters(b) for b in blocks]
+        self.weights, self.consumer_rows = self._contribution_weights()
         first = next(iter(net.parameters()), None)  # type: ignore[union-attr]
         self.device = first.device if first is not None else torch.device("cpu")
         if engine == "openvino" and self.device.type != "cpu":
             raise ValueError("engine=openvino runs on the CPU; move the network to the CPU or use engine=torch")
-        #: of the last call: block graph calls and the slices they computed, for the figures
+        self.runner: Callable[[Tensor, Tensor, list[Tensor]], Tensor] = (
+            _OpenVinoRunner(self.graph, self.params[0]) if engine == "openvino" else _TorchRunner(self.graph)
+        )
+        #: of the last call: block graph calls and the output slices they computed
         self.calls = 0
         self.computed_slices = 0
 
+    def _contribution_weights(self) -> tuple[list[Tensor], list[list[int]]]:
+        """Per block: the (R, 2k + u k) weight taking its output o_i to every later consumer
+        (compressors i.., then the reconstruction's first conv; for block 1 the stem is
+        also level 0), and the rows of each consumer."""
+        net = self.net
+        blocks = list(net.blocks)  # type: ignore[arg-type]
+        consumers: list[nn.Conv3d] = [*net.compressors, net.reconstruction[0]]  # type: ignore[list-item]
+        stem_width = int(net.stem.out_channels)  # type: ignore[union-attr]
+        width = self.graph.out_channels
+        weights, rows = [], []
+        for j in range(len(blocks)):
+            column = stem_width + j * width  # o_j's columns in cat(stem, o_1, ..., o_b)
+            parts = []
+            for conv in consumers[j:]:
+                w = conv.weight.detach().reshape(conv.out_channels, -1)
+                part = w[:, column : column + width].clone()
+                if part.shape[1] != width:
+                    raise ValueError(f"block {j + 1}: a consumer has {w.shape[1]} input channels, too few")
+                if j == 0:  # o_1 starts with the stem, which is level 0 as well
+                    part[:, :stem_width] += w[:, :stem_width]
+                parts.append(part)
+            weights.append(torch.cat(parts).contiguous())
+            rows.append([int(p.shape[0]) for p in parts])
+        return weights, rows
+
     def receptive_field_radius(self) -> int:
         return int(self.net.receptive_field_radius())  # type: ignore[operator]
+
+    def _stem(self, x: Tensor, a: int, b: int) -> Tensor:
+        """The stem's output on slices ``[a, b)`` (zeros around the volume: its padding)."""
+        depth = x.shape[2]
+        lo, hi = max(a - 1, 0), min(b + 1, depth)
+        xs = F.pad(x[:, :, lo:hi], (0, 0, 0, 0, lo - (a - 1), (b + 1) - hi))
+        stem = self.net.stem
+        return F.conv3d(xs, stem.weight, stem.bias, padding=(0, 1, 1))  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def __call__(self, x: Tensor, progress: Callable[[int], None] | None = None) -> Tensor:
@@ -274,13 +318,12 @@ class BlockStreamingMDCSRN:
             raise ValueError(f"expected (B, C, D, H, W), got {tuple(x.shape)}")
         if x.dtype != torch.float32 and self.engine != "torch":
             raise ValueError(f"engine={self.engine} runs in float32, got {x.dtype}")
-        net, t = self.net, self.slab
+        net, t, h = self.net, self.slab, self.graph.halo
         batch, _, depth, height, width = x.shape
-        nblocks = len(self.graphs)
-        units = [len(g.units) for g in self.graphs]
-        # block j's slabs lag block j-1's by the halo of block j (its units): the compressor
-        # feeding block j is complete on the slices block j reads once block j-1 is done
-        lags = [sum(units[1 : j + 1]) for j in range(nblocks)]
+        nblocks = len(self.params)
+        # block j's slabs lag block j-1's by the halo: the compressor feeding block j is
+        # complete on the slices block j reads once block j-1 is done with the same wave
+        lags = [j * h for j in range(nblocks)]
         offset = best_offset(depth, t, lags)
         compressors = list(net.compressors)  # type: ignore[arg-type]
         windows = [_Window(depth) for _ in compressors]  # compressor i feeds block i+1
@@ -288,54 +331,73 @@ class BlockStreamingMDCSRN:
         recon_first = recon[0]
         conv_recon = net.reconstruction_type == "conv"
         out = torch.empty(batch, int(recon[-1].out_channels), depth, height, width, dtype=x.dtype, device=x.device)
-        if conv_recon:  # the 8k-channel sum, then BN -> ELU -> 3x3x3 conv, streamed
-            recon_window = _Window(depth)
-        else:
+        recon_window = _Window(depth)  # conv_recon: the 8k-channel sums
+        if not conv_recon:
             out.copy_(recon_first.bias.view(1, -1, 1, 1, 1).expand_as(out))
-        recon_done = 0  # slices of `out` final (conv_recon: of the 8k sum)
-        out_done = 0
+        params = [[p.to(x.dtype) for p in ps] for ps in self.params]
+        weights = [w.to(x.dtype) for w in self.weights]
+        summed = out_done = 0
         self.calls = self.computed_slices = 0
         starts = [-lag - offset for lag in lags]  # block j's next slab start
         while starts[-1] < depth:
-            for j, graph in enumerate(self.graphs):
+            for j in range(nblocks):
                 s = starts[j]
                 if s >= depth:
                     continue
                 starts[j] = s + t
                 if s + t <= 0:
                     continue
-                h = graph.halo
                 a, b = s - h, s + t + h
                 lo, hi = max(a, 0), min(b, depth)
-                source = x[:, :, lo:hi] if j == 0 else windows[j - 1].view(lo, hi)
-                slab_in = source if (lo, hi) == (a, b) else F.pad(source, (0, 0, 0, 0, lo - a, b - hi))
+                if j == 0:
+                    slab_in = self._stem(x, a, b)
+                else:
+                    source = windows[j - 1].view(lo, hi)
+                    slab_in = source if (lo, hi) == (a, b) else F.pad(source, (0, 0, 0, 0, lo - a, b - hi))
                 mask = torch.zeros(1, 1, b - a, 1, 1, dtype=x.dtype, device=x.device)
                 mask[:, :, lo - a : hi - a] = 1
-                contrib = self.runners[j](slab_in.contiguous(), mask)
+                pieces = self.runner(slab_in.contiguous(), mask, params[j])
+                del slab_in
+                if j > 0:  # block j reads compressor j-1 from its next slab's halo on
+                    windows[j - 1].drop_below(s + t - h)
                 self.calls += 1
                 self.computed_slices += t
                 z0, z1 = max(s, 0), min(s + t, depth)
-                contrib = contrib[:, :, z0 - s : z1 - s]
-                row = 0
-                for i, rows in enumerate(graph.consumer_rows[:-1]):
-                    windows[j + i].accumulate(z0, contrib[:, row : row + rows], compressors[j + i].bias)
-                    row += rows
-                part = contrib[:, row:]
-                if j + 1 < nblocks:  # block j+1 never reads below its next slab's halo again
-                    windows[j].drop_below(starts[j + 1] - self.graphs[j + 1].halo)
-                if conv_recon:
-                    recon_window.accumulate(z0, part, recon_first.bias)
-                else:
-                    out[:, :, z0:z1] += part
+                self._push(pieces[:, :, z0 - s : z1 - s], z0, weights[j], self.consumer_rows[j],
+                           [*windows[j:], recon_window], [*compressors[j:], recon_first], out, conv_recon)
+                del pieces
                 if j == nblocks - 1:
-                    recon_done = z1
-            done = self._finish_conv_recon(recon_window, out, out_done, recon_done, depth) if conv_recon else recon_done
+                    summed = z1
+            done = self._finish_conv_recon(recon_window, out, out_done, summed, depth) if conv_recon else summed
             if progress is not None and done > out_done:
                 progress(done - out_done)
             out_done = done
         if getattr(net, "global_residual", False):
             out += x
         return out
+
+    @staticmethod
+    def _push(
+        pieces: Tensor, z0: int, weight: Tensor, rows: list[int], windows: list[_Window],
+        convs: list[nn.Conv3d], out: Tensor, conv_recon: bool,
+    ) -> None:
+        """Add ``weight @ pieces`` (the 1x1x1 contributions of a block's output on slices
+        ``[z0, z0 + n)``) to each consumer's sums, 8 slices at a time (bounded memory)."""
+        b, c, n, hh, ww = pieces.shape
+        step = 8
+        for s0 in range(0, n, step):
+            chunk = pieces[:, :, s0 : s0 + step]
+            m = chunk.shape[2]
+            contrib = torch.matmul(weight, chunk.reshape(b, c, -1)).view(b, -1, m, hh, ww)
+            first = 0
+            for i, r in enumerate(rows):
+                part = contrib[:, first : first + r]
+                first += r
+                if i == len(rows) - 1 and not conv_recon:  # the output itself
+                    out[:, :, z0 + s0 : z0 + s0 + m] += part
+                else:
+                    window = windows[i] if i < len(rows) - 1 else windows[-1]
+                    window.accumulate(z0 + s0, part, convs[i].bias)
 
     def _finish_conv_recon(self, window: _Window, out: Tensor, done: int, summed: int, depth: int) -> int:
         """The "-r" reconstruction's BN -> ELU -> 3x3x3 conv on the slices whose 8k sums
@@ -345,9 +407,8 @@ class BlockStreamingMDCSRN:
         if end <= done:
             return done
         a, b = max(done - 1, 0), min(end + 1, depth)
-        pad_lo, pad_hi = a - (done - 1), (end + 1) - b
         h = F.elu(_bn(window.view(a, b), recon[1]))
-        out[:, :, done:end] = _conv3(h, recon[3], pad_lo, pad_hi)
+        out[:, :, done:end] = _conv3(h, recon[3], a - (done - 1), (end + 1) - b)
         window.drop_below(end - 1)
         return end
 
