@@ -1,44 +1,44 @@
-"""Exact whole-volume mDCSRN inference at engine speed: one compiled graph per dense block,
-run over slabs of the volume with a small halo.
+"""Exact whole-volume mDCSRN inference at engine speed: one compiled dense-block graph run
+over slabs of the volume with a small halo.
 
 :mod:`.streaming` computes the exact whole-volume pass layer by layer in eager torch (every
 3x3x3 conv, BatchNorm and ELU a separate call, each moving whole planes through memory).
 The engines of :mod:`.engines` (OpenVINO above all) fuse those layers and run ~4x faster,
 but on fixed tensors: fed patches, they are exact only with ``margin = radius`` (33 for
-b8u4), which multiplies the work. This module keeps the engine's speed and the streamed
-pass's exactness by cutting at a finer grain:
+b8u4), which multiplies the work (a core of ``c`` needs ``(c + 66)^3`` input voxels). This
+module keeps the engine's speed and the streamed pass's exactness by cutting finer:
 
-* **One graph per dense block.** Block ``j`` (u units) sees ``u`` voxels of context per
-  side (``u + 1`` for block 1, which also holds the stem conv), not the whole network's
-  radius. Its graph (:class:`BlockGraph`) takes the block input on ``t + 2h`` slices of the
-  first axis (``h`` the block's halo) and returns, for the ``t`` central slices, the
-  block's contributions to every later compressor and to the reconstruction: the 1x1x1
-  convs of the level concatenation, split per piece as in :mod:`.streaming` (idea 1), so
-  no concatenation of the levels is ever built. Inside the graph the 3x3x3 convs are
-  *valid* along the first axis (each unit trims one slice per side), so the halo costs
-  ``(t + h) / t`` on average, not ``(t + 2h) / t``.
+* **One graph per dense block, one graph for all blocks.** A block of ``u`` units sees
+  ``u`` voxels of context per side, not the network's radius. :class:`DenseBlockGraph`
+  takes the block input on ``t + 2u`` slices of the first axis and returns the block's
+  output (its input and unit outputs) on the ``t`` central slices. Its weights are inputs
+  (:func:`block_parameters`, BatchNorm folded), so every block runs through the same
+  compiled model: OpenVINO keeps a working memory per compiled model (~1 GB per b8u4
+  block on a 16-slice 217x181 slab), eight of them would not fit, and weights given at
+  run time measured as fast as constants. The 3x3x3 convs are *valid* along the first
+  axis (each unit trims one slice per side), so the halo costs ``~(t + u - 1) / t``.
 * **Volume faces through a mask, so every slab has the same shape.** The whole-volume pass
   pads every conv's input with zeros at the volume faces. The graph multiplies each
-  unit's conv input by a per-slice mask (1 inside the volume, 0 outside), which is that
-  padding exactly; slabs that stick out of the volume (the first and last of each block)
-  are fed zeros there and their out-of-volume outputs are dropped. One shape per block and
-  volume: each block compiles once per volume shape (cached).
-* **Slabs staggered by block.** Block ``j`` computes slices
-  ``[k t - j u - c, (k + 1) t - j u - c)`` in wave ``k``: then the compressor that feeds
-  it is complete on the slices it reads as soon as block ``j - 1`` has done wave ``k``, and
-  each compressor keeps only ``~ t + (j + 2) u`` slices of partial sums (memory
-  independent of the depth). ``c`` is chosen to waste the fewest slices past the faces.
+  unit's conv input by a per-slice mask (1 inside the volume, 0 outside): that padding
+  exactly. Slabs that stick out of the volume are fed zeros there, and their
+  out-of-volume outputs are dropped. One shape per volume: one compilation.
+* **Slabs staggered by block.** Block ``j`` computes slices ``[k t - j u, (k + 1) t - j u)``
+  in wave ``k``: the compressor that feeds it is then complete on the slices it reads as
+  soon as block ``j - 1`` has done wave ``k``, and each compressor keeps only
+  ``~ t + (j + 2) u`` slices of partial sums: memory independent of the depth.
 
-The compressor sums, the final reconstruction (and the "-r" variant's BN -> ELU ->
-3x3x3 conv, streamed as in :mod:`.streaming`) and the global residual stay in torch.
-The result is the plain whole-volume pass up to float32 rounding (tests: < 1e-5 against
-one plain forward pass; float64 with the torch engine: < 1e-10).
+In torch: the stem conv (on each block-1 slab), the 1x1x1 contributions of each block's
+output to the later compressors and the reconstruction (split per piece as in
+:mod:`.streaming`: no concatenation of the levels; one matmul, 8 slices at a time), their
+sums, the "-r" reconstruction's BN -> ELU -> 3x3x3 conv (streamed) and the global
+residual. The result is the plain whole-volume pass up to float32 rounding (tests: < 1e-5
+against one plain forward pass; float64 with the torch engine: < 1e-10).
 
-Engines (``engine=``): ``torch`` (eager, always available; for checks, slower than
-:mod:`.streaming`) and ``openvino`` (``pip install "mdcsrn-lightning[openvino]"``).
-:func:`exact_engine_runner` picks ``openvino`` for ``auto`` where installed and falls
-back to :class:`~.streaming.StreamingMDCSRN` (eager, exact) with one info line otherwise.
-Measured figures: ``docs/performance.md`` ("Whole volumes without seams").
+Engines: ``torch`` (eager; for checks, slower than :mod:`.streaming`) and ``openvino``
+(``pip install "mdcsrn-lightning[openvino]"``). :func:`exact_engine_runner` is what
+``mdcsrn-infer stream=true engine=...`` runs: OpenVINO for ``openvino`` and for ``auto``
+where installed, else :class:`~.streaming.StreamingMDCSRN` (eager, exact) with one info
+line. Measured figures: ``docs/performance.md`` ("Whole volumes without seams").
 
 Pure torch plus the optional runtime; no Lightning, Hydra or files.
 """
@@ -60,7 +60,15 @@ from torch import Tensor, nn
 from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, _bn, _conv3, _Window
 from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
 
-__all__ = ["BLOCK_ENGINES", "BlockEngine", "BlockGraph", "BlockStreamingMDCSRN", "exact_engine_runner"]
+__all__ = [
+    "BLOCK_ENGINES",
+    "BlockEngine",
+    "BlockStreamingMDCSRN",
+    "DenseBlockGraph",
+    "block_parameters",
+    "exact_engine_runner",
+    "exact_super_resolve",
+]
 
 BlockEngine = Literal["torch", "openvino"]
 BLOCK_ENGINES: tuple[str, ...] = ("torch", "openvino")
@@ -430,7 +438,7 @@ def exact_engine_runner(
         else:
             if log is not None and on_cpu:
                 log("stream=true engine=auto: OpenVINO is not installed, using the eager streamed pass "
-                    "(pip install 'mdcsrn-lightning[openvino]' for ~3x faster exact inference)")
+                    "(pip install 'mdcsrn-lightning[openvino]' for a ~2.5x faster exact pass)")
             engine = "torch"
     if engine == "torch":
         return StreamingMDCSRN(net, 16 if slab is None else slab)
@@ -441,15 +449,23 @@ def exact_engine_runner(
     raise ValueError(f"stream=true runs engine=torch, openvino or auto, got engine={engine!r}")
 
 
-def _stderr(msg: str) -> None:
-    print(f"mdcsrn: {msg}", file=sys.stderr, flush=True)
-
-
-def block_stream_super_resolve(
-    net: nn.Module, volume: np.ndarray | Tensor, *, slab: int = 24, engine: BlockEngine = "openvino"
+def exact_super_resolve(
+    runner: BlockStreamingMDCSRN | StreamingMDCSRN, volume: np.ndarray | Tensor, *, progress: bool = False
 ) -> np.ndarray:
-    """``(X, Y, Z)`` -> ``(X, Y, Z)`` float32: :class:`BlockStreamingMDCSRN` on the CPU."""
+    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass by
+    ``runner`` (from :func:`exact_engine_runner`), on the runner's device."""
     from mdcsrn_lightning.inference.patches import checked_volume
 
-    x = checked_volume(volume, torch.device("cpu"))[None, None]
-    return BlockStreamingMDCSRN(net.cpu(), slab, engine)(x)[0, 0].numpy()
+    x = checked_volume(volume, runner.device)[None, None]
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            print(f"\rmdcsrn SR ({runner.name}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
+
+    out = runner(x, report)
+    if progress:
+        print(file=sys.stderr)
+    return out[0, 0].float().cpu().numpy()
