@@ -75,7 +75,8 @@ def test_openvino_runner_equals_one_plain_pass() -> None:
         # another depth: the same slab shape (one compiled model); other planes: a second one
         for shape, models in (((1, 1, 6, 9, 8), 1), ((1, 1, 7, 5, 8), 2)):
             x2 = torch.rand(*shape)
-            assert float((run(x2) - plain(net, x2)).abs().max()) < 1e-5
+            ref2 = plain(net, x2)
+            assert float((run(x2) - ref2).abs().max()) < 1e-5 * max(1.0, float(ref2.abs().max()))
             assert len(run.runner._compiled) == models  # for all blocks
 
 
