@@ -110,7 +110,7 @@ def test_auto_picks_openvino_or_falls_back_with_one_line(monkeypatch: pytest.Mon
     lines: list[str] = []
     if engines.engine_available("openvino"):
         run = exact_engine_runner(net, "auto", log=lines.append)
-        assert isinstance(run, BlockStreamingMDCSRN) and run.engine == "openvino" and run.slab == 24
+        assert isinstance(run, BlockStreamingMDCSRN) and run.engine == "openvino" and run.slab == 16
         assert lines == []
     monkeypatch.setattr(engines, "engine_available", lambda name: name in ("torch", "compile"))
     run = exact_engine_runner(net, "auto", slab=5, log=lines.append)

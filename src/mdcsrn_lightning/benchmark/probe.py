@@ -56,7 +56,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         if mode.startswith("block:"):  # built here, compiled in the timed call
             from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
 
-            block = BlockStreamingMDCSRN(net, int(spec.get("block_slab", 24)), mode.split(":", 1)[1])  # type: ignore[arg-type]
+            block = BlockStreamingMDCSRN(net, int(spec.get("block_slab", 16)), mode.split(":", 1)[1])  # type: ignore[arg-type]
         engine = None
         if mode == "patches_openvino":
             from mdcsrn_lightning.inference.engines import build_engine

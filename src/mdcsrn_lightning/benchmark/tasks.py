@@ -337,7 +337,7 @@ def volume_task(
     crop: int = 96,
     patches_check: bool = True,
     block_engine: str | None = "openvino",
-    block_slab: int = 24,
+    block_slab: int = 16,
     engine_patches: Sequence[int] | None = None,
     factors: Sequence[float] = (2, 2, 1),
     device: str = "cpu",
