@@ -157,12 +157,20 @@ def test_volume_task_streams_exactly_and_checks_itself(tmp_path) -> None:
 
     result = volume_task(
         TINY_MODEL, shape=[22, 20, 18], slab=4, crop=14, device="cpu", workdir=str(tmp_path), log=lambda _: None,
+        block_engine="openvino", block_slab=5, engine_patches=[12, 12, 12],
     )
     assert result["receptive_field_radius"] == 3
     assert result["stream"]["peak_rss_mb"] > 50 and result["stream"]["seconds"] > 0
     assert result["crops_max_abs_diff"] < 1e-5
     assert result["patches"]["max_abs_diff_vs_stream"] < 1e-5 and result["patches"]["margin"] == 3
-    assert "streamed whole volume" in markdown(result)
+    # the block-streamed OpenVINO pass and margin=auto patches fed to OpenVINO, side by side
+    for key in ("block", "engine_patches"):
+        row = result[key]
+        assert row["crops_max_abs_diff"] < 1e-5 and row["max_abs_diff_vs_stream"] < 1e-5, key
+        assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["speedup_vs_stream"] > 0
+    table = markdown(result)
+    assert "streamed whole volume" in table and "block-streamed, openvino (slab 5)" in table
+    assert "patches 12x12x12, margin=auto, openvino" in table
 
 
 # ---------------------------------------------------------------------- fp32 vs bf16-mixed curves

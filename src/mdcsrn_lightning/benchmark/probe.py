@@ -56,7 +56,24 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         volume = np.load(spec["input"], mmap_mode="r")
         mode = spec["setting"]
 
+        block = None
+        if mode.startswith("block:"):  # built here, compiled in the timed call
+            from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
+
+            block = BlockStreamingMDCSRN(net, int(spec.get("block_slab", 16)), mode.split(":", 1)[1])  # type: ignore[arg-type]
+        engine = None
+        if mode == "patches_openvino":
+            from mdcsrn_lightning.inference.engines import build_engine
+
+            engine = build_engine(net, "openvino")
+
         def call() -> Any:
+            if block is not None:
+                from mdcsrn_lightning.inference.block_stream import exact_super_resolve
+
+                return exact_super_resolve(block, np.asarray(volume))
+            if engine is not None:
+                return super_resolve(engine, np.asarray(volume), patch_size=spec["patch_size"], margin="auto", device=device)
             if mode == "stream":
                 return stream_super_resolve(net, np.asarray(volume), slab=spec.get("slab", 16), device=device)
             if mode == "patches_stream":

@@ -198,6 +198,20 @@ def _volume(r: dict[str, Any]) -> str:
         f"| streamed whole volume (slab {r['slab']}) | {s['seconds']:.0f} | {s['mvox_per_s']:.3f} | {s['peak_rss_mb']:.0f} | "
         f"{r.get('crops_max_abs_diff', float('nan')):.1e} vs plain reference on {len(r.get('crops', []))} crops of {r.get('crops', [{}])[0].get('crop', '-')}^3 |"
     )
+    for key, label in (("block", "block-streamed, {engine} (slab {slab})"), ("engine_patches", "patches {size}, margin=auto, openvino")):
+        row = r.get(key)
+        if not row:
+            continue
+        name = label.format(engine=str(row.get("setting", "")).split(":")[-1], slab=row.get("block_slab"),
+                            size="x".join(map(str, row.get("patch_size", []))))
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['seconds']:.0f} ({row['speedup_vs_stream']:.2f}x) | {row['mvox_per_s']:.3f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['crops_max_abs_diff']:.1e} vs plain reference on crops; "
+            f"{row['max_abs_diff_vs_stream']:.1e} vs streamed |"
+        )
     p = r.get("patches")
     if p and "error" not in p:
         lines.append(

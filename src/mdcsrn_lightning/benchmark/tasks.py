@@ -336,13 +336,21 @@ def volume_task(
     slab: int = 16,
     crop: int = 96,
     patches_check: bool = True,
+    block_engine: str | None = "openvino",
+    block_slab: int = 16,
+    engine_patches: Sequence[int] | None = None,
     factors: Sequence[float] = (2, 2, 1),
     device: str = "cpu",
     seed: int = 0,
     workdir: str | None = None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
-    """One exact whole-volume pass by streaming, its peak RSS (fresh process), and its checks:
+    """Exact whole-volume passes side by side, each in a fresh process (seconds including
+    any compilation, peak RSS): the eager streamed pass (``stream``), the block-streamed
+    pass run by ``block_engine`` (``block``; :mod:`~mdcsrn_lightning.inference.block_stream`,
+    ``block_slab`` slices per call; ``None`` skips it) and, with ``engine_patches`` (a patch
+    size), patch inference with ``margin="auto"`` fed to the OpenVINO engine
+    (``engine_patches``; the other exact design). Checks of each output:
 
     * ``crops``: the plain reference net on ``crop^3`` sub-volumes at two corners and the
       centre; inside each crop, voxels at least ``receptive_field_radius()`` from every
@@ -388,8 +396,8 @@ def volume_task(
 
     # crops: plain reference forward passes on sub-volumes
     ref = ReferenceMDCSRN.from_mdcsrn(net).eval()
-    checks = []
     starts = [(0, 0, 0), tuple((n - crop) // 2 for n in volume.shape), tuple(n - crop for n in volume.shape)]
+    plains = []
     for st in starts:
         sl = tuple(slice(s, s + crop) for s in st)
         with torch.inference_mode():
@@ -399,12 +407,38 @@ def volume_task(
             lo = 0 if s == 0 else radius
             hi = crop if s + crop == n else crop - radius
             inner.append(slice(lo, hi))
-        inner_t = tuple(inner)
-        diff = float(np.abs(plain[inner_t] - out[sl][inner_t]).max())
-        checks.append({"crop_start": list(st), "crop": crop, "exact_region": [[i.start, i.stop] for i in inner], "max_abs_diff": diff})
-        log(f"crop at {st}: max abs diff {diff:.2e}")
+        plains.append((st, sl, tuple(inner), plain))
+
+    def crop_checks(output: np.ndarray, name: str) -> list[dict[str, Any]]:
+        checks = []
+        for st, sl, inner_t, plain in plains:
+            diff = float(np.abs(plain[inner_t] - output[sl][inner_t]).max())
+            checks.append({"crop_start": list(st), "crop": crop, "exact_region": [[i.start, i.stop] for i in inner_t], "max_abs_diff": diff})
+            log(f"{name}: crop at {st}: max abs diff {diff:.2e}")
+        return checks
+
+    checks = crop_checks(out, "stream")
     result["crops"] = checks
     result["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
+
+    others = []
+    if block_engine:
+        others.append(("block", {"setting": f"block:{block_engine}", "block_slab": int(block_slab)}))
+    if engine_patches:
+        others.append(("engine_patches", {"setting": "patches_openvino", "patch_size": [int(p) for p in engine_patches]}))
+    for key, extra in others:
+        log(f"volume: {extra['setting']} (fresh process)")
+        row = run_probe({**base, **extra, "output": str(folder / f"{key}.npy")})
+        result[key] = row
+        if "error" in row:
+            continue
+        row.update({k: v for k, v in extra.items() if k != "setting"})
+        other = np.load(folder / f"{key}.npy")
+        row["mvox_per_s"] = volume.size / row["seconds"] / 1e6
+        row["speedup_vs_stream"] = stream["seconds"] / row["seconds"]
+        row["crops"] = crop_checks(other, key)
+        row["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in row["crops"])
+        row["max_abs_diff_vs_stream"] = float(np.abs(other - out).max())
 
     if patches_check:
         depth = int(volume.shape[0])

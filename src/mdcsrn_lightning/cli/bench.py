@@ -99,7 +99,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         v = b.volume
         out = volume_task(
             model, shape=list(v.shape), slab=int(v.slab), crop=int(v.crop), patches_check=bool(v.patches_check),
-            workdir=v.workdir, **common,
+            block_engine=v.get("block_engine"), block_slab=int(v.get("block_slab", 16)),
+            engine_patches=list(v.engine_patches) if v.get("engine_patches") else None, workdir=v.workdir, **common,
         )
     result.update(out)
     result["model_name"] = _model_name(model)

@@ -54,6 +54,15 @@ def _numbers(value: Any) -> Any:
     return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else value
 
 
+def _slab(value: Any) -> int | None:
+    """``slab``: ``null``/``auto`` -> the exact path's default, else an integer >= 1."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InferenceError(f"slab: an integer >= 1 or auto, got {value!r}")
+    return value
+
+
 def patch_options(cfg: DictConfig) -> PatchOptions:
     p = cfg.patches
 
@@ -72,7 +81,7 @@ def patch_options(cfg: DictConfig) -> PatchOptions:
         progress=bool(cfg.get("progress", False)),
         engine=str(cfg.get("engine", "torch")),
         stream=bool(cfg.get("stream", False)),
-        slab=int(cfg.get("slab", 16)),
+        slab=_slab(cfg.get("slab")),
     )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -102,8 +103,10 @@ class PatchOptions:
     The first fields are :func:`.patches.super_resolve`'s (``patch_size`` and ``margin``
     also take ``"auto"``). ``engine``: ``torch`` (default), ``compile``, ``onnxruntime``,
     ``openvino`` or ``auto`` (:mod:`.engines`). ``stream=True`` replaces the patches by the
-    exact streamed whole-volume pass (:mod:`.streaming`, torch only) computing ``slab``
-    slices per step.
+    exact whole-volume pass, ``slab`` slices at a time (``None``: the path's default): with
+    ``engine=torch`` the eager streamed pass (:mod:`.streaming`), with ``openvino`` the
+    block-streamed one (:mod:`.block_stream`, ~2.5x faster), with ``auto`` OpenVINO where
+    installed (on the CPU), else the eager pass.
     """
 
     patch_size: int | Sequence[int] | str = 70
@@ -116,7 +119,7 @@ class PatchOptions:
     progress: bool = False
     engine: str = "torch"
     stream: bool = False
-    slab: int = 16
+    slab: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """The :func:`.patches.super_resolve` keyword arguments."""
@@ -130,6 +133,8 @@ def prepare_runner(net: nn.Module, options: PatchOptions | None = None) -> Any:
     """What runs the patches: ``net`` itself (engine ``torch``, or streaming) or an engine built
     from it once (exported on the fly for ONNX Runtime / OpenVINO)."""
     options = options or PatchOptions()
+    if options.stream and isinstance(net, nn.Module):
+        return _exact_runner(net, options)
     if options.stream or str(options.engine) == "torch" or not isinstance(net, nn.Module):
         return net
     from mdcsrn_lightning.inference.engines import build_engine
@@ -142,6 +147,28 @@ def prepare_runner(net: nn.Module, options: PatchOptions | None = None) -> Any:
     if name == "auto" and options.bn_mode != "eval":
         return net
     return build_engine(net, name, device)
+
+
+def _exact_runner(net: nn.Module, options: PatchOptions) -> Any:
+    """``stream=true``: the exact whole-volume runner for ``options.engine`` (built once,
+    compiled once per volume shape)."""
+    from mdcsrn_lightning.inference.block_stream import exact_engine_runner
+    from mdcsrn_lightning.inference.patches import resolve_device
+
+    if options.bn_mode != "eval":
+        raise InferenceError("stream=true needs bn_mode=eval (batch statistics cannot be streamed)")
+    device = resolve_device(options.device)
+    engine = str(options.engine)
+    if engine == "openvino" and device.type != "cpu":
+        raise InferenceError(f"stream=true engine=openvino runs on the CPU, not device={device}")
+    try:
+        return exact_engine_runner(net.to(device), "torch" if device.type != "cpu" else engine, options.slab, log=_info)
+    except (TypeError, ValueError) as exc:
+        raise InferenceError(f"stream=true: {exc}") from None
+
+
+def _info(message: str) -> None:
+    print(f"mdcsrn: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -362,13 +389,15 @@ def predict_volume(
         scale = input_scale(lr)
     volume = np.asarray(lr, dtype=np.float32) / np.float32(scale)
     if options.stream:
-        if not isinstance(net, nn.Module):
-            raise InferenceError("stream=true needs engine=torch (it runs the network layer by layer)")
-        if options.bn_mode != "eval":
-            raise InferenceError("stream=true needs bn_mode=eval (batch statistics cannot be streamed)")
-        from mdcsrn_lightning.inference.streaming import stream_super_resolve
+        from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN, exact_super_resolve
+        from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
 
-        sr = stream_super_resolve(net, volume, slab=int(options.slab), device=options.device, progress=options.progress)
+        runner = net if isinstance(net, (BlockStreamingMDCSRN, StreamingMDCSRN)) else None
+        if runner is None:
+            if not isinstance(net, nn.Module):
+                raise InferenceError("stream=true needs the network itself, not an exported engine")
+            runner = _exact_runner(net, options)
+        sr = exact_super_resolve(runner, volume, progress=options.progress)
     else:
         sr = super_resolve(prepare_runner(net, options), volume, **options.kwargs())
     return (sr * np.float32(scale)).astype(np.float32, copy=False)

@@ -1,0 +1,526 @@
+"""Exact whole-volume mDCSRN inference at engine speed: one compiled dense-block graph run
+over slabs of the volume with a small halo.
+
+:mod:`.streaming` computes the exact whole-volume pass layer by layer in eager torch (every
+3x3x3 conv, BatchNorm and ELU a separate call, each moving whole planes through memory).
+The engines of :mod:`.engines` (OpenVINO above all) fuse those layers and run ~4x faster,
+but on fixed tensors: fed patches, they are exact only with ``margin = radius`` (33 for
+b8u4), which multiplies the work (a core of ``c`` needs ``(c + 66)^3`` input voxels). This
+module keeps the engine's speed and the streamed pass's exactness by cutting finer:
+
+* **One graph per dense block, one graph for all blocks.** A block of ``u`` units sees
+  ``u`` voxels of context per side, not the network's radius. :class:`DenseBlockGraph`
+  takes the block input on ``t + 2u`` slices of the first axis and returns the block's
+  output (its input and unit outputs) on the ``t`` central slices. Its weights are inputs
+  (:func:`block_parameters`, BatchNorm folded), so every block runs through the same
+  compiled model: OpenVINO keeps a working memory per compiled model (~1 GB per b8u4
+  block on a 16-slice 217x181 slab), eight of them would not fit, and weights given at
+  run time measured as fast as constants. The 3x3x3 convs are *valid* along the first
+  axis (each unit trims one slice per side), so the halo costs ``~(t + u - 1) / t``.
+* **Volume faces through a mask, so every slab has the same shape.** The whole-volume pass
+  pads every conv's input with zeros at the volume faces. The graph multiplies each
+  unit's conv input by a per-slice mask (1 inside the volume, 0 outside): that padding
+  exactly. Slabs that stick out of the volume are fed zeros there, and their
+  out-of-volume outputs are dropped. One shape per volume: one compilation.
+* **Slabs staggered by block.** Block ``j`` computes slices ``[k t - j u, (k + 1) t - j u)``
+  in wave ``k``: the compressor that feeds it is then complete on the slices it reads as
+  soon as block ``j - 1`` has done wave ``k``, and each compressor keeps only
+  ``~ t + (j + 2) u`` slices of partial sums: memory independent of the depth.
+
+In torch: the stem conv (on each block-1 slab), the 1x1x1 contributions of each block's
+output to the later compressors and the reconstruction (split per piece as in
+:mod:`.streaming`: no concatenation of the levels; one matmul, 8 slices at a time), their
+sums, the "-r" reconstruction's BN -> ELU -> 3x3x3 conv (streamed) and the global
+residual. The result is the plain whole-volume pass up to float32 rounding (tests: < 1e-5
+against one plain forward pass; float64 with the torch engine: < 1e-10).
+
+Engines: ``torch`` (eager; for checks, slower than :mod:`.streaming`) and ``openvino``
+(``pip install "mdcsrn-lightning[openvino]"``). :func:`exact_engine_runner` is what
+``mdcsrn-infer stream=true engine=...`` runs: OpenVINO for ``openvino`` and for ``auto``
+where installed, else :class:`~.streaming.StreamingMDCSRN` (eager, exact) with one info
+line. Measured figures: ``docs/performance.md`` ("Whole volumes without seams").
+
+Pure torch plus the optional runtime; no Lightning, Hydra or files.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, _bn, _conv3, _Window
+from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
+
+__all__ = [
+    "BLOCK_ENGINES",
+    "BlockEngine",
+    "BlockStreamingMDCSRN",
+    "DenseBlockGraph",
+    "block_parameters",
+    "exact_engine_runner",
+    "exact_super_resolve",
+]
+
+BlockEngine = Literal["torch", "openvino"]
+BLOCK_ENGINES: tuple[str, ...] = ("torch", "openvino")
+
+
+def _check_mdcsrn(net: object) -> None:
+    for attr in MDCSRN_ATTRIBUTES:
+        if not hasattr(net, attr):
+            raise TypeError(f"block streaming needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
+
+
+def _folded_bn(bn: nn.BatchNorm3d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift``, both (1, C, 1, 1, 1)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.view(1, -1, 1, 1, 1), shift.view(1, -1, 1, 1, 1)
+
+
+def block_parameters(block: nn.Module) -> list[Tensor]:
+    """A dense block's weights in the order :class:`DenseBlockGraph` takes them: per unit,
+    BN1 scale and shift, [bottleneck weight and bias, BN2 scale and shift], conv weight and
+    bias (BatchNorm folded with its running statistics)."""
+    out: list[Tensor] = []
+    for unit in block.units:  # type: ignore[union-attr]
+        out += _folded_bn(unit.norm1)
+        if unit.bottleneck is not None:
+            out += [unit.bottleneck.weight, unit.bottleneck.bias, *_folded_bn(unit.norm2)]
+        out += [unit.conv.weight, unit.conv.bias]
+    return [t.detach().contiguous() for t in out]
+
+
+def _layout(block: nn.Module) -> tuple[int, ...]:
+    """What the graph's structure depends on: the input width, the units' output widths and
+    which units have a bottleneck."""
+    units = list(block.units)  # type: ignore[union-attr]
+    return (
+        int(units[0].norm1.num_features),
+        *(int(u.conv.out_channels) for u in units),
+        *(int(u.bottleneck is not None) for u in units),
+    )
+
+
+class DenseBlockGraph(nn.Module):
+    """One dense block over one slab, its weights given as inputs: **one** graph (one
+    compiled model, one working memory) serves every block of the network.
+
+    ``forward(x, mask, *params)``: ``x`` (B, 2k, t + 2u, H, W) is the block input on slices
+    ``[s - u, s + t + u)`` (anything finite outside the volume); ``mask`` (1, 1, t + 2u,
+    1, 1) is 1 on the slices inside the volume, 0 outside; ``params`` is
+    :func:`block_parameters` of the block. Returns (B, 2k + u k, t, H, W): the block input
+    and the unit outputs on slices ``[s, s + t)`` (the block's output o_i there).
+
+    The 3x3x3 convs are valid along the first axis (each unit's output loses a slice per
+    side), and each unit's conv input is multiplied by the mask: zeros outside the volume,
+    the whole-volume pass's own zero padding.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.layout = _layout(block)
+        self.units = len(list(block.units))  # type: ignore[union-attr]
+        self.bottlenecks = [u.bottleneck is not None for u in block.units]  # type: ignore[union-attr]
+        self.in_channels = self.layout[0]
+        self.out_channels = self.in_channels + sum(self.layout[1 : 1 + self.units])
+        self.halo = self.units
+
+    def forward(self, x: Tensor, mask: Tensor, *params: Tensor) -> Tensor:
+        n = x.shape[2]
+        pieces = [(0, x)]  # (first slice, tensor of slices [first, n - first))
+        i = 0
+
+        def crop(first: int, t: Tensor, a: int) -> Tensor:
+            return t[:, :, a - first : t.shape[2] - (a - first)]
+
+        for a, bottleneck in enumerate(self.bottlenecks):  # unit a's conv input: slices [a, n - a)
+            parts = [crop(first, t, a) for first, t in pieces]
+            h = F.elu((torch.cat(parts, 1) if len(parts) > 1 else parts[0]) * params[i] + params[i + 1])
+            i += 2
+            if bottleneck:
+                h = F.elu(F.conv3d(h, params[i], params[i + 1]) * params[i + 2] + params[i + 3])
+                i += 4
+            h = h * mask[:, :, a : n - a]  # zeros outside the volume = the conv's padding
+            pieces.append((a + 1, F.conv3d(h, params[i], params[i + 1], padding=(0, 1, 1))))
+            i += 2
+        return torch.cat([crop(first, t, self.units) for first, t in pieces], 1)
+
+
+# --------------------------------------------------------------------------- runners
+class _TorchRunner:
+    def __init__(self, graph: DenseBlockGraph) -> None:
+        self.graph = graph
+
+    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
+        with torch.inference_mode():
+            return self.graph(x, mask, *params)
+
+
+class _OpenVinoRunner:
+    """The graph converted to OpenVINO once per slab length (traced on a small example) and
+    compiled per input shape (float32 precision hint; LRU of 2 shapes). One compiled model
+    for all blocks: OpenVINO keeps a working memory per compiled model (~1 GB for a b8u4
+    block on a 24-slice 217x181 slab), so one per block would not fit."""
+
+    def __init__(self, graph: DenseBlockGraph, params: list[Tensor], threads: int | None = None) -> None:
+        from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
+
+        if not engine_available("openvino"):
+            raise EngineUnavailable("engine=openvino needs: pip install 'mdcsrn-lightning[openvino]'")
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.graph = graph
+        self.param_shapes = [list(p.shape) for p in params]
+        self.config = {
+            "INFERENCE_PRECISION_HINT": "f32",  # CPUs with AMX default to bf16
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": max(1, int(threads or torch.get_num_threads())),
+        }
+        self._models: dict[int, Any] = {}  # slab length -> converted model
+        self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def _model(self, params: list[Tensor], n: int) -> Any:
+        # The slab length n is baked into the traced slices; H and W are reshaped later.
+        if n not in self._models:
+            import openvino as ov
+
+            example = (torch.zeros(1, self.graph.in_channels, n, 3, 3), torch.ones(1, 1, n, 1, 1), *params)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                self._models[n] = ov.convert_model(self.graph, example_input=example)
+        return self._models[n]
+
+    def _compiled_for(self, shape: tuple[int, ...], params: list[Tensor]) -> Any:
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        model = self._model(params, shape[2]).clone()
+        shapes = [list(shape), [1, 1, shape[2], 1, 1], *self.param_shapes]
+        model.reshape({port: s for port, s in zip(model.inputs, shapes)})  # static: the fast kernels
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        self._compiled[shape] = compiled
+        if len(self._compiled) > 2:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
+        compiled = self._compiled_for(tuple(x.shape), params)
+        out = compiled([x.numpy(), mask.numpy(), *(p.numpy() for p in params)])[compiled.outputs[0]]
+        return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- sums
+class _Ring:
+    """Slices ``[lo, hi)`` of a (B, C, D, H, W) sum in a ring of ``capacity`` slices: the
+    compressors' partial sums, whose span the schedule bounds, without the growth slack and
+    reallocation copies of :class:`~.streaming._Window` (measured: ~0.7 GB of the b8u4
+    peak at 217x181 planes)."""
+
+    def __init__(self, like: Tensor, channels: int, capacity: int, bias: Tensor | None) -> None:
+        b, _, _, h, w = like.shape
+        self.buf = like.new_empty((b, channels, capacity, h, w))
+        self.capacity = capacity
+        self.bias = None if bias is None else bias.to(like.dtype).view(1, -1, 1, 1)
+        self.lo = self.hi = 0
+
+    def _spans(self, z0: int, z1: int) -> list[tuple[int, int, int]]:
+        """(ring index, offset in [z0, z1), length) pieces of slices ``[z0, z1)``."""
+        out, z = [], z0
+        while z < z1:
+            i = z % self.capacity
+            n = min(z1 - z, self.capacity - i)
+            out.append((i, z - z0, n))
+            z += n
+        return out
+
+    def accumulate(self, z0: int, contrib: Tensor) -> None:
+        """``[z0, z0 + n) += contrib``; slices new to the ring start at the bias."""
+        z1 = z0 + int(contrib.shape[2])
+        if z0 < self.lo or z0 > self.hi or z1 - self.lo > self.capacity:
+            raise RuntimeError(f"block streaming: sums [{z0}, {z1}) outside the ring [{self.lo}, {self.hi}) "
+                               f"of {self.capacity} slices")
+        if z1 > self.hi:
+            for i, _, n in self._spans(self.hi, z1):
+                fresh = self.buf[:, :, i : i + n]
+                if self.bias is None:
+                    fresh.zero_()
+                else:
+                    fresh.copy_(self.bias.unsqueeze(2).expand_as(fresh))
+            self.hi = z1
+        for i, off, n in self._spans(z0, z1):
+            self.buf[:, :, i : i + n].add_(contrib[:, :, off : off + n])
+
+    def read(self, z0: int, z1: int, out: Tensor) -> None:
+        """Copy slices ``[z0, z1)`` (done, still kept) into ``out`` (B, C, z1 - z0, H, W)."""
+        if z0 < self.lo or z1 > self.hi:
+            raise RuntimeError(f"block streaming: read [{z0}, {z1}) outside [{self.lo}, {self.hi})")
+        for i, off, n in self._spans(z0, z1):
+            out[:, :, off : off + n] = self.buf[:, :, i : i + n]
+
+    def drop_below(self, z: int) -> None:
+        self.lo = max(self.lo, min(z, self.hi))
+
+
+# --------------------------------------------------------------------------- driver
+def best_offset(depth: int, slab: int, lags: list[int]) -> int:
+    """The shift ``c`` in ``[0, slab)`` of all slab grids that computes the fewest slabs
+    (block ``j``'s waves start at ``-lags[j] - c``), the smallest such ``c``."""
+
+    def slabs(c: int) -> int:
+        return sum(math.ceil((depth + lag + c) / slab) for lag in lags)
+
+    return min(range(slab), key=lambda c: (slabs(c), c))
+
+
+class BlockStreamingMDCSRN:
+    """Callable ``(B, C, D, H, W) -> (B, C, D, H, W)``: ``net``'s eval forward pass over the
+    whole volume, exact, by one dense-block graph on slabs of ``slab`` slices along D.
+
+    Args:
+        net: an :class:`~mdcsrn_lightning.models.mdcsrn.MDCSRN` or
+            :class:`~mdcsrn_lightning.models.reference.ReferenceMDCSRN` (eval-mode
+            BatchNorm is used whatever its mode).
+        slab: output slices per block graph call (``t``). Larger: less halo recompute
+            (``~(t + u) / t``) and fewer calls, more memory (``~ H W (t + 2u)`` times the
+            block's working channels, plus the compressors' partial sums).
+        engine: ``torch`` (eager) or ``openvino`` (CPU).
+
+    The graph is converted once and compiled once per input shape (cached), so calling it
+    on several volumes of one shape pays the compilation once. Pure torch apart from the
+    graph: the stem conv, the 1x1x1 contributions of each block's output to the later
+    compressors and the reconstruction (a matmul, a few slices at a time), their sums and
+    the "-r" reconstruction's 3x3x3 conv.
+    """
+
+    def __init__(self, net: nn.Module, slab: int = 16, engine: BlockEngine = "openvino") -> None:
+        _check_mdcsrn(net)
+        if isinstance(slab, bool) or not isinstance(slab, int) or slab < 1:
+            raise ValueError(f"slab must be an integer >= 1, got {slab!r}")
+        if engine not in BLOCK_ENGINES:
+            raise ValueError(f"engine must be one of {BLOCK_ENGINES}, got {engine!r}")
+        self.net = net.eval()
+        self.slab = slab
+        self.engine = engine
+        self.name = f"block-stream[{engine}]"
+        blocks = list(net.blocks)  # type: ignore[arg-type]
+        layouts = {_layout(b) for b in blocks}
+        if len(layouts) != 1:
+            raise ValueError(f"block streaming needs blocks of one layout, got {sorted(layouts)}")
+        self.graph = DenseBlockGraph(blocks[0])
+        self.params = [block_parameters(b) for b in blocks]
+        self.weights, self.consumer_rows = self._contribution_weights()
+        first = next(iter(net.parameters()), None)  # type: ignore[union-attr]
+        self.device = first.device if first is not None else torch.device("cpu")
+        if engine == "openvino" and self.device.type != "cpu":
+            raise ValueError("engine=openvino runs on the CPU; move the network to the CPU or use engine=torch")
+        self.runner: Callable[[Tensor, Tensor, list[Tensor]], Tensor] = (
+            _OpenVinoRunner(self.graph, self.params[0]) if engine == "openvino" else _TorchRunner(self.graph)
+        )
+        #: of the last call: block graph calls and the output slices they computed
+        self.calls = 0
+        self.computed_slices = 0
+
+    def _contribution_weights(self) -> tuple[list[Tensor], list[list[int]]]:
+        """Per block: the (R, 2k + u k) weight taking its output o_i to every later consumer
+        (compressors i.., then the reconstruction's first conv; for block 1 the stem is
+        also level 0), and the rows of each consumer."""
+        net = self.net
+        blocks = list(net.blocks)  # type: ignore[arg-type]
+        consumers: list[nn.Conv3d] = [*net.compressors, net.reconstruction[0]]  # type: ignore[list-item]
+        stem_width = int(net.stem.out_channels)  # type: ignore[union-attr]
+        width = self.graph.out_channels
+        weights, rows = [], []
+        for j in range(len(blocks)):
+            column = stem_width + j * width  # o_j's columns in cat(stem, o_1, ..., o_b)
+            parts = []
+            for conv in consumers[j:]:
+                w = conv.weight.detach().reshape(conv.out_channels, -1)
+                part = w[:, column : column + width].clone()
+                if part.shape[1] != width:
+                    raise ValueError(f"block {j + 1}: a consumer has {w.shape[1]} input channels, too few")
+                if j == 0:  # o_1 starts with the stem, which is level 0 as well
+                    part[:, :stem_width] += w[:, :stem_width]
+                parts.append(part)
+            weights.append(torch.cat(parts).contiguous())
+            rows.append([int(p.shape[0]) for p in parts])
+        return weights, rows
+
+    def receptive_field_radius(self) -> int:
+        return int(self.net.receptive_field_radius())  # type: ignore[operator]
+
+    def _stem(self, x: Tensor, a: int, b: int) -> Tensor:
+        """The stem's output on slices ``[a, b)`` (zeros around the volume: its padding)."""
+        depth = x.shape[2]
+        lo, hi = max(a - 1, 0), min(b + 1, depth)
+        xs = F.pad(x[:, :, lo:hi], (0, 0, 0, 0, lo - (a - 1), (b + 1) - hi))
+        stem = self.net.stem
+        return F.conv3d(xs, stem.weight, stem.bias, padding=(0, 1, 1))  # type: ignore[union-attr]
+
+    @torch.inference_mode()
+    def __call__(self, x: Tensor, progress: Callable[[int], None] | None = None) -> Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"expected (B, C, D, H, W), got {tuple(x.shape)}")
+        if x.dtype != torch.float32 and self.engine != "torch":
+            raise ValueError(f"engine={self.engine} runs in float32, got {x.dtype}")
+        net, t, h = self.net, self.slab, self.graph.halo
+        batch, _, depth, height, width = x.shape
+        nblocks = len(self.params)
+        # block j's slabs lag block j-1's by the halo: the compressor feeding block j is
+        # complete on the slices block j reads once block j-1 is done with the same wave
+        lags = [j * h for j in range(nblocks)]
+        offset = best_offset(depth, t, lags)
+        compressors = list(net.compressors)  # type: ignore[arg-type]
+        # compressor i (feeding block i+1) is written by blocks 0..i up to block 0's end and
+        # read by block i+1 from its slab start minus the halo: t + (i + 2) h slices at most
+        windows = [_Ring(x, int(c.out_channels), t + (i + 3) * h, c.bias) for i, c in enumerate(compressors)]
+        recon = net.reconstruction
+        recon_first = recon[0]
+        conv_recon = net.reconstruction_type == "conv"
+        out = torch.empty(batch, int(recon[-1].out_channels), depth, height, width, dtype=x.dtype, device=x.device)
+        recon_window = _Window(depth)  # conv_recon: the 8k-channel sums
+        if not conv_recon:
+            out.copy_(recon_first.bias.view(1, -1, 1, 1, 1).expand_as(out))
+        params = [[p.to(x.dtype) for p in ps] for ps in self.params]
+        weights = [w.to(x.dtype) for w in self.weights]
+        summed = out_done = 0
+        self.calls = self.computed_slices = 0
+        starts = [-lag - offset for lag in lags]  # block j's next slab start
+        while starts[-1] < depth:
+            for j in range(nblocks):
+                s = starts[j]
+                if s >= depth:
+                    continue
+                starts[j] = s + t
+                if s + t <= 0:
+                    continue
+                a, b = s - h, s + t + h
+                lo, hi = max(a, 0), min(b, depth)
+                if j == 0:
+                    slab_in = self._stem(x, a, b)
+                else:  # the block input, zeros outside the volume (masked in the graph)
+                    slab_in = x.new_zeros((batch, self.graph.in_channels, b - a, height, width))
+                    windows[j - 1].read(lo, hi, slab_in[:, :, lo - a : hi - a])
+                mask = torch.zeros(1, 1, b - a, 1, 1, dtype=x.dtype, device=x.device)
+                mask[:, :, lo - a : hi - a] = 1
+                pieces = self.runner(slab_in if j else slab_in.contiguous(), mask, params[j])
+                del slab_in
+                if j > 0:  # block j reads compressor j-1 from its next slab's halo on
+                    windows[j - 1].drop_below(s + t - h)
+                self.calls += 1
+                self.computed_slices += t
+                z0, z1 = max(s, 0), min(s + t, depth)
+                self._push(pieces[:, :, z0 - s : z1 - s], z0, weights[j], self.consumer_rows[j],
+                           [*windows[j:], recon_window], recon_first.bias, out, conv_recon)
+                del pieces
+                if j == nblocks - 1:
+                    summed = z1
+            done = self._finish_conv_recon(recon_window, out, out_done, summed, depth) if conv_recon else summed
+            if progress is not None and done > out_done:
+                progress(done - out_done)
+            out_done = done
+        if getattr(net, "global_residual", False):
+            out += x
+        return out
+
+    @staticmethod
+    def _push(
+        pieces: Tensor, z0: int, weight: Tensor, rows: list[int], windows: list[Any],
+        recon_bias: Tensor | None, out: Tensor, conv_recon: bool,
+    ) -> None:
+        """Add ``weight @ pieces`` (the 1x1x1 contributions of a block's output on slices
+        ``[z0, z0 + n)``) to each consumer's sums, 8 slices at a time (bounded memory)."""
+        b, c, n, hh, ww = pieces.shape
+        step = 8
+        for s0 in range(0, n, step):
+            chunk = pieces[:, :, s0 : s0 + step]
+            m = chunk.shape[2]
+            contrib = torch.matmul(weight, chunk.reshape(b, c, -1)).view(b, -1, m, hh, ww)
+            first = 0
+            for i, r in enumerate(rows):
+                part = contrib[:, first : first + r]
+                first += r
+                if i < len(rows) - 1:  # a compressor
+                    windows[i].accumulate(z0 + s0, part)
+                elif conv_recon:  # the 8k-channel sums of the "-r" reconstruction
+                    windows[-1].accumulate(z0 + s0, part, recon_bias)
+                else:  # the output itself
+                    out[:, :, z0 + s0 : z0 + s0 + m] += part
+
+    def _finish_conv_recon(self, window: _Window, out: Tensor, done: int, summed: int, depth: int) -> int:
+        """The "-r" reconstruction's BN -> ELU -> 3x3x3 conv on the slices whose 8k sums
+        (and their neighbours) are complete; returns the new count of final slices."""
+        recon = self.net.reconstruction
+        end = summed if summed == depth else summed - 1
+        if end <= done:
+            return done
+        a, b = max(done - 1, 0), min(end + 1, depth)
+        h = F.elu(_bn(window.view(a, b), recon[1]))
+        out[:, :, done:end] = _conv3(h, recon[3], a - (done - 1), (end + 1) - b)
+        window.drop_below(end - 1)
+        return end
+
+
+def exact_engine_runner(
+    net: nn.Module, engine: str = "auto", slab: int | None = None, log: Callable[[str], None] | None = None
+) -> BlockStreamingMDCSRN | StreamingMDCSRN:
+    """What ``stream=true`` runs for ``engine``: :class:`BlockStreamingMDCSRN` with OpenVINO
+    (``openvino``, or ``auto`` where installed, on the CPU) or the eager
+    :class:`~.streaming.StreamingMDCSRN` (``torch``, or ``auto`` without OpenVINO: one info
+    line through ``log``). ``slab``: ``None`` for each path's default (16)."""
+    from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
+
+    first = next(iter(net.parameters()), None)
+    on_cpu = first is None or first.device.type == "cpu"
+    if engine == "auto":
+        if on_cpu and engine_available("openvino"):
+            engine = "openvino"
+        else:
+            if log is not None and on_cpu:
+                log("stream=true engine=auto: OpenVINO is not installed, using the eager streamed pass "
+                    "(pip install 'mdcsrn-lightning[openvino]' for a ~2.5x faster exact pass)")
+            engine = "torch"
+    if engine == "torch":
+        return StreamingMDCSRN(net, 16 if slab is None else slab)
+    if engine == "openvino":
+        if not engine_available("openvino"):
+            raise EngineUnavailable("stream=true engine=openvino needs: pip install 'mdcsrn-lightning[openvino]'")
+        return BlockStreamingMDCSRN(net, 16 if slab is None else slab, "openvino")
+    raise ValueError(f"stream=true runs engine=torch, openvino or auto, got engine={engine!r}")
+
+
+def exact_super_resolve(
+    runner: BlockStreamingMDCSRN | StreamingMDCSRN, volume: np.ndarray | Tensor, *, progress: bool = False
+) -> np.ndarray:
+    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass by
+    ``runner`` (from :func:`exact_engine_runner`), on the runner's device."""
+    from mdcsrn_lightning.inference.patches import checked_volume
+
+    x = checked_volume(volume, runner.device)[None, None]
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            print(f"\rmdcsrn SR ({runner.name}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
+
+    out = runner(x, report)
+    if progress:
+        print(file=sys.stderr)
+    return out[0, 0].float().cpu().numpy()
