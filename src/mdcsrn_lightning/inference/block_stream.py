@@ -46,7 +46,6 @@ Pure torch plus the optional runtime; no Lightning, Hydra or files.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, _bn, _conv3, _Window
+from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, _bn, _conv3, _Window, run_exact
 from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
 
 __all__ = [
@@ -509,18 +508,4 @@ def exact_super_resolve(
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass by
     ``runner`` (from :func:`exact_engine_runner`), on the runner's device."""
-    from mdcsrn_lightning.inference.patches import checked_volume
-
-    x = checked_volume(volume, runner.device)[None, None]
-    done = 0
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            print(f"\rmdcsrn SR ({runner.name}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
-
-    out = runner(x, report)
-    if progress:
-        print(file=sys.stderr)
-    return out[0, 0].float().cpu().numpy()
+    return run_exact(runner, volume, label=runner.name, progress=progress)

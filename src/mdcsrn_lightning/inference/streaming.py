@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -508,20 +509,28 @@ def stream_super_resolve(
     progress: bool = False,
 ) -> np.ndarray:
     """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass, streamed."""
-    from mdcsrn_lightning.inference.patches import checked_volume, resolve_device
+    from mdcsrn_lightning.inference.patches import resolve_device
 
-    dev = resolve_device(device)
-    x = checked_volume(volume, dev)[None, None]
-    net = net.to(dev)
+    runner = StreamingMDCSRN(net.to(resolve_device(device)), slab)
+    return run_exact(runner, volume, label="streamed", progress=progress)
+
+
+def run_exact(runner: Any, volume: np.ndarray | Tensor, *, label: str, progress: bool = False) -> np.ndarray:
+    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR by an exact slab runner (this module's
+    :class:`StreamingMDCSRN` or the block-streamed one), on the runner's device; ``progress``
+    prints ``label`` and the slices done to stderr."""
+    from mdcsrn_lightning.inference.patches import checked_volume
+
+    x = checked_volume(volume, runner.device)[None, None]
     done = 0
 
     def report(n: int) -> None:
         nonlocal done
         done += n
         if progress:
-            print(f"\rmdcsrn SR (streamed): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
+            print(f"\rmdcsrn SR ({label}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
 
-    out = StreamingMDCSRN(net, slab)(x, report)
+    out = runner(x, report)
     if progress:
         print(file=sys.stderr)
     return out[0, 0].float().cpu().numpy()
