@@ -12,7 +12,8 @@ import torch
 import torchio as tio
 
 from mdcsrn_lightning.data import degradation
-from mdcsrn_lightning.data.datamodule import RandomRot90, Rot90, SRDataModule
+from mdcsrn_lightning.data.augment import RandomRot90, Rot90
+from mdcsrn_lightning.data.datamodule import SRDataModule
 from mdcsrn_lightning.data.sources import EmbeddedMNI152Source, GlobSource, VolumeError
 from mdcsrn_lightning.data.split import SplitError, load_or_create_split, make_split, read_split, split_counts
 
@@ -307,7 +308,8 @@ def test_val_batch_size_needs_equal_shapes(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- augmentation
 def test_augmentation_keeps_lr_and_hr_aligned_with_identity_degradation(tmp_path: Path) -> None:
-    dm = _dm(_cohort(tmp_path), factors=(1, 1, 1), augment_axes=(0, 1, 2), samples_per_volume=6, queue_length=12)
+    dm = _dm(_cohort(tmp_path), factors=(1, 1, 1), augment_axes=(0, 1, 2), samples_per_volume=6, queue_length=12,
+             augment_on="loader")
     dm.setup()
     assert dm.rotation_planes == [(0, 1), (0, 2), (1, 2)]
     for b in dm.train_dataloader():
@@ -320,7 +322,10 @@ def test_augmentation_keeps_a_pointwise_degradation_aligned(tmp_path: Path, monk
     dm.setup()
     assert dm.flip_axes == (0, 1) and dm.rotation_planes == [(0, 1)]
     for b in dm.train_dataloader():
+        before = b["hr"][tio.DATA].clone()
+        b = dm.on_after_batch_transfer(b, 0)  # augment_on="device": the hook augments
         assert torch.allclose(b["lr"][tio.DATA], 2.0 * b["hr"][tio.DATA] + 1.0)
+        assert torch.equal(b["hr"][tio.DATA].flatten(1).sort().values, before.flatten(1).sort().values)  # moved only
 
 
 def test_rotation_and_flip_transforms_act_identically_on_both_images() -> None:
@@ -340,7 +345,7 @@ def test_rotation_and_flip_transforms_act_identically_on_both_images() -> None:
 
 
 def test_batches_are_reproducible_under_a_seed(tmp_path: Path) -> None:
-    dm = _dm(_cohort(tmp_path))
+    dm = _dm(_cohort(tmp_path), augment_on="loader")
     dm.setup()
 
     def run() -> list[torch.Tensor]:

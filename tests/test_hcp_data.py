@@ -22,7 +22,7 @@ from mdcsrn_lightning.benchmark import conv_macs_per_voxel, data_task, markdown
 from mdcsrn_lightning.benchmark.hcp_like import hcp_path, make_hcp_like, make_subject, subject_ids
 from mdcsrn_lightning.cli import data as data_cli
 from mdcsrn_lightning.config import config_dir
-from mdcsrn_lightning.data import datamodule as dm_mod
+from mdcsrn_lightning.data import cache as dm_mod
 from mdcsrn_lightning.data.datamodule import SRDataModule
 from mdcsrn_lightning.data.sources import GlobSource
 from mdcsrn_lightning.models import MDCSRN
@@ -157,7 +157,7 @@ def test_full_disk_while_caching_is_one_line_naming_the_folder_and_leaves_nothin
     assert [p.name for p in cache.iterdir()] == []  # no half-written, temporary or orphaned file
     monkeypatch.undo()
     _dm(root, cache_dir=str(cache)).setup()  # space again: the cache fills normally
-    assert len(list(cache.glob("*.json"))) == 4 and len(list(cache.glob("*.npy"))) == 4
+    assert len(list(cache.glob("*.json"))) == 4 and len(list(cache.glob("*.npy"))) == 8  # HR and LR
 
 
 # ----------------------------------------------------------------------------- bench
@@ -165,23 +165,39 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
     make_hcp_like(tmp_path / "hcp", 5, shape=TINY, spacing=8.0)
     cfg = _hcp_cfg(tmp_path / "hcp")
     work = tmp_path / "work"
-    result = data_task(cfg, TINY_MODEL, subjects=[4, 5], workers=[0], augments=["paper"], batches=2,
-                       step_repeats=1, workdir=str(work), log=lambda m: None)
+    result = data_task(cfg, TINY_MODEL, subjects=[4, 5], workers=[0], augments=["paper", "realistic"], batches=3,
+                       step_repeats=1, workdir=str(work), monai_subjects=2, raw_pairs=20, log=lambda m: None)
     assert [r["subjects"] for r in result["runs"]] == [4, 5] and result["volume_shape"] == list(TINY)
     s_mb = 8 * math.prod(TINY) / 2**20
+    gpu = result["demand"]["gpu_patches_per_s_estimate"]
     for run, n in zip(result["runs"], [4, 5]):
         assert "error" not in run, run
         assert run["setup_degradations"] == n and sum(run["split"].values()) == n
         assert run["setup_seconds_per_subject"] == pytest.approx(run["setup_seconds"] / n)
-        # the cached LR (float32, .npy header) and its metadata, per subject
-        assert 4 * math.prod(TINY) < run["cache_bytes_per_subject"] < 4 * math.prod(TINY) + 2048
+        # the cached HR and LR (float32, .npy headers) and their metadata, per subject
+        assert 8 * math.prod(TINY) < run["cache_bytes_per_subject"] < 8 * math.prod(TINY) + 4096
         assert run["subject_mb"] == pytest.approx(s_mb, abs=0.05)
-        (q,) = run["queue"]
-        assert q["cache_reused"] and q["augment"] == "paper" and q["num_workers"] == 0
-        assert q["patches"] == 2 and q["patches_per_s"] > 0 and q["worker_peak_rss_mb"] is None
-        # the fill: 4 queue places, 2 patches per subject -> 2 subjects (or all train subjects, if fewer)
-        assert q["fill_patches"] == min(4, 2 * run["split"]["train"]) and q["fill_patches_per_s"] > 0
-        assert [c["what"] for c in run["rss_checks"]] == ["setup", "queue paper w=0"]
+        rows = {(q["path"], q["augment"], q["sampler"], q.get("cache", "warm")): q for q in run["queue"]}
+        assert list(rows) == [
+            ("raw", "none", "uniform", "warm"), ("raw", "none", "uniform", "cold"),
+            ("new", "paper", "uniform", "warm"), ("today", "paper", "uniform", "warm"),
+            ("new", "realistic", "uniform", "warm"), ("today", "realistic", "uniform", "warm"),
+            ("new", "paper", "label", "warm"), ("today", "paper", "label", "warm"),
+            ("new", "paper", "uniform", "cold"), ("monai", "paper", "uniform", "warm"),
+        ]
+        for q in run["queue"]:
+            assert q["patches_per_s"] > 0 and q["supply_over_gpu_estimate"] == pytest.approx(q["patches_per_s"] / gpu)
+        new = rows["new", "paper", "uniform", "warm"]
+        assert new["cache_reused"] and new["workers"] == 0 and new["worker_peak_rss_mb"] is None
+        assert new["batches"] == 3 and new["patches"] == 6
+        assert new["vs_today"] == pytest.approx(new["patches_per_s"] / rows["today", "paper", "uniform", "warm"]["patches_per_s"])
+        assert new["vs_monai"] == pytest.approx(new["patches_per_s"] / rows["monai", "paper", "uniform", "warm"]["patches_per_s"])
+        assert rows["today", "paper", "uniform", "warm"]["batches"] == 3  # one fill (4 patches) and the next batch
+        assert rows["monai", "paper", "uniform", "warm"]["subjects"] == min(2, run["split"]["train"])
+        assert [c["what"] for c in run["rss_checks"]] == [
+            "setup", "new paper uniform w=0", "today paper uniform w=0", "new realistic uniform w=0",
+            "today realistic uniform w=0", "new paper label w=0", "today paper label w=0", "new paper uniform w=0 cold",
+        ]
         assert all(c["within"] for c in run["rss_checks"]), run["rss_checks"]
         assert not (work / f"n{n}" / "cache").exists()  # deleted after the run (keep_cache=False)
         assert sorted(p.name for p in (work / f"n{n}" / "subjects").iterdir()) == subject_ids(n)
@@ -193,8 +209,8 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
     assert result["rss_flat_in_n"]["flat"] and result["rss_flat_in_n"]["all_within_bound"]
     table = markdown(result)
     assert "| N (train) | setup s/subject | cache MB/subject |" in table
-    assert table.count("| paper | 0 |") == 2 and "**estimate**" in table and "flat in N" in table
-    assert "queue fill: patches in s" in table
+    assert table.count("| new | paper | uniform | 0 | warm |") == 2 and "**estimate**" in table and "flat in N" in table
+    assert table.count("| monai (1 subjects) | paper |") == 1 and table.count("| monai (2 subjects) | paper |") == 1
 
 
 def test_bench_data_task_argument_checks(tmp_path: Path) -> None:
@@ -208,7 +224,7 @@ def test_bench_data_task_argument_checks(tmp_path: Path) -> None:
         data_task(cfg, TINY_MODEL, subjects=[8], workdir=str(tmp_path / "w"), log=lambda m: None)
     with pytest.raises(ValueError, match="bench.data.batches must be >= 2"):
         data_task(cfg, TINY_MODEL, batches=1)
-    with pytest.raises(ValueError, match="bench.data.augments must be among none, paper, realistic, realistic_whole"):
+    with pytest.raises(ValueError, match="bench.data.augments must be among none, paper, realistic"):
         data_task(cfg, TINY_MODEL, augments=["realistic_roi"])
 
 
@@ -222,8 +238,8 @@ def test_full_size_hcp_subjects_set_up_and_feed_the_queue(tmp_path: Path) -> Non
     dm = SRDataModule(src, split_fractions=(2, 1, 0, 0), queue_length=36, cache_dir=str(tmp_path / "cache"),
                       split_file=str(tmp_path / "split.json"))
     dm.setup("fit")
-    assert all(e.hr is None and e.lr is None for e in dm._entries.values())  # only metadata held
-    assert len(list((tmp_path / "cache").glob("*.lr.npy"))) == 3
+    assert all(e.hr_file.endswith(".hr.npy") for e in dm._entries.values())  # only metadata held
+    assert len(list((tmp_path / "cache").glob("*.lr.npy"))) == len(list((tmp_path / "cache").glob("*.hr.npy"))) == 3
     it = iter(dm.train_dataloader())
     for _ in range(3):
         batch = next(it)

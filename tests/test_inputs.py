@@ -201,7 +201,7 @@ def test_training_source_reads_dicom_folders_and_refuses_alike(tmp_path: Path) -
 
 
 def test_data_module_trains_from_dicom_folders_through_its_cache(tmp_path: Path) -> None:
-    """With a disk cache the HR is re-read lazily by the queue: from the series folder itself."""
+    """The series folders are read once, into the cache; the queue then cuts patches from it."""
     import torchio as tio
 
     from mdcsrn_lightning.data.datamodule import SRDataModule
@@ -214,7 +214,8 @@ def test_data_module_trains_from_dicom_folders_through_its_cache(tmp_path: Path)
         queue_length=4, split_fractions=[2, 1, 0, 1], cache_dir=str(tmp_path / "cache"),
     )
     dm.setup()
-    assert dm._entries[dm.split["test"][0]].hr_file.endswith("/T1")  # not held in memory
+    entry = dm._entries[dm.split["test"][0]]
+    assert entry.hr_file.startswith(str(tmp_path / "cache")) and entry.hr_file.endswith(".hr.npy")  # not held in memory
     assert next(iter(dm.train_dataloader()))["hr"][tio.DATA].shape == (2, 1, 8, 8, 8)
     test = next(iter(dm.test_dataloader()))
     (name,) = dm.split["test"]

@@ -265,21 +265,25 @@ def test_synthetic_subjects_are_fixed_by_seed_and_index(tiny_registry) -> None:
 def test_realistic_augmentation_keeps_lr_the_degradation_of_the_augmented_hr(tiny_registry) -> None:
     src = FileSource(["icbm152_t1", "icbm152_t2"])
     dm = SRDataModule(src, patch_size=8, samples_per_volume=2, batch_size=2, queue_length=4, split_fractions=(1, 0, 0, 1),
-                      augment="realistic", augment_options={"noise_p": 1.0, "bias_p": 1.0, "snr": [5.0, 5.0]})
+                      augment="realistic", augment_axes=[],  # no flips: the LR is compared where it is
+                      augment_options={"noise_p": 1.0, "bias_p": 1.0, "snr": [5.0, 5.0], "roi_margin": 4})
     dm.setup()
-    train, test = dm.datasets["train"], dm.datasets["test"]
-    sample = train[0]
-    hr, lr = sample["hr"].data[0].numpy(), sample["lr"].data[0].numpy()
-    np.testing.assert_allclose(lr, degradation.degrade(hr, (2, 2, 1), "linear"), atol=1e-5)
-    assert input_scale(lr) == pytest.approx(1.0, rel=1e-5)  # both divided by the new LR's scale
-    assert sample["metric_scale"] == pytest.approx(float(np.percentile(hr, 99.9)), rel=1e-5)
-    raw = nib.load(src.path(sample["name"])).get_fdata(dtype=np.float32)
-    assert np.abs(hr * input_scale(degradation.degrade(raw, (2, 2, 1))) - raw).mean() > 1.0  # the HR changed
-    assert not np.array_equal(train[0]["hr"].data, sample["hr"].data)  # a new draw per load
-    t0, t1 = test[0], test[0]  # never augmented
-    assert torch.equal(t0["hr"].data, t1["hr"].data) and torch.equal(t0["lr"].data, t1["lr"].data)
-    batch = next(iter(dm.train_dataloader()))
+    regions = next(iter(dm.train_dataloader()))  # HR regions with their margin; the LR is made on the device
+    assert regions["hr"]["data"].shape == (2, 1, 16, 16, 16) and "lr" not in regions
+    raw = regions["hr"]["data"].clone()
+    torch.manual_seed(3)
+    batch = dm.on_after_batch_transfer(regions, 0)
     assert batch["lr"]["data"].shape == batch["hr"]["data"].shape == (2, 1, 8, 8, 8)
+    # the HR changed (noise at SNR 5, a bias field) and the LR is the degradation of the augmented region
+    assert float((batch["hr"]["data"] - raw[..., 4:12, 4:12, 4:12]).abs().mean()) > 0.01
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 1 << 62, (1,)).item()))
+    augmented = dm._realistic.augment(raw, regions["spacing"], generator)
+    lr = dm._realistic.crop(torch.from_numpy(degradation.degrade(augmented[0, 0].numpy(), (2, 2, 1), "linear"))[None, None])
+    lr = lr[0, 0].numpy()
+    np.testing.assert_allclose(batch["lr"]["data"][0, 0].numpy(), lr, atol=1e-4)
+    t0, t1 = dm.datasets["test"][0], dm.datasets["test"][0]  # never augmented
+    assert torch.equal(t0["hr"].data, t1["hr"].data) and torch.equal(t0["lr"].data, t1["lr"].data)
 
 
 def test_degrade_sample_and_rician_noise_units() -> None:

@@ -1,4 +1,6 @@
-"""``augment=realistic`` on a random region (``augment_options.roi``): exactness, alignment, options."""
+"""``augment=realistic`` on regions: TorchIO's region transform (the benchmark's reference path) and the
+data module's batched path (HR regions around each patch, re-degraded on the device): exactness,
+alignment, options."""
 
 from __future__ import annotations
 
@@ -109,42 +111,46 @@ def _folder(root: Path, shape: tuple[int, int, int], n: int = 2) -> GlobSource:
     return GlobSource(str(root))
 
 
-def test_datamodule_trains_on_regions_in_the_whole_volume_unit(tmp_path: Path) -> None:
+def test_datamodule_cuts_grid_aligned_hr_regions_in_the_whole_volume_unit(tmp_path: Path) -> None:
+    """``augment=realistic`` (batched): the loader cuts HR regions (patch + 2 margin) starting on the LR
+    grid, in the whole volume's unit; with no random transform the device step gives the whole
+    volume's HR at the patch and the region's LR, close to the whole LR."""
     off = {k: 0.0 for k in ("affine_p", "elastic_p", "bias_p", "gamma_p", "noise_p")}
-    dm = SRDataModule(_folder(tmp_path / "d", (64, 64, 24)), patch_size=8, samples_per_volume=2, batch_size=2,
-                      queue_length=4, split_fractions=(1, 0, 0, 1), augment="realistic",
-                      augment_options={**off, "roi": [12, 12, 8], "roi_margin": 8})
+    dm = SRDataModule(_folder(tmp_path / "d", (64, 64, 24)), patch_size=8, samples_per_volume=4, batch_size=4,
+                      queue_length=4, split_fractions=(1, 0, 0, 1), augment="realistic", augment_axes=[],
+                      augment_options={**off, "roi_margin": 8})
     dm.setup()
-    whole = dm.datasets["test"][0]  # never augmented: the whole normalised volume
-    assert whole["hr"].shape == (1, 64, 64, 24)
-    sample = dm.datasets["train"][0]
-    assert sample["hr"].shape == sample["lr"].shape == (1, 12, 12, 8)
-    path = tmp_path / "d" / sample["name"] / "t1.nii.gz"
+    name = dm.split["train"][0]
+    path = tmp_path / "d" / name / "t1.nii.gz"
     raw = nib.load(path).get_fdata(dtype=np.float32)
     scale = input_scale(degradation.degrade(raw, (2, 2, 1), "linear"))  # the whole LR's, independently
-    x, y, z = region_offset(nib.load(path).affine, sample["hr"].affine)
     hr_whole = raw / scale
     lr_whole = degradation.degrade(hr_whole, (2, 2, 1), "linear")
-    # no random transform: the HR is the whole volume's, the LR the whole LR's within the margin's error
-    np.testing.assert_allclose(sample["hr"].data[0].numpy(), hr_whole[x:x + 12, y:y + 12, z:z + 8], rtol=1e-6)
-    err = np.abs(sample["lr"].data[0].numpy() - lr_whole[x:x + 12, y:y + 12, z:z + 8]).max()
-    assert err < 0.05 * float(np.percentile(lr_whole, 99.9))
-    assert sample["input_scale"] == pytest.approx(scale, rel=1e-5)  # the unit is the whole LR's
-    assert sample["metric_scale"] == pytest.approx(float(np.percentile(raw, 99.9)) / scale, rel=1e-5)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["lr"]["data"].shape == batch["hr"]["data"].shape == (2, 1, 8, 8, 8)
+    regions = next(iter(dm.train_dataloader()))
+    assert regions["hr"]["data"].shape == (4, 1, 24, 24, 24) and regions["input_scale"][0] == pytest.approx(scale, rel=1e-5)
+    locations = regions["location"].clone()
+    region_hr = regions["hr"]["data"].clone()
+    batch = dm.on_after_batch_transfer(regions, 0)
+    for i, (x, y, z) in enumerate(locations[:, :3].tolist()):
+        assert x % 2 == 0 and y % 2 == 0  # region start = patch start - 8: on the LR grid of the degraded axes
+        np.testing.assert_array_equal(batch["hr"]["data"][i, 0].numpy(), hr_whole[x:x + 8, y:y + 8, z:z + 8])
+        lr = degradation.degrade(region_hr[i, 0].numpy(), (2, 2, 1), "linear")[8:16, 8:16, 8:16]
+        np.testing.assert_allclose(batch["lr"]["data"][i, 0].numpy(), lr, atol=1e-5)
+        if 8 <= z <= 24 - 16:  # the region inside the volume: within the margin's error of the whole LR
+            err = np.abs(lr - lr_whole[x:x + 8, y:y + 8, z:z + 8]).max()
+            assert err < 0.05 * float(np.percentile(lr_whole, 99.9))
 
 
-def test_auto_roi_keeps_today_path_on_small_volumes(tmp_path: Path) -> None:
-    dm = SRDataModule(_folder(tmp_path / "d", (32, 32, 16)), patch_size=8, samples_per_volume=2, batch_size=2,
+def test_realistic_works_on_a_volume_smaller_than_the_region(tmp_path: Path) -> None:
+    dm = SRDataModule(_folder(tmp_path / "d", (32, 32, 12)), patch_size=8, samples_per_volume=2, batch_size=2,
                       queue_length=4, split_fractions=(1, 0, 0, 1), augment="realistic",
                       augment_options={"noise_p": 1.0})
     dm.setup()
-    sample = dm.datasets["train"][0]
-    hr, lr = sample["hr"].data[0].numpy(), sample["lr"].data[0].numpy()
-    assert hr.shape == (32, 32, 16)  # whole: the auto region (96^3 + margins) does not pay off here
-    np.testing.assert_allclose(lr, degradation.degrade(hr, (2, 2, 1), "linear"), atol=1e-5)
-    assert input_scale(lr) == pytest.approx(1.0, rel=1e-5)
+    regions = next(iter(dm.train_dataloader()))
+    assert regions["hr"]["data"].shape == (2, 1, 40, 40, 24)  # 8 + 2 x 16 (z: 8 + 2 x 8): zero outside the volume
+    batch = dm.on_after_batch_transfer(regions, 0)
+    assert batch["lr"]["data"].shape == batch["hr"]["data"].shape == (2, 1, 8, 8, 8)
+    assert torch.isfinite(batch["lr"]["data"]).all() and float(batch["hr"]["data"].std()) > 0
 
 
 def test_roi_options_are_checked() -> None:

@@ -5,42 +5,40 @@ made by ``mdcsrn-data make-hcp``), in a **fresh process** (so peak RSS is not bi
 earlier, larger ``N``):
 
 1. ``setup()`` with an empty disk cache: seconds per subject (read, validate, degrade,
-   measure the input scale, write the cached LR), the process's peak RSS, the cache's size
-   per subject and the number of degradations run;
-2. for each ``augment`` x ``num_workers``: a new data module on the *same* cache (its
-   ``setup()`` must degrade nothing), then ``batches`` training batches from the TorchIO
-   patch queue: the first batch's seconds (the queue's fill), patches/s after it, the main
-   process's peak RSS during the queue and the largest queue worker's peak RSS.
+   measure the input scale, write HR and LR as ``.npy``), peak RSS, cache MB per subject and
+   the number of degradations run;
+2. the machine's limit (``raw``): HR + LR patch crops copied out of the cache's memory maps,
+   page cache warm, then cold (the files evicted with ``posix_fadvise(DONTNEED)``);
+3. rows of patches/s, each a loader from its creation over ``batches`` batches (queue fills
+   included): ``new`` (the data module: memory-mapped crops, batched augmentation run on the
+   CPU device inside the timed loop) per ``augment`` x ``num_workers``; ``today`` (the pipeline
+   before it, ``benchmark/legacy_queue.py``: whole-volume reads per subject load, per-patch
+   TorchIO transforms, ``realistic`` on a 96^3 region with TorchIO) for the same augment, one
+   queue fill long; the foreground (``label``) sampler beside the uniform one; ``new`` with a
+   cold page cache; and ``monai``, MONAI's recommended fast path on the same files
+   (``CacheDataset`` + ``RandSpatialCropSamplesd`` + ``ThreadDataLoader``).
 
 Beside it, the demand of one training step of the configured generator at the data
 config's batch and patch: measured here on the CPU, and estimated for a GPU from its conv
-FLOPs (``3 x`` the forward's, at an *assumed* effective throughput, ``gpu_tflops``).
+FLOPs (``3 x`` the forward's, at an *assumed* effective throughput, ``gpu_tflops``); every
+row gets ``supply_over_gpu_estimate``, new rows ``vs_today`` and ``vs_monai``.
 
-Memory bound (what "flat in N" means; checked per run in ``rss_checks``): with a disk cache
-the data module keeps only metadata per subject (a few hundred bytes), so with
-``S = 8 X Y Z`` bytes (one subject's HR + LR in float32) and ``Q`` the queue's patches
-(``queue_length x 2 x P^3 x 4`` bytes), the main process's peak is at most
+Memory bound (what "flat in N" means; checked per run in ``rss_checks``): the data module
+keeps only metadata per subject, so with ``S = 8 X Y Z`` bytes (one subject's HR + LR in
+float32) and ``Q`` the queue's patches (``queue_length x 2 x P^3 x 4`` bytes), the main
+process's peak is at most
 
 * setup: ``base + L`` with ``L = 8 S``, one subject's working set (the raw read, the
-  float32 HR, the complex k-space of the two degraded axes, the interpolated LR; nothing
-  is kept afterwards);
-* queue: ``base + Q + (2 w + 1) S`` with ``w >= 1`` workers (the subject being sampled and
-  up to ``prefetch_factor = 2`` loaded subjects per worker in shared memory; the loading
-  itself happens in the workers), ``base + Q + S + L`` with ``w = 0`` (the main process
-  loads each subject itself; with ``augment=realistic`` it also resamples and degrades it:
-  there ``L = 16 S``, SimpleITK resampling in float64 before the degradation);
+  float32 HR, the complex k-space of the two degraded axes, the interpolated LR);
+* queue, new path: ``base + Q + (2 w + 1) S`` (mapped pages of the subjects being cut count
+  as resident), ``+ S`` with ``augment=realistic`` (the batched augmentation's buffers);
+* queue, today's path: ``base + Q + S + L`` with ``w = 0`` (``L = 16 S`` for ``realistic``:
+  SimpleITK resampling in float64 before the degradation);
 
-where ``base`` is the RSS before ``setup()`` (after loading the libraries the pipeline
-uses) plus 32 MB of slack (allocator pools). None of these terms grows with ``N``; the
-queue workers' own peaks (reported apart) are bounded alike by ``L`` plus what they hand
-over. "Flat in N" (``rss_flat_in_n``): the peaks' spread over N stays below
-``max(S, 32 MB)``: setup over every N, the queue over the N whose training set fills the
-queue (``train x samples_per_volume >= queue_length``; with fewer the queue holds less).
-
-The queue's rate is ``fill_patches_per_s``: the patches the first fill produced (loading
-and sampling ``queue_length / samples_per_volume`` subjects, fewer if the training set is
-smaller) over its seconds; ``patches_per_s`` after it mostly serves patches already queued
-unless ``batches`` spans several queue lengths.
+where ``base`` is the RSS before ``setup()`` plus 32 MB of slack. None of these terms grows
+with ``N``. "Flat in N" (``rss_flat_in_n``): the peaks' spread over N stays below
+``max(S, 32 MB)``: setup over every N, the queue rows over the N whose training set fills
+the queue (``train x samples_per_volume >= queue_length``).
 """
 
 from __future__ import annotations
@@ -72,9 +70,8 @@ SLACK_MB = 32.0
 #: augment=realistic also TorchIO's affine/elastic resampling (SimpleITK, float64) before it
 LOAD_PAPER = 8
 LOAD_REALISTIC = 16
-#: queue rows: ``realistic`` with its configured/default ``roi`` (``auto``: a 96^3 region at HCP
-#: size), ``realistic_whole`` the same with ``roi=null`` (the whole volume, each load)
-AUGMENT_ROWS = ("none", "paper", "realistic", "realistic_whole")
+#: the augment settings a run can compare
+AUGMENT_ROWS = ("none", "paper", "realistic")
 
 
 def _stderr(msg: str) -> None:
@@ -145,6 +142,12 @@ def data_task(
     keep_cache: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    today: bool = True,
+    monai: bool = True,
+    monai_subjects: int = 8,
+    cold: bool = True,
+    samplers: Sequence[str] = ("uniform", "label"),
+    raw_pairs: int = 2000,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """One fresh process per ``N`` (see the module docstring); returns a JSON-ready dict."""
@@ -186,7 +189,9 @@ def data_task(
         cfg["split_file"] = str(folder / "split.json")
         spec = {
             "task": "data", "setting": f"N={n}", "data": cfg, "workers": ws, "augments": list(augments),
-            "batches": int(batches), "seed": seed, "threads": threads,
+            "batches": int(batches), "seed": seed, "threads": threads, "today": bool(today), "monai": bool(monai),
+            "monai_subjects": int(monai_subjects), "cold": bool(cold), "samplers": list(samplers),
+            "raw_pairs": int(raw_pairs),
         }
         log(f"N={n}: setup and queue in a fresh process")
         run = run_probe(spec)
@@ -203,6 +208,10 @@ def data_task(
         batch, patch = first["batch_size"], first["patch_size"]
         log(f"demand: {batch} x {patch}^3 training steps")
         result["demand"] = _demand(model_cfg, batch, patch, int(step_repeats), float(gpu_tflops), seed, log)
+        gpu = result["demand"]["gpu_patches_per_s_estimate"]
+        for run in ok:
+            for row in run["queue"]:
+                row["supply_over_gpu_estimate"] = row["patches_per_s"] / gpu
         result["rss_flat_in_n"] = _flat(ok)
     return result
 
@@ -217,7 +226,9 @@ def _flat(runs: list[dict[str, Any]]) -> dict[str, Any]:
     queue_spread = None
     if len(full) >= 2:
         queue_spread = 0.0
-        for i in range(len(full[0]["queue"])):
+        for i, row in enumerate(full[0]["queue"]):
+            if row["path"] not in ("new", "today"):  # raw crops and MONAI's in-RAM cache: not the data module
+                continue
             peaks = [r["queue"][i]["main_peak_rss_mb"] for r in full]
             queue_spread = max(queue_spread, max(peaks) - min(peaks))
     setup_spread = max(setup) - min(setup)
@@ -265,17 +276,28 @@ def _warm_up() -> None:
 
     from mdcsrn_lightning.data import degradation
     from mdcsrn_lightning.data.augment import realistic_hr_transform
+    from mdcsrn_lightning.data.batched_augment import BatchedRealistic
 
     tiny = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
     degradation.degrade(tiny)
     image = torch.from_numpy(tiny)[None]
     realistic_hr_transform()(tio.Subject(hr=tio.ScalarImage(tensor=image), lr=tio.ScalarImage(tensor=image.clone())))
+    aug = BatchedRealistic(None, (2, 2, 1), "linear", (4, 4, 4), 2)
+    aug(torch.rand(1, 1, *aug.region_size), torch.ones(1, 3), torch.Generator().manual_seed(0))
 
 
-def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
-    """The fresh-process half of :func:`data_task` (run by ``benchmark/probe.py``)."""
-    from hydra.utils import instantiate
+def drop_page_cache(paths: Sequence[str]) -> None:
+    """Evict ``paths`` from the page cache (``posix_fadvise(DONTNEED)``; clean pages only): the
+    next reads come from the disk. The cold-cache rows use it."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
+
+def _count_degradations() -> list[int]:
     from mdcsrn_lightning.data import degradation
 
     calls = [0]
@@ -286,111 +308,235 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
         return real(*args, **kwargs)
 
     degradation.degrade = counting  # type: ignore[assignment]  # this process only
+    return calls
+
+
+def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
+    """The fresh-process half of :func:`data_task` (run by ``benchmark/probe.py``)."""
+    from hydra.utils import instantiate
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    calls = _count_degradations()
     cfg = spec["data"]
     dm = instantiate(cfg)
     _warm_up()
     calls[0] = 0
     base_rss = rss_bytes()
+    out = _setup_part(dm, cfg, calls)
+    base_mb = base_rss / MB + SLACK_MB
+    out["base_rss_mb"] = round(base_rss / MB, 1)
+    checks = [{"what": "setup", "peak_mb": out["setup_peak_rss_mb"], "bound_mb": round(base_mb + LOAD_PAPER * out["subject_mb"], 1)}]
+    train = [dm._entries[n] for n in dm.split["train"]]
+    files = [f for e in train for f in (e.hr_file, e.lr_file)]
+    del dm
+    gc.collect()
+    rows: list[dict[str, Any]] = [
+        _raw_row(train, out["patch_size"], int(spec.get("raw_pairs", 2000)), cold=False),
+    ]
+    if spec.get("cold", True):
+        drop_page_cache(files)
+        rows.append(_raw_row(train, out["patch_size"], max(1, int(spec.get("raw_pairs", 2000)) // 4), cold=True))
+    for row in _queue_rows(spec):
+        if row.get("cache") == "cold":
+            drop_page_cache([f for f in files] + [str(p) for p in Path(cfg["cache_dir"]).glob("*.fg-*.npy")])
+        rows.append(_queue_row(cfg, row, calls))
+        if row["path"] != "raw" and "bound_extra" in rows[-1]:
+            q = rows[-1]
+            checks.append({"what": _row_name(q), "peak_mb": q["main_peak_rss_mb"],
+                           "bound_mb": round(base_mb + out["queue_patches_mb"] + q.pop("bound_extra") * out["subject_mb"], 1)})
+    if spec.get("monai", True):
+        rows.append(_monai_row(train, out, int(spec.get("monai_subjects", 8)), int(spec["batches"])))
+    _ratios(rows)
+    for chk in checks:
+        chk["within"] = chk["peak_mb"] <= chk["bound_mb"]
+    out["queue"] = rows
+    out["rss_checks"] = checks
+    return out
+
+
+def _setup_part(dm: Any, cfg: dict[str, Any], calls: list[int]) -> dict[str, Any]:
     start = time.perf_counter()
     dm.setup("fit")
     setup_s = time.perf_counter() - start
-    setup_peak = peak_rss_bytes()
     names = [n for s in dm.subjects.values() for n in s]
     shape = tuple(int(s) for s in dm._entries[names[0]].shape)
-    voxels = math.prod(shape)
-    subject_mb = 8 * voxels / MB
-    patch = int(dm.patch_size[0])
+    subject_mb = 8 * math.prod(shape) / MB
     hp = dm.hparams
-    queue_mb = int(hp.queue_length) * 2 * 4 * math.prod(dm.patch_size) / MB
-    out: dict[str, Any] = {
-        "setting": spec["setting"],
+    cache_bytes = _dir_bytes(Path(cfg["cache_dir"]))
+    return {
+        "setting": f"N={len(names)}",
         "volume_shape": list(shape),
         "subject_mb": round(subject_mb, 1),
-        "queue_patches_mb": round(queue_mb, 1),
+        "queue_patches_mb": round(int(hp.queue_length) * 2 * 4 * math.prod(dm.patch_size) / MB, 1),
         "split": {s: len(v) for s, v in dm.subjects.items()},
         "batch_size": int(hp.batch_size),
-        "patch_size": patch,
+        "patch_size": int(dm.patch_size[0]),
         "samples_per_volume": int(hp.samples_per_volume),
         "queue_length": int(hp.queue_length),
-        "base_rss_mb": round(base_rss / MB, 1),
         "setup_seconds": setup_s,
         "setup_seconds_per_subject": setup_s / len(names),
         "setup_degradations": calls[0],
-        "setup_peak_rss_mb": round(setup_peak / MB, 1),
+        "setup_peak_rss_mb": round(peak_rss_bytes() / MB, 1),
         "rss_after_setup_mb": round(rss_bytes() / MB, 1),
-        "cache_bytes_per_subject": _dir_bytes(Path(cfg["cache_dir"])) // len(names),
-        "cache_mb_per_subject": round(_dir_bytes(Path(cfg["cache_dir"])) / MB / len(names), 1),
-        "queue": [],
+        "cache_bytes_per_subject": cache_bytes // len(names),
+        "cache_mb_per_subject": round(cache_bytes / MB / len(names), 1),
     }
-    base_mb = base_rss / MB + SLACK_MB
-    checks = [{"what": "setup", "peak_mb": out["setup_peak_rss_mb"], "bound_mb": round(base_mb + LOAD_PAPER * subject_mb, 1)}]
-    del dm
-    gc.collect()
+
+
+def _queue_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The queue rows of one N, in a fixed order (the flatness check compares rows by index)."""
+    rows = [{**r, "batches": int(spec["batches"])} for r in _row_plan(spec)]
+    return rows
+
+
+def _row_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for augment in spec["augments"]:
         for w in spec["workers"]:
-            realistic = augment in ("realistic", "realistic_whole")
-            c = dict(cfg, num_workers=int(w), augment="realistic" if realistic else augment)
-            load = LOAD_REALISTIC if realistic else LOAD_PAPER
-            if not realistic:
-                c["augment_options"] = None
-            elif cfg.get("augment") != "realistic":
-                c["augment_options"] = None  # the package's defaults (data/augment.py)
-            if augment == "realistic_whole":
-                c["augment_options"] = {**(c["augment_options"] or {}), "roi": None}
-            before = calls[0]
-            dm = instantiate(c)
-            start = time.perf_counter()
-            dm.setup("fit")
-            resetup = time.perf_counter() - start
-            reused = calls[0] == before
-            gc.collect()
-            reset_peak_rss()
-            level = rss_bytes()
-            workers_peak = 0.0
-            n, patches, epoch = 0, 0, 0
-            first = steady_start = None
-            produced = 0
-            start = time.perf_counter()
-            while n < int(spec["batches"]):
-                dm.set_epoch(epoch)
-                for batch in dm.train_dataloader():
-                    n += 1
-                    workers_peak = max(workers_peak, _children_peak_mb())
-                    if first is None:
-                        first = time.perf_counter() - start
-                        steady_start = time.perf_counter()
-                        # what the fill produced: this batch plus what waits in the queue
-                        produced = int(batch["lr"]["data"].shape[0]) + len(dm.train_queue.patches_list)
-                    else:
-                        patches += int(batch["lr"]["data"].shape[0])
-                    if n >= int(spec["batches"]):
-                        break
-                epoch += 1
-            steady = time.perf_counter() - (steady_start or start)
-            main_peak = peak_rss_bytes() / MB
-            row = {
-                "augment": augment,
-                "num_workers": int(w),
-                "resetup_seconds": round(resetup, 2),
-                "cache_reused": reused,
-                "first_batch_seconds": first,
-                "fill_patches": produced,
-                "fill_patches_per_s": produced / first if first else float("nan"),
-                "patches": patches,
-                "seconds": steady,
-                "patches_per_s": patches / steady if steady > 0 else float("nan"),
-                "main_peak_rss_mb": round(main_peak, 1),
-                "rss_before_queue_mb": round(level / MB, 1),
-                "worker_peak_rss_mb": round(workers_peak, 1) if w else None,
-            }
-            out["queue"].append(row)
-            checks.append({
-                "what": f"queue {augment} w={w}", "peak_mb": row["main_peak_rss_mb"],
-                "bound_mb": round(base_mb + queue_mb + (2 * int(w) + 1) * subject_mb + (0 if w else load * subject_mb), 1),
-            })
-            del dm, batch
-            gc.collect()
-    for chk in checks:
-        chk["within"] = chk["peak_mb"] <= chk["bound_mb"]
-    out["rss_checks"] = checks
-    return out
+            rows.append({"path": "new", "augment": augment, "sampler": "uniform", "workers": int(w)})
+        if spec.get("today", True):
+            rows.append({"path": "today", "augment": augment, "sampler": "uniform", "workers": 0})
+    if "label" in spec.get("samplers", ["uniform", "label"]):
+        rows.append({"path": "new", "augment": "paper", "sampler": "label", "workers": 0})
+        if spec.get("today", True):
+            rows.append({"path": "today", "augment": "paper", "sampler": "label", "workers": 0})
+    if spec.get("cold", True):
+        rows.append({"path": "new", "augment": "paper", "sampler": "uniform", "workers": 0, "cache": "cold"})
+    return rows
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    cold = " cold" if row.get("cache") == "cold" else ""
+    return f"{row['path']} {row['augment']} {row['sampler']} w={row['workers']}{cold}"
+
+
+def _queue_row(cfg: dict[str, Any], row: dict[str, Any], calls: list[int]) -> dict[str, Any]:
+    """Patches/s of one loader from its creation: ``batches`` batches (``today``: enough for one
+    queue fill and the start of the next), fills included."""
+    from hydra.utils import instantiate
+
+    from mdcsrn_lightning.benchmark.legacy_queue import legacy_loader
+
+    c = dict(cfg, num_workers=row["workers"], augment=row["augment"],
+             sampler="label" if row["sampler"] == "label" else "uniform")
+    if row["augment"] != "realistic" or cfg.get("augment") != "realistic":
+        c["augment_options"] = None
+    before = calls[0]
+    dm = instantiate(c)
+    dm.setup("fit")
+    hp = dm.hparams
+    today = row["path"] == "today"
+    # today's path: one queue fill and the start of the next; new: the configured batches
+    batches = math.ceil(hp.queue_length / hp.batch_size) + 1 if today else int(row["batches"])
+    gc.collect()
+    reset_peak_rss()
+    loader = legacy_loader(dm, row["augment"], row["workers"], c["augment_options"]) if today else dm.train_dataloader()
+    augment = None if today else dm.batch_augment
+    n = patches = 0
+    first = None
+    workers_peak = 0.0
+    start = time.perf_counter()
+    while n < batches:
+        for batch in loader:
+            if augment is not None:
+                batch = augment(batch)  # the training device's work, on the CPU here
+            n += 1
+            patches += int(batch["hr"]["data"].shape[0])
+            workers_peak = max(workers_peak, _children_peak_mb())
+            if first is None:
+                first = time.perf_counter() - start
+            if n >= batches:
+                break
+    seconds = time.perf_counter() - start
+    realistic = row["augment"] == "realistic"
+    load = (LOAD_REALISTIC if realistic else LOAD_PAPER) if today else (1 if realistic else 0)
+    result = {
+        **row, "cache_reused": calls[0] == before, "batches": n, "patches": patches, "seconds": seconds,
+        "first_batch_seconds": first, "patches_per_s": patches / seconds,
+        "main_peak_rss_mb": round(peak_rss_bytes() / MB, 1),
+        "worker_peak_rss_mb": round(workers_peak, 1) if row["workers"] else None,
+        "bound_extra": (2 * row["workers"] + 1) + (0 if row["workers"] else load),
+    }
+    del dm, loader
+    gc.collect()
+    return result
+
+
+def _raw_row(entries: Sequence[Any], patch: int, pairs: int, cold: bool) -> dict[str, Any]:
+    """The machine's limit: HR + LR ``patch^3`` crops copied out of memory maps (``np.array``)."""
+    import numpy as np
+
+    maps = [(np.load(e.hr_file, mmap_mode="r"), np.load(e.lr_file, mmap_mode="r")) for e in entries]
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(pairs):
+        hr, lr = maps[int(rng.integers(len(maps)))]
+        i, j, k = (int(rng.integers(0, n - patch + 1)) for n in hr.shape)
+        np.array(hr[i:i + patch, j:j + patch, k:k + patch])
+        np.array(lr[i:i + patch, j:j + patch, k:k + patch])
+    seconds = time.perf_counter() - start
+    return {"path": "raw", "augment": "none", "sampler": "uniform", "workers": 0, "cache": "cold" if cold else "warm",
+            "patches": pairs, "seconds": seconds, "patches_per_s": pairs / seconds}
+
+
+def _monai_row(entries: Sequence[Any], out: dict[str, Any], limit: int, batches: int) -> dict[str, Any]:
+    """MONAI's recommended fast patch pipeline on the same cached files: ``CacheDataset`` (whole
+    volumes, divided by ``input_scale``, in RAM), ``RandSpatialCropSamplesd`` (the run's patches per
+    subject), the paper's flips and rotations, ``ThreadDataLoader``; the first ``limit`` training
+    subjects (the cache holds them whole)."""
+    from monai.data import CacheDataset, ThreadDataLoader, set_track_meta
+    from monai.transforms import (
+        Compose, EnsureChannelFirstd, Lambda, LoadImaged, RandFlipd, RandRotate90d, RandSpatialCropSamplesd,
+    )
+
+    keys = ["hr", "lr"]
+    items = [{"hr": e.hr_file, "lr": e.lr_file, "scale": e.input_scale} for e in entries[:limit]]
+    patch, spv = out["patch_size"], out["samples_per_volume"]
+    transform = Compose([
+        LoadImaged(keys, reader="NumpyReader", image_only=True),
+        EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        Lambda(lambda d: {**d, "hr": d["hr"] / d["scale"], "lr": d["lr"] / d["scale"]}),
+        RandSpatialCropSamplesd(keys, roi_size=[patch] * 3, num_samples=spv, random_size=False),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys, prob=0.75, max_k=3, spatial_axes=(0, 1)),
+    ])
+    reset_peak_rss()
+    start = time.perf_counter()
+    dataset = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+    cache_s = time.perf_counter() - start
+    set_track_meta(False)
+    try:
+        loader = ThreadDataLoader(dataset, batch_size=1, shuffle=True, num_workers=0)
+        want = batches * out["batch_size"]
+        patches = 0
+        start = time.perf_counter()
+        while patches < want:
+            for batch in loader:
+                patches += int(batch["hr"].shape[0])
+                if patches >= want:
+                    break
+        seconds = time.perf_counter() - start
+    finally:
+        set_track_meta(True)
+    return {"path": "monai", "augment": "paper", "sampler": "uniform", "workers": 0, "subjects": len(items),
+            "cache_seconds": cache_s, "patches": patches, "seconds": seconds, "patches_per_s": patches / seconds,
+            "main_peak_rss_mb": round(peak_rss_bytes() / MB, 1)}
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Each ``new`` row's rate over the ``today`` row of the same augment and sampler (w = 0), and
+    over MONAI's (``paper``)."""
+    def rate(path: str, augment: str, sampler: str) -> float | None:
+        for r in rows:
+            if (r["path"], r["augment"], r["sampler"], r["workers"], r.get("cache", "warm")) == (path, augment, sampler, 0, "warm"):
+                return r["patches_per_s"]
+        return None
+
+    for r in rows:
+        if r["path"] != "new":
+            continue
+        today, monai = rate("today", r["augment"], r["sampler"]), rate("monai", r["augment"], r["sampler"])
+        r["vs_today"] = r["patches_per_s"] / today if today else None
+        r["vs_monai"] = r["patches_per_s"] / monai if monai else None

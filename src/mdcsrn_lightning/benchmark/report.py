@@ -233,43 +233,49 @@ def _data(r: dict[str, Any]) -> str:
         f"Data pipeline at cohort scale: {r['root']} ({shape} volumes; one subject's HR + LR in float32 "
         f"S = {first.get('subject_mb', '-')} MB), {first.get('patch_size', '-')}^3 patches, batch {first.get('batch_size', '-')}, "
         f"queue {first.get('queue_length', '-')}, {first.get('samples_per_volume', '-')} patches per subject; "
-        f"{r['device']}, {r['threads']} threads. Each N in a fresh process, from an empty disk cache.\n",
-        "| N (train) | setup s/subject | cache MB/subject | setup peak RSS MB (bound) | augment | workers | "
-        "queue fill: patches in s | **patches/s** | main peak RSS MB (bound) | largest worker peak RSS MB |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        f"{r['device']}, {r['threads']} threads. Each N in a fresh process, from an empty disk cache. `new`: the "
+        "data module (memory-mapped crops; batched augmentation run on the CPU device in the timed loop); "
+        "`today`: the pipeline before it; `raw`: HR + LR crops copied out of memory maps (this machine's limit); "
+        "`monai`: MONAI's CacheDataset + RandSpatialCropSamplesd + ThreadDataLoader on the same files. "
+        "Supply / GPU: patches/s over the **estimated** GPU demand below.\n",
+        "| N (train) | setup s/subject | cache MB/subject | setup peak RSS MB (bound) | path | augment | sampler | "
+        "workers | page cache | **patches/s** | x today | x MONAI | supply / GPU (est.) | main peak RSS MB (bound) |",
+        "|---|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         n = run.get("subjects", "?")
         if "error" in run:
-            lines.append(f"| {n} | failed: {run['error']} | | | | | | | | |")
+            lines.append(f"| {n} | failed: {run['error']} |" + " |" * 12)
             continue
         bounds = {c["what"]: c["bound_mb"] for c in run["rss_checks"]}
         head = (
             f"| {n} ({run['split'].get('train', '-')}) | {run['setup_seconds_per_subject']:.1f} | "
             f"{run['cache_mb_per_subject']:.0f} | {run['setup_peak_rss_mb']:.0f} ({bounds['setup']:.0f}) |"
         )
-        if not run["queue"]:
-            lines.append(head + " | | | | | |")
         for i, q in enumerate(run["queue"]):
-            bound = bounds[f"queue {q['augment']} w={q['num_workers']}"]
             lead = head if i == 0 else "| | | | |"
-            reuse = "" if q["cache_reused"] else " (cache NOT reused)"
+            name = f"{q['path']} {q['augment']} {q['sampler']} w={q['workers']}" + (" cold" if q.get("cache") == "cold" else "")
+            bound = bounds.get(name)
+            peak = q.get("main_peak_rss_mb")
+            mem = "" if peak is None else f"{peak:.0f}" + (f" ({bound:.0f})" if bound is not None else "")
+            what = q["path"] + (f" ({q['subjects']} subjects)" if q["path"] == "monai" else "")
             lines.append(
-                f"{lead} {q['augment']}{reuse} | {q['num_workers']} | {q['fill_patches']} in {q['first_batch_seconds']:.1f} | "
-                f"{q['fill_patches_per_s']:.2f} | {q['main_peak_rss_mb']:.0f} ({bound:.0f}) | {_f(q['worker_peak_rss_mb'], '.0f')} |"
+                f"{lead} {what} | {q['augment']} | {q['sampler']} | {q['workers']} | {q.get('cache', 'warm')} | "
+                f"**{q['patches_per_s']:.1f}** | {_f(q.get('vs_today'), '.1f')} | {_f(q.get('vs_monai'), '.1f')} | "
+                f"{_f(q.get('supply_over_gpu_estimate'), '.2f')} | {mem} |"
             )
     d = r.get("demand")
     if d:
         name = r.get("model_name", "generator")
         lines.append(
             f"| **demand** | {name} training step, batch {d['batch']} of {d['patch']}^3 "
-            f"({d['step_tflop']} TFLOP) | | | | | CPU measured: {d['cpu_seconds_per_step']:.2f} s/step | "
-            f"{d['cpu_patches_per_s']:.2f} | | |"
+            f"({d['step_tflop']} TFLOP) | | | | | | | CPU measured: {d['cpu_seconds_per_step']:.2f} s/step | "
+            f"{d['cpu_patches_per_s']:.2f} | | | | |"
         )
         lines.append(
             f"| **demand** | same step on a GPU, **estimate** (conv FLOPs at an assumed "
-            f"{d['gpu_assumed_tflops']:g} TFLOP/s) | | | | | {d['gpu_seconds_per_step_estimate']:.3f} s/step | "
-            f"{d['gpu_patches_per_s_estimate']:.0f} | | |"
+            f"{d['gpu_assumed_tflops']:g} TFLOP/s) | | | | | | | {d['gpu_seconds_per_step_estimate']:.3f} s/step | "
+            f"{d['gpu_patches_per_s_estimate']:.0f} | | | | |"
         )
     flat = r.get("rss_flat_in_n")
     if flat:

@@ -94,6 +94,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             data, model, subjects=list(d.subjects), workers=list(d.workers), augments=list(d.augments),
             batches=int(d.batches), step_repeats=int(d.step_repeats), gpu_tflops=float(d.gpu_tflops),
             workdir=d.workdir, keep_cache=bool(d.keep_cache), threads=b.threads, seed=int(b.seed),
+            today=bool(d.today), monai=bool(d.monai), monai_subjects=int(d.monai_subjects), cold=bool(d.cold),
+            samplers=list(d.samplers), raw_pairs=int(d.raw_pairs),
         )
     else:
         v = b.volume

@@ -40,14 +40,21 @@ __all__ = [
     "REALISTIC_DEFAULTS",
     "ROI_OPTIONS",
     "AugmentName",
+    "AugmentOn",
     "DegradeSample",
+    "PatchAugment",
     "RandomRegion",
     "RandomRicianNoise",
+    "RandomRot90",
+    "Rot90",
     "realistic_hr_transform",
     "realistic_roi",
 ]
 
 AugmentName = Literal["none", "paper", "realistic"]
+#: where the training batches are augmented: on the training device after the transfer
+#: (``on_after_batch_transfer``), or in the loader on the CPU
+AugmentOn = Literal["device", "loader"]
 
 # Mild on purpose: the HR must still look like a plausible scan of a head.
 REALISTIC_DEFAULTS: dict[str, Any] = {
@@ -71,6 +78,58 @@ ROI_OPTIONS = ("roi", "roi_margin")
 #: ``AUTO_ROI_MIN_RATIO`` times the voxels of the box (``R + 2 m`` per axis)
 AUTO_ROI = 96
 AUTO_ROI_MIN_RATIO = 8.0
+
+
+class Rot90(tio.SpatialTransform):
+    """Rotate every image of a subject by ``k * 90`` degrees in the plane of two spatial axes.
+
+    Images are ``(C, X, Y, Z)``; spatial ``axes=(0, 1)`` rotate ``X`` into ``Y``. Affines are
+    left alone (only patches are rotated, whose world position no one reads).
+    """
+
+    def __init__(self, k: int, axes: tuple[int, int] = (0, 1), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        a, b = (int(x) for x in axes)
+        if a == b or not {a, b} <= {0, 1, 2}:
+            raise ValueError(f"axes must be two different spatial axes in (0, 1, 2), got {axes!r}")
+        self.k = int(k) % 4
+        self.axes = (a, b)
+        self.args_names = ["k", "axes"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        dims = (self.axes[0] + 1, self.axes[1] + 1)
+        for image in self.get_images(subject):
+            image.set_data(torch.rot90(image.data, self.k, dims).contiguous())
+        return subject
+
+    def is_invertible(self) -> bool:
+        return True
+
+    def inverse(self) -> Rot90:
+        return Rot90(-self.k, self.axes)
+
+
+class RandomRot90(RandomTransform, tio.SpatialTransform):
+    """Random ``k * 90`` degree rotation (``k`` uniform in 0..3) per plane, the same for all images.
+
+    ``tio.Lambda`` cannot do this: it calls its function once per image, so a random angle
+    would differ between ``lr`` and ``hr``. Draws from torch's RNG (seeded by
+    ``seed_everything``).
+    """
+
+    def __init__(self, planes: Sequence[tuple[int, int]] = ((0, 1),), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.planes = [tuple(int(x) for x in p) for p in planes]
+        for p in self.planes:
+            if len(p) != 2 or p[0] == p[1] or not set(p) <= {0, 1, 2}:
+                raise ValueError(f"each plane must be two different axes in (0, 1, 2), got {planes!r}")
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for plane in self.planes:
+            k = int(torch.randint(0, 4, (1,)).item())
+            if k:
+                subject = Rot90(k, plane, **self._get_base_args())(subject)
+        return subject
 
 
 class RandomRicianNoise(RandomTransform, tio.IntensityTransform):
@@ -291,3 +350,42 @@ class DegradeSample(tio.Transform):
         if self.foreground_threshold is not None and "fg_threshold" in subject:
             subject["fg_threshold"] = float(self.foreground_threshold) * hr_reference / scale
         return subject
+
+
+class PatchAugment:
+    """The training batch's augmentation, batched, on whatever device the batch is on.
+
+    ``paper`` (``flip_axes``/``planes``): per patch, random flips and 90-degree rotations,
+    identical for ``lr`` and ``hr``. ``realistic``: first
+    :class:`~mdcsrn_lightning.data.batched_augment.BatchedRealistic` turns the HR regions
+    ``batch["hr"]`` ``(B, 1, *region)`` (cut by the sampler with a margin) into augmented,
+    re-degraded ``lr``/``hr`` patches ``(B, 1, *patch)``, then the paper's. Random parameters come
+    from a CPU generator seeded per batch by one draw from torch's global RNG, so
+    ``seed_everything`` fixes them and a resume (which restores that RNG) continues them.
+    """
+
+    def __init__(
+        self,
+        flip_axes: Sequence[int],
+        planes: Sequence[tuple[int, int]],
+        realistic: Any | None = None,
+    ) -> None:
+        self.flip_axes = tuple(int(a) for a in flip_axes)
+        self.planes = [tuple(int(a) for a in p) for p in planes]
+        self.realistic = realistic
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from mdcsrn_lightning.data.batched_augment import batched_flip_rot90
+
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 1 << 62, (1,)).item()))
+        hr = batch["hr"][tio.DATA]
+        if self.realistic is not None:
+            spacing = torch.as_tensor(batch["spacing"], dtype=torch.float32).reshape(-1, 3)
+            lr, hr = self.realistic(hr, spacing, generator)
+            batch["lr"] = {tio.DATA: lr}
+        else:
+            lr = batch["lr"][tio.DATA]
+        if self.flip_axes:
+            lr, hr = batched_flip_rot90(lr, hr, self.flip_axes, self.planes, generator)
+        batch["lr"][tio.DATA], batch["hr"][tio.DATA] = lr, hr
+        return batch

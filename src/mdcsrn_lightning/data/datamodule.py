@@ -1,14 +1,17 @@
 """The TorchIO patch-queue LightningDataModule shared by L1 pretraining and WGAN fine-tuning.
 
 One volume's path: source file -> validated HR ``(X, Y, Z)`` -> degraded once (whole-volume
-k-space truncation, cached in memory and optionally on disk) -> both divided by the
-*LR's* 99.9th percentile (:func:`~mdcsrn_lightning.data.intensity.input_scale`, the one rule
+k-space truncation) -> HR and LR written once to the cache as uncompressed ``.npy``
+(``data/cache.py``) -> both divided by the *LR's* 99.9th percentile (:func:`~mdcsrn_lightning.data.intensity.input_scale`, the one rule
 that inference applies too; nothing the network sees is derived from the HR) ->
 ``tio.Subject(hr=, lr=, name=, input_scale=, metric_scale=)`` with images ``(1, X, Y, Z)``
 float32; ``input_scale`` is the number both were divided by, ``metric_scale`` the HR's own
 reference (its 99.9th percentile, or the whole template's for a slab) in those units, for
-the metrics -> train: ``tio.Queue`` of random ``P^3`` patches -> augmented per patch (flips and
-90-degree rotations in the degraded plane, identical for ``lr`` and ``hr``) -> batches
+the metrics -> train: ``tio.Queue`` of random ``P^3`` patches cut from memory maps
+(``data/samplers.py``: only the patches' pages are read) -> batches augmented as a whole on the
+training device (``on_after_batch_transfer``) or in the loader (``augment_on``): flips and
+90-degree rotations in the degraded plane, identical for ``lr`` and ``hr``; ``realistic``
+first augments HR regions and re-degrades them (``data/batched_augment.py``) -> batches
 ``batch["lr"][tio.DATA]``, ``batch["hr"][tio.DATA]`` of shape ``(B, 1, P, P, P)``;
 val/eval/test: whole volumes, ``(B, 1, X, Y, Z)`` with ``B = val_batch_size`` (default 1).
 
@@ -29,34 +32,31 @@ right across epochs, and both are wired automatically:
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import logging
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from itertools import combinations
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torchio as tio
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchio.transforms.augmentation import RandomTransform
+from torch.utils.data import DataLoader, DistributedSampler
 
-from mdcsrn_lightning.atomic import WriteError, atomic_path
 from mdcsrn_lightning.data import degradation, intensity
-from mdcsrn_lightning.data.augment import AugmentName, DegradeSample, RandomRegion, realistic_hr_transform, realistic_roi
-from mdcsrn_lightning.data.sources import (
-    VolumeError,
-    VolumeSource,
-    check_patch_fits,
-    read_volume,
+from mdcsrn_lightning.data.augment import (
+    REALISTIC_DEFAULTS,
+    AugmentName,
+    AugmentOn,
+    PatchAugment,
+    realistic_hr_transform,
+    realistic_roi,
 )
+from mdcsrn_lightning.data.cache import CacheEntry, SubjectCache
+from mdcsrn_lightning.data.images import MemmapImage, MemmapReader, ScaledReader
+from mdcsrn_lightning.data.samplers import CropSampler, QueueEpochSampler, WeightedSubjectSampler
+from mdcsrn_lightning.data.sources import VolumeError, VolumeSource
 from mdcsrn_lightning.data.split import (
     SPLIT_NAMES,
     SplitName,
@@ -64,196 +64,12 @@ from mdcsrn_lightning.data.split import (
     load_or_create_split,
 )
 
-__all__ = ["Normalize", "PatchSamplerName", "RandomRot90", "Rot90", "SRDataModule", "WeightedSubjectSampler"]
+__all__ = ["Normalize", "PatchSamplerName", "SRDataModule", "WeightedSubjectSampler"]
 
 log = logging.getLogger(__name__)
 
 Normalize = Literal["percentile", "none"]
 PatchSamplerName = Literal["uniform", "label"]
-_CACHE_VERSION = 2  # bump when the cached content or its layout changes
-
-
-# --------------------------------------------------------------------------- augmentation
-class Rot90(tio.SpatialTransform):
-    """Rotate every image of a subject by ``k * 90`` degrees in the plane of two spatial axes.
-
-    Images are ``(C, X, Y, Z)``; spatial ``axes=(0, 1)`` rotate ``X`` into ``Y``. Affines are
-    left alone (only patches are rotated, whose world position no one reads).
-    """
-
-    def __init__(self, k: int, axes: tuple[int, int] = (0, 1), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        a, b = (int(x) for x in axes)
-        if a == b or not {a, b} <= {0, 1, 2}:
-            raise ValueError(f"axes must be two different spatial axes in (0, 1, 2), got {axes!r}")
-        self.k = int(k) % 4
-        self.axes = (a, b)
-        self.args_names = ["k", "axes"]
-
-    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        dims = (self.axes[0] + 1, self.axes[1] + 1)
-        for image in self.get_images(subject):
-            image.set_data(torch.rot90(image.data, self.k, dims).contiguous())
-        return subject
-
-    def is_invertible(self) -> bool:
-        return True
-
-    def inverse(self) -> Rot90:
-        return Rot90(-self.k, self.axes)
-
-
-class RandomRot90(RandomTransform, tio.SpatialTransform):
-    """Random ``k * 90`` degree rotation (``k`` uniform in 0..3) per plane, the same for all images.
-
-    ``tio.Lambda`` cannot do this: it calls its function once per image, so a random angle
-    would differ between ``lr`` and ``hr``. Draws from torch's RNG (seeded by
-    ``seed_everything``).
-    """
-
-    def __init__(self, planes: Sequence[tuple[int, int]] = ((0, 1),), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.planes = [tuple(int(x) for x in p) for p in planes]
-        for p in self.planes:
-            if len(p) != 2 or p[0] == p[1] or not set(p) <= {0, 1, 2}:
-                raise ValueError(f"each plane must be two different axes in (0, 1, 2), got {planes!r}")
-
-    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        for plane in self.planes:
-            k = int(torch.randint(0, 4, (1,)).item())
-            if k:
-                subject = Rot90(k, plane, **self._get_base_args())(subject)
-        return subject
-
-
-class _AddForegroundMask(tio.Transform):
-    """Adds ``fg`` = ``hr > subject["fg_threshold"]`` as a label map (for ``sampler="label"``)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.args_names: list[str] = []
-
-    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        hr = subject["hr"]
-        mask = (hr.data > float(subject["fg_threshold"])).to(torch.uint8)
-        subject.add_image(tio.LabelMap(tensor=mask, affine=hr.affine), "fg")
-        return subject
-
-
-class _AugmentedQueue(Dataset):
-    """The patch queue with a per-patch transform (more varied than a per-volume one, and cheaper)."""
-
-    def __init__(self, queue: tio.Queue, transform: tio.Transform) -> None:
-        self.queue = queue
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.queue)
-
-    def __getitem__(self, index: int) -> tio.Subject:
-        return self.transform(self.queue[index])
-
-
-class WeightedSubjectSampler(Sampler[int]):
-    """Training subjects drawn with replacement in proportion to ``weights`` (a mix's parts).
-
-    Each of ``num_replicas`` ranks draws ``ceil(len(weights) / num_replicas)`` indices per
-    epoch from its own generator, seeded by ``(seed, epoch, rank)``: deterministic, and
-    different per rank and per epoch (call :meth:`set_epoch`, as with ``DistributedSampler``).
-    """
-
-    def __init__(self, weights: Sequence[float], seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
-        if w.numel() == 0 or not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {list(weights)}")
-        if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
-            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
-        self.weights = w
-        self.seed = int(seed)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.num_samples = math.ceil(w.numel() / num_replicas)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) % (1 << 62))
-        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class _QueueEpochSampler(DistributedSampler):
-    """Sequential indices over the patch queue (which ignores them) that forwards ``set_epoch``.
-
-    A one-replica ``DistributedSampler``: Lightning calls ``set_epoch`` on a train loader's
-    sampler every epoch (so the subject shares are reshuffled), and does not wrap a loader
-    whose sampler is already distributed (so the queue is never sharded twice).
-    """
-
-    def __init__(self, dataset: Dataset, on_epoch: Callable[[int], None]) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
-        self._on_epoch = on_epoch
-
-    def __iter__(self):  # type: ignore[override]
-        return iter(range(len(self.dataset)))  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._on_epoch(epoch)
-
-
-# --------------------------------------------------------------------------- lazy readers
-class _NiftiReader:
-    """TorchIO reader: a validated NIfTI divided by ``scale`` -> ``((1, X, Y, Z), affine)``."""
-
-    def __init__(self, scale: float) -> None:
-        self.scale = float(scale)
-
-    def __call__(self, path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
-        data, affine = read_volume(path)
-        return torch.from_numpy(np.divide(data, self.scale, dtype=np.float32))[None], affine
-
-
-class _NpyReader:
-    """TorchIO reader for a cached ``.npy`` volume divided by ``scale``, with a given affine."""
-
-    def __init__(self, scale: float, affine: np.ndarray) -> None:
-        self.scale = float(scale)
-        self.affine = np.asarray(affine, dtype=np.float64)
-
-    def __call__(self, path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
-        data = np.load(path)
-        return torch.from_numpy(np.divide(data, self.scale, dtype=np.float32))[None], self.affine
-
-
-# --------------------------------------------------------------------------- disk cache
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    with atomic_path(path) as tmp, open(tmp, mode) as fh:
-        write(fh)
-
-
-@dataclass
-class _Entry:
-    """One prepared subject: in-memory raw arrays and/or files to read lazily."""
-
-    name: str
-    location: str
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    input_scale: float  # the LR's (intensity.input_scale; NaN if it has none): what input and target are divided by
-    reference_scale: float  # the HR's: the metrics' intensity reference (raw units)
-    hr: np.ndarray | None = None
-    lr: np.ndarray | None = None
-    hr_file: str | None = None
-    lr_file: str | None = None
-    lr_is_npy: bool = False
 
 
 # --------------------------------------------------------------------------- data module
@@ -288,20 +104,24 @@ class SRDataModule(LightningDataModule):
         split_seed: seed of the split and of the DDP subject shuffling.
         split_file: JSON file to write the split to, or to reuse it from if it exists
             (e.g. ``<run_dir>/split.json``; a resumed run keeps its split).
-        cache_dir: folder for degraded volumes (key = source file path + size + mtime +
-            factors + interpolation). Without it everything is held in memory (fine for the
-            embedded template, not for a 1000-subject cohort: give a cache_dir there, then
-            only metadata is held and volumes are read lazily by the queue workers).
+        cache_dir: folder of the cache (``data/cache.py``: HR and LR as uncompressed
+            ``.npy``, key = source file path + size + mtime + factors + interpolation), written
+            once by :meth:`setup` and memory-mapped afterwards: a patch reads only its pages and
+            only metadata is held per subject. ``None``: a private temporary folder, removed
+            with the data module.
         normalize: ``"percentile"`` divides LR and HR by the LR's own 99.9th percentile
             (:func:`~mdcsrn_lightning.data.intensity.input_scale`, as ``mdcsrn-infer`` does;
             training sees ~[0, 1], not clipped); ``"none"`` keeps raw intensities. Recorded
             in the checkpoint as ``input_scale`` (``"lr_p99.9"`` or ``"none"``).
         augment: ``"paper"`` (or ``True``): random flips and 90-degree rotations of training
             patches in the degraded plane (axes with factor > 1), identical for ``lr`` and
-            ``hr``; ``"realistic"``: also augments each training subject's HR (affine,
-            elastic, bias field, gamma, Rician noise) *before* degrading it again, so LR and
-            HR stay one acquisition; both are then divided by ``input_scale`` of that LR (see
-            ``data/augment.py``); ``"none"`` (or ``False``): nothing. Val/test never.
+            ``hr``; ``"realistic"``: first augments an HR region around each training patch
+            (affine, elastic, bias field, gamma, Rician noise) and degrades it again, so LR and
+            HR stay one acquisition, in the subject's unit (``data/batched_augment.py``);
+            ``"none"`` (or ``False``): nothing. Val/test never.
+        augment_on: ``"device"``: training batches are augmented by
+            :meth:`on_after_batch_transfer`, on the training device (the GPU), as a batch;
+            ``"loader"``: by the train loader, on the CPU. The same operations either way.
         sampler: ``"uniform"`` patch positions, or ``"label"``: patch centres in the
             foreground (normalised HR > ``foreground_threshold``).
         val_batch_size: whole volumes per val/eval/test batch (> 1 needs equal shapes).
@@ -311,9 +131,9 @@ class SRDataModule(LightningDataModule):
         world_size, rank: DDP share of the training subjects; default (``None``): the
             attached Trainer's, else ``torch.distributed``'s, else a single process.
         augment_options: ``augment="realistic"`` settings overriding
-            ``data.augment.REALISTIC_DEFAULTS``; ``roi`` / ``roi_margin`` augment and
-            re-degrade a random region (each edge ``>=`` the patch) instead of the whole
-            volume (``data.augment.realistic_roi``, ``RandomRegion``).
+            ``data.augment.REALISTIC_DEFAULTS``; ``roi_margin``: voxels of context around each
+            patch that are augmented and re-degraded, then dropped (``roi`` is not used by
+            this batched path).
 
     A source with ``forced_sets`` (held-out scans, slab roles) fixes those subjects' sets;
     one with ``sampling_groups`` (a ``MixSource``) has its training subjects drawn by
@@ -343,6 +163,7 @@ class SRDataModule(LightningDataModule):
         world_size: int | None = None,
         rank: int | None = None,
         augment_options: Mapping[str, Any] | None = None,
+        augment_on: AugmentOn = "device",
     ) -> None:
         super().__init__()
         if not isinstance(source, VolumeSource):
@@ -382,9 +203,10 @@ class SRDataModule(LightningDataModule):
             raise ValueError("augment='realistic' divides HR and LR by input_scale(LR); it needs normalize='percentile'")
         if augment_options and augment != "realistic":
             raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
+        if augment_on not in get_args(AugmentOn):
+            raise ValueError(f"augment_on must be one of {get_args(AugmentOn)}, got {augment_on!r}")
         # Built here so that a bad option fails at construction, not at the first batch.
-        self._hr_transform = realistic_hr_transform(augment_options) if augment == "realistic" else None
-        self._roi = realistic_roi(augment_options, patch) if augment == "realistic" else (None, 0, None)
+        self._realistic = _batched_realistic(augment_options, fs, interpolation, patch) if augment == "realistic" else None
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
         if augment_axes is None:
@@ -427,7 +249,8 @@ class SRDataModule(LightningDataModule):
         self.datasets: dict[str, tio.SubjectsDataset] = {}
         self.subject_sampler: DistributedSampler | WeightedSubjectSampler | None = None
         self.train_queue: tio.Queue | None = None
-        self._entries: dict[str, _Entry] = {}
+        self.cache: SubjectCache | None = None
+        self._entries: dict[str, CacheEntry] = {}
         self._epoch = 0
         self._ready = False
 
@@ -436,7 +259,7 @@ class SRDataModule(LightningDataModule):
         """Nothing: volumes are validated and degraded in :meth:`setup` (every rank needs them)."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Split (read or write ``split_file``), validate and degrade every volume; idempotent.
+        """Split (read or write ``split_file``), validate, degrade and cache every volume; idempotent.
 
         Raises:
             VolumeError: a bad volume (the message names the file).
@@ -450,76 +273,50 @@ class SRDataModule(LightningDataModule):
             ids, hp.split_fractions, hp.split_seed, hp.split_file, self.source.forced_sets(), self.source.split_groups()
         )
         names = [n for s in SPLIT_NAMES for n in split[s]]
-
+        self.cache = SubjectCache(
+            self.source, self.factors, self.interpolation, self.patch_size, hp.cache_dir, hp.normalize == "percentile"
+        )
         world, rank = self._ddp_share()
         if hp.cache_dir is not None and world > 1 and _dist_ready(world):
             # Share the one-off degradation work between ranks through the disk cache.
             for name in names[rank::world]:
                 try:
-                    self._entry(name)
+                    self._prepare(name)
                 except Exception:  # noqa: BLE001
                     # Raising here would leave the other ranks waiting at the barrier; every
                     # rank meets the same error in the full pass below instead.
                     log.debug("rank %d: deferring the error on %s to the full pass", rank, name)
             torch.distributed.barrier()
         for i, name in enumerate(names):
-            self._entry(name)
+            self._prepare(name)
             if (i + 1) % 50 == 0:
                 log.info("prepared %d/%d subjects", i + 1, len(names))
-
-        subjects = {n: self._subject(self._entries[n]) for n in names}
-        for entry in self._entries.values():
-            # The subjects hold normalised copies now; don't keep the raw ones twice.
-            entry.hr = entry.lr = None
-        train_transform = self._train_transform()
         self.datasets = {
-            s: tio.SubjectsDataset([subjects[n] for n in split[s]], transform=train_transform if s == "train" else None)
+            s: tio.SubjectsDataset(
+                [self._subject(self._entries[n], patches=s == "train") for n in split[s]],
+                load_getitem=s != "train",  # training subjects are mapped when the sampler cuts them
+            )
             for s in SPLIT_NAMES
             if split[s]  # a set with fraction 0 (e.g. no eval set for a small cohort) has no loader
         }
-        if hp.val_batch_size > 1:
-            for s in ("val", "eval", "test"):
-                if s not in self.datasets:
-                    continue
-                shapes = {self._entries[n].shape for n in split[s]}
-                if len(shapes) > 1:
-                    raise ValueError(
-                        f"val_batch_size={hp.val_batch_size} stacks whole volumes, but the {s} set has "
-                        f"shapes {sorted(shapes)}; use val_batch_size=1"
-                    )
+        self._check_val_shapes(split)
         self.split = split
         self.subjects = {s: list(split[s]) for s in SPLIT_NAMES}
         self._ready = True
         log.info("split: %s", {s: len(v) for s, v in split.items()})
 
     def train_dataloader(self) -> DataLoader:
-        """Patch batches: ``batch["lr"][tio.DATA]``, ``batch["hr"][tio.DATA]`` are ``(B, 1, P, P, P)``."""
+        """Patch batches: ``batch["lr"][tio.DATA]``, ``batch["hr"][tio.DATA]`` are ``(B, 1, P, P, P)``
+        once augmented (with ``augment="realistic"`` and ``augment_on="device"`` the loader's
+        batches hold HR regions only, until :meth:`on_after_batch_transfer`)."""
         self._require_setup()
         hp = self.hparams
-        train_set = self.datasets["train"]
-        world, rank = self._ddp_share()
-        weights = self._subject_weights()
-        if weights is not None:
-            self.subject_sampler = WeightedSubjectSampler(weights, seed=hp.split_seed, num_replicas=world, rank=rank)
-            self.subject_sampler.set_epoch(self._epoch)
-        elif world > 1:
-            self.subject_sampler = DistributedSampler(
-                train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.split_seed
-            )
-            self.subject_sampler.set_epoch(self._epoch)
-        else:
-            self.subject_sampler = None
-        if hp.sampler == "label":
-            patch_sampler: tio.data.PatchSampler = tio.LabelSampler(
-                self.patch_size, label_name="fg", label_probabilities={1: 1.0}
-            )
-        else:
-            patch_sampler = tio.UniformSampler(self.patch_size)
+        self.subject_sampler = self._make_subject_sampler()
         self.train_queue = tio.Queue(
-            train_set,
+            self.datasets["train"],
             max_length=hp.queue_length,
             samples_per_volume=hp.samples_per_volume,
-            sampler=patch_sampler,
+            sampler=self._patch_sampler(),
             subject_sampler=self.subject_sampler,
             num_workers=hp.num_workers,
             shuffle_subjects=self.subject_sampler is None,
@@ -527,16 +324,26 @@ class SRDataModule(LightningDataModule):
             # Lazy: the subject order is drawn at the first batch, after set_epoch.
             start_background=False,
         )
-        dataset: Dataset = self.train_queue
-        transform = self._augmentation()
-        if transform is not None:
-            dataset = _AugmentedQueue(self.train_queue, transform)
+        augment = self.batch_augment if hp.augment_on == "loader" else None
         return tio.SubjectsLoader(
-            dataset,
+            self.train_queue,
             batch_size=hp.batch_size,
-            sampler=_QueueEpochSampler(dataset, self.set_epoch),
+            sampler=QueueEpochSampler(self.train_queue, self.set_epoch),
             num_workers=0,  # TorchIO: the queue must be read from the main process
+            collate_fn=_collate_then(augment),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment a training batch on its device (``augment_on="device"``); other batches pass."""
+        if self.hparams.augment_on == "device" and isinstance(batch, dict) and tio.LOCATION in batch:
+            return self.batch_augment(batch)
+        return batch
+
+    def batch_augment(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training augmentation of one collated patch batch, on the batch's device."""
+        if self._augmenter is None:
+            return batch
+        return self._augmenter(batch)
 
     def val_dataloader(self) -> DataLoader:
         """Whole validation volumes, ``(val_batch_size, 1, X, Y, Z)``."""
@@ -557,8 +364,11 @@ class SRDataModule(LightningDataModule):
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         if split not in self.datasets:
             raise ValueError(f"the {split} set is empty (split_fractions={list(self.hparams.split_fractions)})")
+        dataset = self.datasets[split]
+        if split == "train":  # its subjects are memory-mapped for patches: whole volumes read like val
+            dataset = tio.SubjectsDataset([self._subject(self._entries[n], patches=False) for n in self.split["train"]])
         return tio.SubjectsLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.hparams.val_batch_size,
             shuffle=False,
             num_workers=self.hparams.num_workers,
@@ -576,6 +386,13 @@ class SRDataModule(LightningDataModule):
         """Axis perpendicular to the most degraded plane (metrics are taken in its slices)."""
         return degradation.slice_axis(self.factors)
 
+    @property
+    def _augmenter(self) -> PatchAugment | None:
+        flips = self.flip_axes if self.augment != "none" else ()
+        if not flips and self._realistic is None:
+            return None
+        return PatchAugment(flips, self.rotation_planes if flips else [], self._realistic)
+
     def _require_setup(self) -> None:
         if not self._ready:
             raise RuntimeError("SRDataModule: call setup() before asking for a dataloader")
@@ -591,29 +408,28 @@ class SRDataModule(LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _train_transform(self) -> tio.Transform | None:
-        """Per training subject (each time the queue loads it): ``realistic`` HR augmentation
-        then degradation and normalisation, and the foreground mask of ``sampler="label"``."""
+    def _make_subject_sampler(self) -> DistributedSampler | WeightedSubjectSampler | None:
         hp = self.hparams
-        steps: list[tio.Transform] = []
-        if self._hr_transform is not None:
-            fg = float(hp.foreground_threshold) if hp.sampler == "label" else None
-            whole = tio.Compose(
-                [self._hr_transform, DegradeSample(self.factors, self.interpolation, foreground_threshold=fg)]
-            )
-            size, margin, min_ratio = self._roi
-            if size is None:
-                steps.append(whole)
-            else:
-                # A region: the subject keeps its whole-volume unit (see data/augment.py).
-                region = tio.Compose(
-                    [self._hr_transform, DegradeSample(self.factors, self.interpolation, renormalize=False)]
-                )
-                grid = [max(1, round(f)) for f in self.factors]
-                steps.append(RandomRegion(size, margin, region, whole_transform=whole, min_ratio=min_ratio, grid=grid))
-        if hp.sampler == "label":
-            steps.append(_AddForegroundMask())
-        return tio.Compose(steps) if steps else None
+        world, rank = self._ddp_share()
+        weights = self._subject_weights()
+        sampler: DistributedSampler | WeightedSubjectSampler | None = None
+        if weights is not None:
+            sampler = WeightedSubjectSampler(weights, seed=hp.split_seed, num_replicas=world, rank=rank)
+        elif world > 1:
+            sampler = DistributedSampler(self.datasets["train"], num_replicas=world, rank=rank, shuffle=True, seed=hp.split_seed)
+        if sampler is not None:
+            sampler.set_epoch(self._epoch)
+        return sampler
+
+    def _patch_sampler(self) -> CropSampler:
+        positions = "foreground" if self.hparams.sampler == "label" else "uniform"
+        if self._realistic is None:
+            return CropSampler(self.patch_size, positions)
+        # HR regions with context; the LR is made again from the augmented HR
+        region = self._realistic.region_size
+        offset = [(r - p) // 2 for r, p in zip(region, self.patch_size)]  # BatchedRealistic.crop's
+        grid = [max(1, round(f)) for f in self.factors]
+        return CropSampler(self.patch_size, positions, images=("hr",), region=region, offset=offset, grid=grid)
 
     def _subject_weights(self) -> list[float] | None:
         """Per training subject: its group's weight shared among the group's training subjects."""
@@ -629,176 +445,73 @@ class SRDataModule(LightningDataModule):
             raise ValueError(f"every training subject has weight 0 (groups {sorted(counts)}); give a source a weight > 0")
         return weights
 
-    def _augmentation(self) -> tio.Transform | None:
-        if self.augment == "none" or not self.flip_axes:
-            return None
-        transforms: list[tio.Transform] = [tio.RandomFlip(axes=self.flip_axes, flip_probability=0.5)]
-        if self.rotation_planes:
-            transforms.append(RandomRot90(self.rotation_planes))
-        return tio.Compose(transforms)
-
-    def _cache_key(self, token: str) -> str:
-        blob = json.dumps([_CACHE_VERSION, token, list(self.factors), self.interpolation])
-        return hashlib.sha256(blob.encode()).hexdigest()[:40]
-
-    def _entry(self, name: str) -> _Entry:
-        """Prepare one subject once: validate, degrade, measure, cache."""
-        if name in self._entries:
-            return self._entries[name]
-        src = self.source
-        try:
-            token = src.cache_token(name)
-        except OSError as exc:
-            raise VolumeError(f"{src.location(name)}: cannot be read ({exc.strerror or exc})") from None
-        cache = Path(self.hparams.cache_dir) if self.hparams.cache_dir is not None else None
-        key = self._cache_key(token)
-        entry = self._cached_entry(cache, key, token, name) if cache is not None else None
-        if entry is None:
-            entry = self._fresh_entry(name, cache, key, token)
-        self._entries[name] = entry
-        return entry
-
-    def _cached_entry(self, cache: Path, key: str, token: str, name: str) -> _Entry | None:
-        meta_path = cache / f"{key}.json"
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("version") != _CACHE_VERSION or meta.get("token") != token:
-                return None
-            lr_file = meta["lr_file"]
-            if lr_file is not None and not (cache / lr_file).is_file():
-                return None
-            shape = tuple(int(s) for s in meta["shape"])
-            affine = np.asarray(meta["affine"], dtype=np.float64).reshape(4, 4)
-            input_scale = float(meta["input_scale"])
-            reference_scale = float(meta["reference_scale"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: unusable cache entry (%s); recomputing", meta_path, exc)
-            return None
-        if self.hparams.normalize == "percentile" and not (math.isfinite(input_scale) and input_scale > 0):
-            return None  # the fresh pass raises the one-line error
-        check_patch_fits(shape, self.patch_size, meta.get("location", name))
-        entry = _Entry(name=name, location=str(meta.get("location", name)), shape=shape, affine=affine, input_scale=input_scale, reference_scale=reference_scale)  # type: ignore[arg-type]
-        entry.hr_file = self.source.hr_path(name)
-        if entry.hr_file is None:
-            entry.hr = self.source.load(name).hr
-        if lr_file is not None:
-            entry.lr_file, entry.lr_is_npy = str(cache / lr_file), True
-        else:
-            entry.lr_file = self.source.lr_path(name)
-            if entry.lr_file is None:  # cannot happen with a consistent source; recompute
-                return None
-        return entry
-
-    def _fresh_entry(self, name: str, cache: Path | None, key: str, token: str) -> _Entry:
-        src = self.source
-        vol = src.load(name)
-        hr = vol.hr
-        location = vol.location or src.location(name)
-        # Before the (costly) degradation: a volume too small for a patch is a config error.
-        check_patch_fits(hr.shape, self.patch_size, location)
-        lr_from_file = vol.lr is not None
-        lr = vol.lr
-        if lr is None:
-            lr = src.degraded(name, self.factors, self.interpolation)
-        if lr is None:
-            # Looked up through the module so that tests can count the calls.
-            lr = degradation.degrade(hr, factors=self.factors, interpolation=self.interpolation)
-        lr = np.asarray(lr, dtype=np.float32)
-        if lr.shape != hr.shape:
-            raise VolumeError(f"{location}: LR grid shape {lr.shape} does not match the HR grid {hr.shape}")
-        # The input scale comes from the LR alone (at inference there is no HR to ask).
-        # Measured whatever `normalize` is, so that a cache entry serves both settings.
-        try:
-            input_scale = intensity.input_scale(lr, location)
-        except ValueError as exc:
-            if self.hparams.normalize == "percentile":
-                raise VolumeError(str(exc)) from None
-            input_scale = math.nan  # raw intensities need no scale
-        reference_scale = float(vol.scale) if vol.scale is not None else float(np.percentile(hr, 99.9))
-        if not (math.isfinite(reference_scale) and reference_scale > 0):
-            raise VolumeError(
-                f"{location}: 99.9th percentile of the HR intensities is {reference_scale:g}; cannot score "
-                f"against an empty or negative volume"
-            )
-        entry = _Entry(
-            name=name, location=location, shape=hr.shape, affine=vol.affine,  # type: ignore[arg-type]
-            input_scale=input_scale, reference_scale=reference_scale, hr=hr, lr=lr,
-        )
-        if cache is None:
-            return entry
-        lr_file = None if lr_from_file else f"{key}.lr.npy"
-        meta = {
-            "version": _CACHE_VERSION,
-            "name": name,
-            "location": location,
-            "token": token,
-            "factors": list(self.factors),
-            "interpolation": self.interpolation,
-            "shape": list(hr.shape),
-            "affine": np.asarray(vol.affine, dtype=np.float64).tolist(),
-            "input_scale": input_scale,
-            "reference_scale": reference_scale,
-            "lr_file": lr_file,
-        }
-        self._write_cache_entry(cache, key, lr_file, lr, meta)
-        # With a disk cache, hold only what cannot be re-read (keeps 1000-subject cohorts out of RAM).
-        entry.hr_file = src.hr_path(name)
-        if entry.hr_file is not None:
-            entry.hr = None
-        entry.lr_file = str(cache / lr_file) if lr_file is not None else src.lr_path(name)
-        entry.lr_is_npy = lr_file is not None
-        if entry.lr_file is not None:
-            entry.lr = None
-        return entry
-
-    @staticmethod
-    def _write_cache_entry(cache: Path, key: str, lr_file: str | None, lr: np.ndarray, meta: dict[str, Any]) -> None:
-        """The LR array, then the metadata (whose presence marks a complete entry); on a
-        failure neither is left behind and the error is one line naming the cache folder."""
-        written: list[Path] = []
-        try:
-            if lr_file is not None:
-                _atomic_write(cache / lr_file, lambda fh: np.save(fh, lr, allow_pickle=False))
-                written.append(cache / lr_file)
-            _atomic_write(cache / f"{key}.json", lambda fh: json.dump(meta, fh), mode="w")
-        except OSError as exc:
-            for path in written:  # complete but orphaned without its metadata
-                path.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                need = lr.nbytes / 1e6 if lr_file is not None else 0.0
-                raise WriteError(
-                    f"{cache}: no space left on device for the degraded-volume cache (data.cache_dir; "
-                    f"{need:.0f} MB per subject); free space there or point data.cache_dir elsewhere",
-                    exc.errno,
-                ) from None
-            raise
-
-    def _subject(self, entry: _Entry) -> tio.Subject:
-        # LR and HR share the LR's unit: the target is what the input would be at full resolution.
-        scale = entry.input_scale if self.hparams.normalize == "percentile" else 1.0
-
-        def image(arr: np.ndarray | None, path: str | None, npy: bool) -> tio.ScalarImage:
-            if arr is not None:
-                return tio.ScalarImage(
-                    tensor=torch.from_numpy(np.divide(arr, scale, dtype=np.float32))[None], affine=entry.affine
+    def _check_val_shapes(self, split: dict[str, list[str]]) -> None:
+        if self.hparams.val_batch_size <= 1:
+            return
+        for s in ("val", "eval", "test"):
+            shapes = {self._entries[n].shape for n in split[s]}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"val_batch_size={self.hparams.val_batch_size} stacks whole volumes, but the {s} set has "
+                    f"shapes {sorted(shapes)}; use val_batch_size=1"
                 )
-            assert path is not None
-            reader = _NpyReader(scale, entry.affine) if npy else _NiftiReader(scale)
-            return tio.ScalarImage(path=path, reader=reader)
+
+    def _prepare(self, name: str) -> CacheEntry:
+        assert self.cache is not None
+        if name not in self._entries:
+            self._entries[name] = self.cache.entry(name)
+        return self._entries[name]
+
+    def _subject(self, entry: CacheEntry, patches: bool) -> tio.Subject:
+        """A training subject (``patches``: memory-mapped raw images for :class:`CropSampler`) or a
+        whole-volume one (images read whole and divided by ``input_scale``)."""
+        hp = self.hparams
+        # LR and HR share the LR's unit: the target is what the input would be at full resolution.
+        scale = entry.input_scale if hp.normalize == "percentile" else 1.0
+
+        def image(path: str) -> tio.ScalarImage:
+            if patches:
+                return MemmapImage(path=path, reader=MemmapReader(entry.affine))
+            return tio.ScalarImage(path=path, reader=ScaledReader(scale, entry.affine))
 
         fields: dict[str, Any] = {
-            "hr": image(entry.hr, entry.hr_file, False),
-            "lr": image(entry.lr, entry.lr_file, entry.lr_is_npy),
+            "hr": image(entry.hr_file),
+            "lr": image(entry.lr_file),
             "name": entry.name,
             "input_scale": scale,
             # The HR's reference in the subject's units: metrics stay on the HR's own scale.
             "metric_scale": entry.reference_scale / scale,
         }
-        if self.hparams.sampler == "label":
-            fields["fg_threshold"] = float(self.hparams.foreground_threshold) * entry.reference_scale / scale
+        if patches and self._realistic is not None:
+            fields["spacing"] = torch.tensor(entry.spacing, dtype=torch.float32)
+        if patches and hp.sampler == "label":
+            assert self.cache is not None
+            fields["fg_file"] = self.cache.foreground(entry, float(hp.foreground_threshold))
         return tio.Subject(**fields)
+
+
+def _batched_realistic(
+    options: Mapping[str, Any] | None, factors: Sequence[float], interpolation: str, patch: Sequence[int]
+) -> Any:
+    """``augment=realistic``'s batched HR transforms and re-degradation around ``patch``-sized patches."""
+    from mdcsrn_lightning.data.batched_augment import BatchedRealistic
+
+    realistic_hr_transform(options)  # the option checks shared with the TorchIO transforms
+    realistic_roi(options, patch)
+    margin = int(dict(options or {}).get("roi_margin", REALISTIC_DEFAULTS["roi_margin"]))
+    return BatchedRealistic(options, factors, interpolation, patch, margin)
+
+
+def _collate_then(augment: Any | None) -> Any:
+    """TorchIO's collate, then ``augment`` (a batch-level transform) if given."""
+    collate = tio.SubjectsLoader._collate
+    if augment is None:
+        return collate
+
+    def collate_and_augment(subjects: list[tio.Subject]) -> dict[str, Any]:
+        return augment(collate(subjects))
+
+    return collate_and_augment
 
 
 def _dist_ready(world: int) -> bool:
