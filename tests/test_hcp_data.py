@@ -187,6 +187,7 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
         ]
         for q in run["queue"]:
             assert q["patches_per_s"] > 0 and q["supply_over_gpu_estimate"] == pytest.approx(q["patches_per_s"] / gpu)
+        assert all(q["cache_reused"] for q in run["queue"] if q["path"] in ("new", "today"))  # no degradation again
         new = rows["new", "paper", "uniform", "warm"]
         assert new["cache_reused"] and new["workers"] == 0 and new["worker_peak_rss_mb"] is None
         assert new["batches"] == 3 and new["patches"] == 6

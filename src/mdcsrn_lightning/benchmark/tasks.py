@@ -262,6 +262,7 @@ def queue_task(
     while n < batches:
         dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
         for batch in dm.train_dataloader():
+            batch = dm.on_after_batch_transfer(batch, 0)  # augment_on=device: the device's step, on the CPU here
             delivered += int(batch["lr"]["data"].shape[0])
             n += 1
             if first_batch_s is None:
