@@ -12,12 +12,11 @@ from __future__ import annotations
 import inspect
 import os
 import typing
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mdcsrn_lightning.checkpoints import describe_state_mismatch
+from mdcsrn_lightning.checkpoints import archive_problem, describe_state_mismatch
 
 __all__ = ["RunConfigError", "check_checkpoint_file", "check_sync_batchnorm", "check_trainer_options"]
 
@@ -29,26 +28,17 @@ class RunConfigError(ValueError):
 def check_checkpoint_file(path: str | os.PathLike[str], key: str = "ckpt_path") -> Path:
     """Refuse a missing, empty, truncated or foreign file as a checkpoint (reads it, runs nothing).
 
-    ``torch.save`` writes a zip archive; a truncated copy loses the archive's directory and a
-    damaged one fails a member's CRC.
+    The archive check is :func:`~mdcsrn_lightning.checkpoints.archive_problem`, the one every
+    command's checkpoint reader makes.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise RunConfigError(f"{key}={path}: no such checkpoint file")
     if p.is_dir():
         raise RunConfigError(f"{key}={path}: is a folder, not a checkpoint file")
-    if p.stat().st_size == 0:
-        raise RunConfigError(f"{key}={path}: empty file, not a checkpoint")
-    try:
-        with zipfile.ZipFile(p) as archive:
-            names = archive.namelist()
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise RunConfigError(f"{key}={path}: not a readable PyTorch checkpoint (truncated or another kind of file: {exc})") from None
-    if damaged is not None:
-        raise RunConfigError(f"{key}={path}: damaged checkpoint (CRC error in {damaged})")
-    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-        raise RunConfigError(f"{key}={path}: a zip file but not a PyTorch checkpoint (no data.pkl)")
+    problem = archive_problem(p)  # the check every command's checkpoint reader makes
+    if problem is not None:
+        raise RunConfigError(f"{key}={path}: {problem}")
     return p
 
 

@@ -1,0 +1,147 @@
+"""Bad input and faults, third round (issue 22): damaged checkpoints, memory bombs, atomic
+export, the last tracebacks.
+
+Same style as ``test_faults.py``: each case asserts the exit status, the one-line message
+naming the file or key, and that nothing is left half-written (no output, no temporary file,
+inputs unchanged). Tiny models (b1u2, k4) and tiny volumes; a damaged checkpoint is a real
+small checkpoint with one byte flipped inside a tensor record of its zip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdcsrn_lightning.checkpoints import CheckpointError, load_generator, read_checkpoint
+from mdcsrn_lightning.cli import eval as eval_cli
+from mdcsrn_lightning.cli import export as export_cli
+from mdcsrn_lightning.cli import infer as infer_cli
+
+from .test_faults import SRC, _no_temp_files, _one_line, _snapshot, _volume
+from .test_inference import TINY_CONFIG, run_cli, write_tiny_checkpoint
+
+
+# ----------------------------------------------------------------------------- helpers
+def _flip_byte_in_a_tensor(ckpt: Path) -> str:
+    """Flip one bit in the middle of the largest tensor record of ``ckpt`` (a zip); its name."""
+    blob = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        raw = archive.read(info)
+    start = bytes(blob).find(raw)  # torch stores records uncompressed
+    assert start > 0 and info.compress_type == zipfile.ZIP_STORED
+    blob[start + len(raw) // 2 + 3] ^= 0x40  # a high exponent bit of a float32: values of ~1e36
+    ckpt.write_bytes(bytes(blob))
+    return info.filename
+
+
+def _damaged_checkpoint(tmp_path: Path) -> tuple[Path, str]:
+    ckpt = write_tiny_checkpoint(tmp_path / "damaged.ckpt")
+    return ckpt, _flip_byte_in_a_tensor(ckpt)
+
+
+# ----------------------------------------------------------------------------- item 1: damaged checkpoints
+def test_a_flipped_bit_is_refused_by_the_one_reader(tmp_path: Path) -> None:
+    ckpt, member = _damaged_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(ckpt)
+    assert str(info.value) == f"{ckpt}: damaged checkpoint (CRC error in {member}); the file changed after it was written"
+    with pytest.raises(CheckpointError, match="CRC error"):
+        load_generator(ckpt)
+
+
+def test_infer_refuses_a_damaged_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    ckpt, member = _damaged_checkpoint(tmp_path)
+    src = _volume(tmp_path / "in" / "scan.nii.gz")
+    before = _snapshot(tmp_path)
+    out = tmp_path / "out" / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
+    assert code == 2
+    assert _one_line(err, "mdcsrn-infer") == (
+        f"mdcsrn-infer: error: {ckpt}: damaged checkpoint (CRC error in {member}); the file changed after it was written")
+    assert not out.parent.exists() and _snapshot(tmp_path) == before
+
+
+def test_eval_refuses_a_damaged_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    ckpt, member = _damaged_checkpoint(tmp_path)
+    ref = _volume(tmp_path / "hr.nii.gz", shape=(16, 16, 12))
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{ref}]", "methods=[trilinear]", f"ckpts=[{ckpt}]",
+                           f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 2 and f"{ckpt}: damaged checkpoint (CRC error in {member})" in _one_line(err, "mdcsrn-eval")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_export_refuses_a_damaged_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("onnx")
+    ckpt, _ = _damaged_checkpoint(tmp_path)
+    out = tmp_path / "model.onnx"
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, f"ckpt={ckpt}", f"out={out}")
+    assert code == 2 and "damaged checkpoint (CRC error in" in _one_line(err, "mdcsrn-export")
+    assert not out.exists() and _no_temp_files(tmp_path)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "nan.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("weight"))
+    checkpoint["state_dict"][key].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 1.0])
+    torch.save(checkpoint, ckpt)  # an intact archive (CRCs fine) of non-finite weights
+    src = _volume(tmp_path / "scan.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
+    assert code == 2 and _one_line(err, "mdcsrn-infer") == (
+        f"mdcsrn-infer: error: {ckpt}: 2 non-finite (NaN or Inf) weight value(s) in {key}; "
+        "refused (a diverged run or a damaged file)")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated"])
+def test_infer_says_a_checkpoint_is_empty_or_truncated(tmp_path: Path, monkeypatch, capsys, case: str) -> None:
+    whole = write_tiny_checkpoint(tmp_path / "whole.ckpt").read_bytes()
+    ckpt = tmp_path / f"{case}.ckpt"
+    ckpt.write_bytes(b"" if case == "empty" else whole[: len(whole) // 2])
+    src = _volume(tmp_path / "scan.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
+    line = _one_line(err, "mdcsrn-infer")
+    expected = "empty file (0 bytes), not a checkpoint" if case == "empty" else "truncated or damaged checkpoint ("
+    assert code == 2 and line.startswith(f"mdcsrn-infer: error: {ckpt}: {expected}"), line
+    assert "Errno" not in line and "EOFError" not in line and not out.exists()
+
+
+# ----------------------------------------------------------------------------- item 2: memory bombs
+def test_a_small_checkpoint_claiming_a_huge_generator_allocates_nothing(tmp_path: Path) -> None:
+    """b8u8 at growth rate 256 is ~0.5 G parameters (2.4 GB): refused before it is built."""
+    ckpt = write_tiny_checkpoint(tmp_path / "bomb.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["net_config"] = {**TINY_CONFIG, "num_blocks": 8, "units_per_block": 8, "growth_rate": 256}
+    torch.save(checkpoint, ckpt)
+    assert ckpt.stat().st_size < 200_000
+    src = _volume(tmp_path / "scan.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.argv = ["mdcsrn-infer", "input={src}", "output={out}", "ckpt={ckpt}"]
+        from mdcsrn_lightning.cli.infer import main
+        try:
+            main()
+        finally:
+            print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    """)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    peak_kb = int(lines[-1].split()[1])
+    assert done.returncode == 2, done.stderr
+    line = _one_line("\n".join(lines[:-1]), "mdcsrn-infer")
+    assert line.startswith(f"mdcsrn-infer: error: {ckpt}: weights do not fit the stored architecture (")
+    assert peak_kb < 1_500_000, f"peak RSS {peak_kb / 1e6:.2f} GB: the claimed generator was allocated"
+    assert not out.exists()
