@@ -145,3 +145,61 @@ def test_a_small_checkpoint_claiming_a_huge_generator_allocates_nothing(tmp_path
     assert line.startswith(f"mdcsrn-infer: error: {ckpt}: weights do not fit the stored architecture (")
     assert peak_kb < 1_500_000, f"peak RSS {peak_kb / 1e6:.2f} GB: the claimed generator was allocated"
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- item 3: volume size limit
+@pytest.fixture
+def default_voxel_limit():
+    """Whatever a test sets, the next one starts from the default limit (available memory)."""
+    from mdcsrn_lightning.data import volume_io
+
+    yield volume_io
+    volume_io.set_max_voxels(None)
+
+
+def _claiming_nifti(path: Path, shape: tuple[int, int, int]) -> Path:
+    """A small ``.nii.gz`` whose header claims ``shape`` (float32) but holds a few bytes of data."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape(shape)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * 4096
+    path.write_bytes(gzip.compress(raw))
+    return path
+
+
+def test_a_header_claiming_a_huge_volume_is_refused_before_decompressing(tmp_path: Path, monkeypatch, capsys,
+                                                                          default_voxel_limit) -> None:
+    bomb = _claiming_nifti(tmp_path / "bomb.nii.gz", (1400, 1400, 1400))  # ~11 GB of float32 claimed
+    before = _snapshot(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    out = tmp_path / "out" / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={bomb}", f"output={out}", f"ckpt={ckpt}",
+                           "max_voxels=100000000")
+    assert code == 2 and _one_line(err, "mdcsrn-infer") == (
+        f"mdcsrn-infer: error: {bomb}: shape (1400, 1400, 1400) is 2,744,000,000 voxels, over the size limit of "
+        "100,000,000 voxels (max_voxels=100000000); nothing was decompressed")
+    assert not out.parent.exists() and _snapshot(tmp_path) == {**before, "tiny.ckpt": ckpt.read_bytes()}
+    # the default limit (available memory / 32 bytes) refuses it too on any machine under 80 GB
+    default_voxel_limit.set_max_voxels(None)
+    if default_voxel_limit.max_voxels() < 1400**3:
+        with pytest.raises(default_voxel_limit.VolumeError, match=r"raise it with max_voxels=<n>\); nothing was decompressed$"):
+            default_voxel_limit.load_volume(bomb)
+
+
+def test_max_voxels_applies_to_eval_references_and_is_checked(tmp_path: Path, monkeypatch, capsys,
+                                                             default_voxel_limit) -> None:
+    ref = _volume(tmp_path / "hr.nii.gz", shape=(12, 12, 10))
+    args = [f"inputs=[{ref}]", "methods=[trilinear]", f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}"]
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, *args, "max_voxels=1000")
+    assert code == 2 and _one_line(err, "mdcsrn-eval") == (
+        f"mdcsrn-eval: error: {ref}: shape (12, 12, 10) is 1,440 voxels, over the size limit of 1,000 voxels "
+        "(max_voxels=1000); nothing was decompressed")
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, *args, "max_voxels=abc")
+    assert code == 2 and _one_line(err, "mdcsrn-eval") == (
+        "mdcsrn-eval: error: max_voxels='abc': expected a positive number of voxels or auto")
+    assert not (tmp_path / "ev").exists()

@@ -27,6 +27,7 @@ from mdcsrn_lightning.atomic import WriteError
 from mdcsrn_lightning.cli.infer import fail, interrupted, patch_options
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
+from mdcsrn_lightning.data.volume_io import set_max_voxels
 from mdcsrn_lightning.evaluation.evaluate import (
     _jsonable,
     checkpoint_methods,
@@ -87,6 +88,7 @@ def _references(cfg: DictConfig) -> tuple[Any, list[float], str]:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    set_max_voxels(cfg.get("max_voxels"))
     references, factors, described = _references(cfg)
     checkpoints = checkpoint_methods(
         [str(p) for p in _list(cfg.ckpts)],
