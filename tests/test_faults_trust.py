@@ -25,7 +25,7 @@ from mdcsrn_lightning.cli import eval as eval_cli
 from mdcsrn_lightning.cli import export as export_cli
 from mdcsrn_lightning.cli import infer as infer_cli
 
-from .test_faults import SRC, _no_temp_files, _one_line, _snapshot, _volume
+from .test_faults import SRC, _no_temp_files, _one_line, _snapshot, _volume, fsync_enospc, small_disk  # noqa: F401 (fixtures)
 from .test_inference import TINY_CONFIG, run_cli, write_tiny_checkpoint
 
 
@@ -203,3 +203,73 @@ def test_max_voxels_applies_to_eval_references_and_is_checked(tmp_path: Path, mo
     assert code == 2 and _one_line(err, "mdcsrn-eval") == (
         "mdcsrn-eval: error: max_voxels='abc': expected a positive number of voxels or auto")
     assert not (tmp_path / "ev").exists()
+
+
+# ----------------------------------------------------------------------------- item 4: atomic export
+def _export_outputs(tmp_path: Path, fmt: str) -> list[Path]:
+    return [tmp_path / "out" / "model.onnx"] if fmt == "onnx" else [tmp_path / "out" / "model.xml", tmp_path / "out" / "model.bin"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_on_a_full_disk_leaves_nothing_and_a_retry_works(tmp_path: Path, monkeypatch, capsys, fsync_enospc,
+                                                                 fmt: str) -> None:
+    pytest.importorskip("onnx" if fmt == "onnx" else "openvino")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    outputs = _export_outputs(tmp_path, fmt)
+    args = [f"ckpt={ckpt}", f"format={fmt}", f"out={outputs[0]}", "check_size=[8,8,8]"]
+    disable = fsync_enospc(lambda name: name.endswith(outputs[-1].suffix))  # the last file of the set
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, *args)
+    assert code == 2 and _one_line(err, "mdcsrn-export") == (
+        f"mdcsrn-export: error: {outputs[0]}: no space left on device; the previous file (if any) is kept")
+    assert not any(p.exists() for p in outputs) and _no_temp_files(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no temporary folder either
+    disable()
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, *args)  # the retry does not say "exists"
+    assert code == 0, err
+    assert all(p.is_file() for p in outputs) and sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in outputs)
+
+
+def test_export_to_a_read_only_folder_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("onnx")
+    import errno
+
+    from mdcsrn_lightning import atomic
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    out = tmp_path / "ro" / "model.onnx"
+    out.parent.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", read_only)
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, f"ckpt={ckpt}", f"out={out}")
+    assert code == 2 and _one_line(err, "mdcsrn-export") == (
+        f"mdcsrn-export: error: {out}: not writable (Read-only file system)")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_export_refuses_an_existing_side_file_and_keeps_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("openvino")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    xml, binary = _export_outputs(tmp_path, "openvino")
+    binary.parent.mkdir()
+    binary.write_bytes(b"another model's weights")
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, f"ckpt={ckpt}", "format=openvino", f"out={xml}")
+    assert code == 2 and _one_line(err, "mdcsrn-export") == (
+        f"mdcsrn-export: error: {binary}: already exists; pass overwrite=true to replace it")
+    assert not xml.exists() and binary.read_bytes() == b"another model's weights" and _no_temp_files(tmp_path)
+
+
+def test_real_full_disk_export(tmp_path: Path, small_disk: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("onnx")
+    from .test_faults import _fill
+
+    torch.manual_seed(0)
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    _fill(small_disk, leave_kb=4)
+    out = small_disk / "model.onnx"
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, f"ckpt={ckpt}", f"out={out}")
+    line = _one_line(err, "mdcsrn-export")
+    assert code == 2 and line.startswith(f"mdcsrn-export: error: {out}: "), line
+    assert not out.exists() and _no_temp_files(small_disk) and sorted(p.name for p in small_disk.iterdir()) == ["filler"]
