@@ -42,6 +42,7 @@ from mdcsrn_lightning.training.results import write_test_results
 from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
     check_checkpoint_file,
+    check_critic_patch,
     check_resume_fits,
     check_sync_batchnorm,
     check_trainer_options,
@@ -134,8 +135,9 @@ def check_run_config(cfg: DictConfig) -> None:
     """What can be checked before anything is built or written; raises :class:`RunConfigError`.
 
     ``ckpt_path`` (an intact checkpoint archive), ``trainer.*`` option types and accelerator,
-    ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), and every
-    mandatory value (``???``) of the groups that will be built.
+    ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), the critic's
+    minimum input against the patch sizes (``loss=wgan_gp``), and every mandatory value
+    (``???``) of the groups that will be built.
     """
     for group in ("data", "model", "module", "trainer"):
         if group in cfg:
@@ -147,6 +149,7 @@ def check_run_config(cfg: DictConfig) -> None:
         check_checkpoint_file(cfg.ckpt_path)
     check_trainer_options(cfg.trainer)
     check_sync_batchnorm(cfg.trainer, cfg.get("model"))
+    check_critic_patch(cfg)
 
 
 def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, float]:

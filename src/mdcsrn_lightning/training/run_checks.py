@@ -5,6 +5,7 @@
 - :func:`check_trainer_options`: ``trainer.*`` values have the types ``lightning.Trainer``
   takes (``trainer.max_steps=abc`` names the key) and the accelerator exists here.
 - :func:`check_sync_batchnorm`: ``trainer.sync_batchnorm=true`` only where it can work.
+- :func:`check_critic_patch`: the WGAN-GP critic accepts the data's patches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import Any
 
 from mdcsrn_lightning.checkpoints import archive_problem, describe_state_mismatch
 
-__all__ = ["RunConfigError", "check_checkpoint_file", "check_sync_batchnorm", "check_trainer_options"]
+__all__ = [
+    "RunConfigError",
+    "check_checkpoint_file",
+    "check_critic_patch",
+    "check_sync_batchnorm",
+    "check_trainer_options",
+    "critic_min_input",
+]
 
 
 class RunConfigError(ValueError):
@@ -40,6 +48,49 @@ def check_checkpoint_file(path: str | os.PathLike[str], key: str = "ckpt_path") 
     if problem is not None:
         raise RunConfigError(f"{key}={path}: {problem}")
     return p
+
+
+def critic_min_input(discriminator: Mapping[str, Any]) -> int:
+    """Smallest patch side the critic config takes: ``2**L * (pooled_size - 1) + 1`` for L stride-2 convs.
+
+    As :attr:`~mdcsrn_lightning.models.discriminator.Discriminator3D.min_input_size`, from the
+    config alone (nothing is built).
+    """
+    return 2 ** _critic_strides(discriminator) * (int(discriminator.get("pooled_size", 3)) - 1) + 1
+
+
+def _critic_strides(discriminator: Mapping[str, Any]) -> int:
+    channels = discriminator.get("channels")
+    return len(channels) if channels is not None else int(discriminator.get("num_blocks", 4))
+
+
+def _smallest_side(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) else min(int(v) for v in value)
+
+
+def check_critic_patch(cfg: Mapping[str, Any]) -> None:
+    """Refuse a WGAN-GP run whose critic cannot take the training patches (or the EM-distance crops).
+
+    Checked from the config before anything is built: the critic needs every side of its input
+    to be at least :func:`critic_min_input` (33 for the paper's critic, 4 stride-2 convs pooled
+    to 3^3); ``experiment=quickstart`` trains on 24^3.
+    """
+    module = cfg.get("module") or {}
+    discriminator = module.get("discriminator") if hasattr(module, "get") else None
+    data = cfg.get("data") or {}
+    if not discriminator or "patch_size" not in data:
+        return
+    minimum = critic_min_input(discriminator)
+    pooled = discriminator.get("pooled_size", 3)
+    for key, value in (("data.patch_size", data.get("patch_size")), ("module.em_patch_size", module.get("em_patch_size"))):
+        if value is None or _smallest_side(value) >= minimum:
+            continue
+        shown = value if isinstance(value, (int, float)) else list(value)
+        raise RunConfigError(
+            f"{key}={shown}: smaller than the critic's minimum input of {minimum} per side "
+            f"(module.discriminator: {_critic_strides(discriminator)} stride-2 convs, pooled_size={pooled}); give {key}>={minimum} or a critic that takes it "
+            "(module.discriminator.pooled_size), or use experiment=quickstart_gan for the quickstart's data"
+        )
 
 
 def _allows_str(annotation: Any) -> bool:
