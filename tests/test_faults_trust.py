@@ -273,3 +273,51 @@ def test_real_full_disk_export(tmp_path: Path, small_disk: Path, monkeypatch, ca
     line = _one_line(err, "mdcsrn-export")
     assert code == 2 and line.startswith(f"mdcsrn-export: error: {out}: "), line
     assert not out.exists() and _no_temp_files(small_disk) and sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+# ----------------------------------------------------------------------------- item 6: critic vs patch size
+def test_gan_on_patches_smaller_than_the_critic_is_one_line_before_anything(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mdcsrn_lightning.cli import train as train_cli
+    from mdcsrn_lightning.release import RELEASED_WEIGHTS
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, train_cli, "experiment=quickstart", "loss=wgan_gp",
+                           f"module.init_ckpt={RELEASED_WEIGHTS}", "module.discriminator.pooled_size=3",
+                           "logger=csv", f"hydra.run.dir={run}")
+    assert code == 2 and _one_line(err, "mdcsrn-train") == (
+        "mdcsrn-train: error: data.patch_size=24: smaller than the critic's minimum input of 33 per side "
+        "(module.discriminator: 4 stride-2 convs, pooled_size=3); give data.patch_size>=33 or a critic that takes it "
+        "(module.discriminator.pooled_size), or use experiment=quickstart_gan for the quickstart's data")
+    assert not run.exists()
+
+
+def test_the_readme_gan_pattern_on_the_quickstart_data_gets_a_critic_that_fits(tmp_path: Path) -> None:
+    """``experiment=quickstart loss=wgan_gp module.init_ckpt=<L1>``: the critic pools to 2^3 for 24^3."""
+    from hydra.utils import instantiate
+
+    from mdcsrn_lightning.cli.train import check_run_config
+    from mdcsrn_lightning.release import RELEASED_WEIGHTS
+
+    from .conftest import compose_train
+
+    cfg = compose_train(["experiment=quickstart", "loss=wgan_gp", f"module.init_ckpt={RELEASED_WEIGHTS}"], tmp_path / "run")
+    assert cfg.module.discriminator.pooled_size == 2
+    check_run_config(cfg)
+    critic = instantiate(cfg.module.discriminator)
+    assert critic.min_input_size <= 24 and critic(torch.zeros(1, 1, 24, 24, 24)).shape == (1, 1)
+    paper = compose_train(["loss=wgan_gp", "depth=b8u4", f"module.init_ckpt={RELEASED_WEIGHTS}"], tmp_path / "paper")
+    assert paper.data.patch_size == 40 and paper.module.discriminator.pooled_size == 3  # the paper's critic
+    check_run_config(paper)
+
+
+# ----------------------------------------------------------------------------- item 5: thin volumes in eval
+def test_eval_refuses_a_thin_volume_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    good = _volume(tmp_path / "refs" / "a.nii.gz", shape=(12, 12, 10))
+    thin = _volume(tmp_path / "refs" / "thin.nii.gz", shape=(3, 3, 300))  # mdcsrn-infer accepts it
+    before = _snapshot(tmp_path / "refs")
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{good},{thin}]", "methods=[trilinear]",
+                           f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 2 and _one_line(err, "mdcsrn-eval") == (
+        f"mdcsrn-eval: error: {thin}: slices across axis 2 are 3x3 voxels (shape (3, 3, 300)), smaller than the "
+        "11x11 SSIM window; evaluation needs at least 11 voxels along axes 0 and 1")
+    assert not (tmp_path / "ev").exists() and _snapshot(tmp_path / "refs") == before

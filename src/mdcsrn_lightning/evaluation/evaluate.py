@@ -154,6 +154,24 @@ def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Refer
     return refs
 
 
+# the SSIM window (metrics._SSIM_KERNEL): a slice must be at least this wide in both directions
+MIN_SLICE_SIDE = 11
+
+
+def check_slice_size(shape: Sequence[int], axis: int, location: str) -> None:
+    """Refuse a reference whose slices across ``axis`` are smaller than the SSIM window (one line)."""
+    from mdcsrn_lightning.data.volume_io import VolumeError
+
+    other = [a for a in range(3) if a != axis % 3]
+    sides = [int(shape[a]) for a in other]
+    if min(sides) < MIN_SLICE_SIDE:
+        raise VolumeError(
+            f"{location}: slices across axis {axis % 3} are {sides[0]}x{sides[1]} voxels (shape {tuple(int(n) for n in shape)}), "
+            f"smaller than the {MIN_SLICE_SIDE}x{MIN_SLICE_SIDE} SSIM window; evaluation needs at least "
+            f"{MIN_SLICE_SIDE} voxels along axes {other[0]} and {other[1]}"
+        )
+
+
 def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:
     """Lazily load subjects of a :class:`~mdcsrn_lightning.data.sources.VolumeSource`."""
     for name in names:
@@ -327,10 +345,14 @@ def evaluate(
             result.statements.append(
                 f"{c.name}: trained with factors {c.trained_factors} but evaluated at {factors}."
             )
+    if isinstance(references, Sequence):  # files: every one is checked before anything is computed
+        for ref in references:
+            check_slice_size(np.shape(ref.hr), axis, ref.location)
     start = time.perf_counter()
     n_refs = 0
     for ref in references:
         n_refs += 1
+        check_slice_size(np.shape(ref.hr), axis, ref.location)
         hr = np.asarray(ref.hr, dtype=np.float32)
         # one intensity scale for every method's metrics, perceptual scores and panels
         unit = ref.scale if ref.scale is not None else reference_scale(hr)
