@@ -27,6 +27,7 @@ from mdcsrn_lightning.cli import infer as infer_cli
 
 from .test_faults import SRC, _no_temp_files, _one_line, _snapshot, _volume, fsync_enospc, small_disk  # noqa: F401 (fixtures)
 from .test_inference import TINY_CONFIG, run_cli, write_tiny_checkpoint
+from .test_realdata import tiny_registry  # noqa: F401 (fixture)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -321,3 +322,41 @@ def test_eval_refuses_a_thin_volume_in_one_line(tmp_path: Path, monkeypatch, cap
         f"mdcsrn-eval: error: {thin}: slices across axis 2 are 3x3 voxels (shape (3, 3, 300)), smaller than the "
         "11x11 SSIM window; evaluation needs at least 11 voxels along axes 0 and 1")
     assert not (tmp_path / "ev").exists() and _snapshot(tmp_path / "refs") == before
+
+
+# ----------------------------------------------------------------------------- item 7: the data cache
+def test_a_damaged_cached_file_is_refused_on_use_and_listed_as_damaged(tiny_registry, capsys) -> None:
+    from mdcsrn_lightning.cli import data as data_cli
+    from mdcsrn_lightning.data import fetch
+
+    cache, calls, files = tiny_registry["cache"], tiny_registry["calls"], tiny_registry["files"]
+    path = fetch.fetch(["s1"])["s1"]
+    assert fetch.read_manifest(path)["stamp"] == {"size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    assert fetch.data_path("s1") == path and len(calls) == 1
+    path.write_bytes(b"damaged" + files["s1"][7:])  # right size, wrong content, a new mtime
+    manifest_before = (cache / f"{path.name}.json").read_bytes()
+    assert data_cli.main(["path", "s1"]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err, "mdcsrn-data") == (
+        f"mdcsrn-data: error: {path}: cached s1 is damaged (its content is not the pinned sha256 "
+        f"{fetch.REGISTRY_FILES['s1'].sha256[:12]}...); fetch it again: mdcsrn-data fetch s1")
+    assert data_cli.main(["list"]) == 0
+    listed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("s1\t"))
+    assert listed.split("\t")[1] == "damaged (mdcsrn-data fetch s1)"
+    assert (cache / f"{path.name}.json").read_bytes() == manifest_before and len(calls) == 1  # nothing changed
+    assert data_cli.main(["fetch", "s1"]) == 0  # the fix the line names
+    capsys.readouterr()
+    assert path.read_bytes() == files["s1"] and fetch.data_path("s1") == path
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_a_touched_but_intact_cached_file_is_rehashed_once(tiny_registry, monkeypatch) -> None:
+    from mdcsrn_lightning.data import fetch
+
+    path = fetch.fetch(["s1"])["s1"]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # e.g. copied with cp
+    hashed = []
+    real = fetch.sha256_of
+    monkeypatch.setattr(fetch, "sha256_of", lambda p: hashed.append(p) or real(p))
+    assert fetch.data_path("s1") == path and hashed == [path]  # stamp differs: re-hashed, stamp renewed
+    assert fetch.data_path("s1") == path and hashed == [path]  # stamp matches: trusted

@@ -27,6 +27,7 @@ from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint, unsaf
 from mdcsrn_lightning.cli.run_guard import created_run_folder
 from mdcsrn_lightning.cli.run_identity import run_identity
 from mdcsrn_lightning.config import config_dir
+from mdcsrn_lightning.data.fetch import FetchError
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.split import SplitError
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
@@ -244,7 +245,7 @@ def _discard_unused_run_folder(cfg: DictConfig, state: dict[str, Any]) -> None:
 
 _USER_ERRORS = (
     VolumeError, SplitError, CheckpointError, RunConfigError, RunLockError, InstantiationException,
-    OmegaConfBaseException, OSError,
+    OmegaConfBaseException, OSError, FetchError,
 )
 
 
