@@ -360,3 +360,37 @@ def test_a_touched_but_intact_cached_file_is_rehashed_once(tiny_registry, monkey
     monkeypatch.setattr(fetch, "sha256_of", lambda p: hashed.append(p) or real(p))
     assert fetch.data_path("s1") == path and hashed == [path]  # stamp differs: re-hashed, stamp renewed
     assert fetch.data_path("s1") == path and hashed == [path]  # stamp matches: trusted
+
+
+# ----------------------------------------------------------------------------- minor: one line, exit 2
+@pytest.mark.parametrize(("module", "prog", "override", "reason"), [
+    ("train", "mdcsrn-train", "trainer.max_epochs=)", "extraneous input ')' expecting"),
+    ("infer", "mdcsrn-infer", "input=[a", "no viable alternative at input '[a'"),
+    ("eval", "mdcsrn-eval", "methods=[trilinear", "no viable alternative at input '[trilinear'"),
+])
+def test_hydra_grammar_errors_are_one_line_exit_2(tmp_path: Path, monkeypatch, capsys, module: str, prog: str,
+                                                  override: str, reason: str) -> None:
+    import importlib
+
+    cli = importlib.import_module(f"mdcsrn_lightning.cli.{module}")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, cli, override, "output=sr.nii.gz")
+    line = _one_line(err, prog)
+    assert code == 2 and line.startswith(f"{prog}: error: {override}: {reason}"), line
+    assert line.endswith("(Hydra override grammar: https://hydra.cc/docs/1.2/advanced/override_grammar/basic)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("target", "problem"), [
+    ("builtins.dict", "not a Lightning Callback (a subclass of lightning.pytorch.Callback)"),
+    ("no_such_module.Callback", "cannot be imported ("),
+])
+def test_a_callback_that_is_not_a_callback_is_one_line(tmp_path: Path, monkeypatch, capsys, target: str, problem: str) -> None:
+    from mdcsrn_lightning.cli import train as train_cli
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, train_cli, f"+callbacks.bad._target_={target}", "logger=csv",
+                           f"hydra.run.dir={run}")
+    line = _one_line(err, "mdcsrn-train")
+    assert code == 2 and line.startswith(f"mdcsrn-train: error: callbacks.bad._target_={target}: {problem}"), line
+    assert not run.exists()

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError
 from mdcsrn_lightning.cli.infer import fail, interrupted, patch_options
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.volume_io import set_max_voxels
@@ -118,6 +119,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return result.means()
 
 
+@one_line_override_errors(PROG)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:

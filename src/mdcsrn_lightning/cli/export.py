@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError, atomic_files
 from mdcsrn_lightning.cli.infer import fail
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.inference.engines import EngineUnavailable, export, load_engine
 from mdcsrn_lightning.inference.predict import InferenceError, load_model
@@ -77,6 +78,7 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+@one_line_override_errors(PROG)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     try:

@@ -23,6 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.volume_io import set_max_voxels
@@ -124,6 +125,7 @@ def interrupted(exc: BaseException, prog: str = PROG) -> None:
     raise SystemExit(exit_code(exc))
 
 
+@one_line_override_errors(PROG)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
 def main(cfg: DictConfig) -> None:
     try:

@@ -26,6 +26,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint, unsafe_reason
 from mdcsrn_lightning.cli.run_guard import created_run_folder
 from mdcsrn_lightning.cli.run_identity import run_identity
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.fetch import FetchError
 from mdcsrn_lightning.data.sources import VolumeError
@@ -42,6 +43,7 @@ from mdcsrn_lightning.training.precision import resolve_precision
 from mdcsrn_lightning.training.results import write_test_results
 from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
+    check_callbacks,
     check_checkpoint_file,
     check_critic_patch,
     check_resume_fits,
@@ -137,7 +139,7 @@ def check_run_config(cfg: DictConfig) -> None:
 
     ``ckpt_path`` (an intact checkpoint archive), ``trainer.*`` option types and accelerator,
     ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), the critic's
-    minimum input against the patch sizes (``loss=wgan_gp``), and every mandatory value
+    minimum input against the patch sizes (``loss=wgan_gp``), callback classes, and every mandatory value
     (``???``) of the groups that will be built.
     """
     for group in ("data", "model", "module", "trainer"):
@@ -151,6 +153,7 @@ def check_run_config(cfg: DictConfig) -> None:
     check_trainer_options(cfg.trainer)
     check_sync_batchnorm(cfg.trainer, cfg.get("model"))
     check_critic_patch(cfg)
+    check_callbacks(cfg.get("callbacks"))
 
 
 def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, float]:
@@ -249,6 +252,7 @@ _USER_ERRORS = (
 )
 
 
+@one_line_override_errors("mdcsrn-train")
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     state: dict[str, Any] = {}

@@ -6,6 +6,7 @@
   takes (``trainer.max_steps=abc`` names the key) and the accelerator exists here.
 - :func:`check_sync_batchnorm`: ``trainer.sync_batchnorm=true`` only where it can work.
 - :func:`check_critic_patch`: the WGAN-GP critic accepts the data's patches.
+- :func:`check_callbacks`: every ``callbacks.*`` target is a Lightning ``Callback``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mdcsrn_lightning.checkpoints import archive_problem, describe_state_mismatc
 
 __all__ = [
     "RunConfigError",
+    "check_callbacks",
     "check_checkpoint_file",
     "check_critic_patch",
     "check_sync_batchnorm",
@@ -91,6 +93,26 @@ def check_critic_patch(cfg: Mapping[str, Any]) -> None:
             f"(module.discriminator: {_critic_strides(discriminator)} stride-2 convs, pooled_size={pooled}); give {key}>={minimum} or a critic that takes it "
             "(module.discriminator.pooled_size), or use experiment=quickstart_gan for the quickstart's data"
         )
+
+
+def check_callbacks(callbacks: Mapping[str, Any] | None) -> None:
+    """Refuse a ``callbacks.<name>._target_`` that cannot be imported or is a class but not a
+    Lightning ``Callback`` (imports it, builds nothing)."""
+    from hydra._internal.utils import _locate
+    from lightning.pytorch import Callback
+
+    for name, entry in (callbacks or {}).items():
+        if not isinstance(entry, Mapping) or "_target_" not in entry:
+            continue
+        target = str(entry["_target_"])
+        try:
+            found = _locate(target)
+        except ImportError as exc:
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise RunConfigError(f"callbacks.{name}._target_={target}: cannot be imported ({detail})") from None
+        if isinstance(found, type) and not issubclass(found, Callback):
+            raise RunConfigError(
+                f"callbacks.{name}._target_={target}: not a Lightning Callback (a subclass of lightning.pytorch.Callback)")
 
 
 def _allows_str(annotation: Any) -> bool:
