@@ -394,3 +394,15 @@ def test_a_callback_that_is_not_a_callback_is_one_line(tmp_path: Path, monkeypat
     line = _one_line(err, "mdcsrn-train")
     assert code == 2 and line.startswith(f"mdcsrn-train: error: callbacks.bad._target_={target}: {problem}"), line
     assert not run.exists()
+
+
+@pytest.mark.parametrize("name", ["sr.mgz", "sr.png", "sr.img"])
+def test_an_output_name_of_a_format_we_do_not_write_is_refused(tmp_path: Path, monkeypatch, capsys, name: str) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    src = _volume(tmp_path / "scan.nii.gz")
+    out = tmp_path / name
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
+    assert code == 2 and _one_line(err, "mdcsrn-infer") == (
+        f"mdcsrn-infer: error: {out}: outputs are written as NIfTI only, not {out.suffix}; give output=<name>.nii.gz "
+        "(or a folder name without a file extension)")
+    assert not out.exists() and _no_temp_files(tmp_path)

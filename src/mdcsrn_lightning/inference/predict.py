@@ -318,17 +318,31 @@ def _output_name(path: Path) -> str:
     return path.name if is_nifti_path(path) else f"{nifti_stem(path)}.nii.gz"
 
 
+# volume and image file types a user may name as output but that are not written (NIfTI is):
+# without this refusal output=sr.mgz would become a folder sr.mgz/ holding a NIfTI
+_NOT_WRITTEN_SUFFIXES = frozenset({
+    ".mgz", ".mgh", ".img", ".hdr", ".gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima", ".png", ".jpg",
+    ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".npz", ".h5", ".hdf5", ".mat", ".vtk", ".zip",
+})
+
+
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
     """Output path of each input.
 
     One file in: ``output`` is the file to write (or, if it is an existing folder or has
-    no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into). A
+    no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into); a name
+    with another volume or image extension (``sr.mgz``, ``sr.png``) is refused. A
     folder/glob in: ``output`` is a folder and each output keeps its input's file name
     (``<name>.nii.gz`` for a DICOM series folder or an ``.mgz``/``.img`` file).
     """
     out = Path(output).expanduser()
     if not is_collection and is_nifti_path(out) and not out.is_dir():
         return [out]
+    if not out.is_dir() and out.suffix.lower() in _NOT_WRITTEN_SUFFIXES:
+        raise InferenceError(
+            f"{out}: outputs are written as NIfTI only, not {out.suffix}; give output=<name>.nii.gz "
+            "(or a folder name without a file extension)"
+        )
     if out.exists() and not out.is_dir():
         raise InferenceError(f"{out}: output for several inputs must be a folder, and this is a file")
     if not is_collection:
