@@ -406,3 +406,25 @@ def test_an_output_name_of_a_format_we_do_not_write_is_refused(tmp_path: Path, m
         f"mdcsrn-infer: error: {out}: outputs are written as NIfTI only, not {out.suffix}; give output=<name>.nii.gz "
         "(or a folder name without a file extension)")
     assert not out.exists() and _no_temp_files(tmp_path)
+
+
+def test_eval_to_a_read_only_folder_fails_before_computing(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    from mdcsrn_lightning.inference import nifti_io
+
+    ref = _volume(tmp_path / "hr.nii.gz", shape=(12, 12, 10))
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    computed = []
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(nifti_io.tempfile, "mkstemp", read_only)
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{ref}]", "methods=[trilinear]", f"output_dir={out}",
+                           f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 2 and _one_line(err, "mdcsrn-eval") == (
+        f"mdcsrn-eval: error: {out / 'results.json'}: not writable (Read-only file system)")
+    assert not computed and list(out.iterdir()) == []

@@ -38,6 +38,7 @@ from mdcsrn_lightning.evaluation.evaluate import (
     references_from_source,
     write_outputs,
 )
+from mdcsrn_lightning.inference.nifti_io import check_writable
 from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs
 from mdcsrn_lightning.interrupts import Terminated, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
@@ -97,6 +98,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         input_interpolation=cfg.get("input_interpolation"),
     )
     output_dir = Path(str(cfg.output_dir))
+    check_writable(output_dir / "results.json")  # a read-only folder: refused before computing
     print(f"Evaluating on {described}, factors {factors}", flush=True)
     result = evaluate(
         references,
