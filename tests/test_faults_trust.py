@@ -428,3 +428,30 @@ def test_eval_to_a_read_only_folder_fails_before_computing(tmp_path: Path, monke
     assert code == 2 and _one_line(err, "mdcsrn-eval") == (
         f"mdcsrn-eval: error: {out / 'results.json'}: not writable (Read-only file system)")
     assert not computed and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("{not json", "not readable as JSON (Expecting property name enclosed in double quotes"),
+    ("[1, 2]", "expected a JSON object with 'methods', got list"),
+    ('{"methods": {"trilinear": 31.5}}', "'methods' must map each method to its metrics (an object of objects)"),
+])
+def test_report_on_a_malformed_metrics_json_is_one_line(tmp_path: Path, capsys, content: str, problem: str) -> None:
+    from mdcsrn_lightning.cli.report import main as report_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(content)
+    assert report_main([str(run), "--out", str(tmp_path / "report")]) == 2
+    assert _one_line(capsys.readouterr().err, "mdcsrn-report").startswith(
+        f"mdcsrn-report: error: {run / 'metrics.json'}: {problem}")
+    assert not (tmp_path / "report").exists()
+
+
+def test_bench_unknown_task_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mdcsrn_lightning.cli import bench as bench_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, bench_cli, "bench.task=foo", "depth=b1u2", "width=k4")
+    assert code == 2 and _one_line(err, "mdcsrn-bench") == (
+        "mdcsrn-bench: error: bench.task='foo': choose one of ('infer', 'train', 'queue', 'volume', 'data')")
+    assert out == ""
