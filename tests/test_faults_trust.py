@@ -455,3 +455,25 @@ def test_bench_unknown_task_is_one_line(tmp_path: Path, monkeypatch, capsys) -> 
     assert code == 2 and _one_line(err, "mdcsrn-bench") == (
         "mdcsrn-bench: error: bench.task='foo': choose one of ('infer', 'train', 'queue', 'volume', 'data')")
     assert out == ""
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ('"${data.missing}"', "data.factors: '${data.missing}' cannot be resolved (Interpolation key 'data.missing' not found)"),
+    ('"2x2x1"', "data.factors: '2x2x1' is not three positive numbers"),
+])
+def test_a_bad_run_config_beside_a_checkpoint_names_the_file_and_key(tmp_path: Path, monkeypatch, capsys, value: str,
+                                                                      problem: str) -> None:
+    run = tmp_path / "run"
+    ckpt = write_tiny_checkpoint((run / "checkpoints").mkdir(parents=True) or run / "checkpoints" / "last.ckpt")
+    config = run / ".hydra" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(f"data:\n  factors: {value}\n  interpolation: linear\n")
+    src = _volume(tmp_path / "scan.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
+    assert code == 2 and _one_line(err, "mdcsrn-infer") == f"mdcsrn-infer: error: {config}: {problem}"
+    assert not out.exists()
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{src}]", "methods=[]", f"ckpts=[{ckpt}]",
+                           f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 2 and _one_line(err, "mdcsrn-eval") == f"mdcsrn-eval: error: {config}: {problem}"
+    assert not (tmp_path / "ev").exists()
