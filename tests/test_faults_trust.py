@@ -477,3 +477,18 @@ def test_a_bad_run_config_beside_a_checkpoint_names_the_file_and_key(tmp_path: P
                            f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}")
     assert code == 2 and _one_line(err, "mdcsrn-eval") == f"mdcsrn-eval: error: {config}: {problem}"
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_over_references_of_different_voxel_sizes_warns_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    a = _volume(tmp_path / "refs" / "a.nii.gz", shape=(12, 12, 10), zooms=(1.0, 1.0, 1.0))
+    b = _volume(tmp_path / "refs" / "b.nii.gz", shape=(12, 12, 10), zooms=(1.0, 1.0, 1.0), seed=1)
+    c = _volume(tmp_path / "refs" / "c.nii.gz", shape=(12, 12, 10), zooms=(0.7, 0.7, 0.7), seed=2)
+    with pytest.warns(UserWarning) as record:
+        code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{a},{b},{c}]", "methods=[trilinear]",
+                               "perceptual=[]", "segmentation=false", "panels=false",
+                               f"output_dir={tmp_path / 'ev'}", f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 0, err
+    mixed = [str(w.message) for w in record if "different voxel sizes" in str(w.message)]
+    assert mixed == [
+        f"inputs: the volumes have 2 different voxel sizes (1x1x1 mm: 2 file(s), e.g. {a}; 0.7x0.7x0.7 mm: 1 file(s), "
+        f"e.g. {c}); their metrics are compared across resolutions (the degradation and the slices are per voxel, not per mm)"]

@@ -140,6 +140,7 @@ def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Refer
     The checks are the package's one reader's (:func:`~mdcsrn_lightning.data.volume_io.load_volume`)
     plus: not all zero or constant (a reference is scaled by its own intensities).
     """
+    from mdcsrn_lightning.data.sources import warn_mixed_voxel_sizes
     from mdcsrn_lightning.data.volume_io import check_not_constant, load_volume
 
     if not paths:
@@ -147,10 +148,14 @@ def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Refer
     files = [Path(p) for p in paths]
     names = _unique_names(files)
     refs = []
+    sizes: dict[str, tuple[float, ...]] = {}
     for name, path in zip(names, files):
-        data = load_volume(path).data
-        check_not_constant(data, str(path))
-        refs.append(Reference(name=name, hr=data, location=str(path)))
+        volume = load_volume(path)
+        check_not_constant(volume.data, str(path))
+        sizes[str(path)] = volume.voxel_sizes
+        refs.append(Reference(name=name, hr=volume.data, location=str(path)))
+    warn_mixed_voxel_sizes(sizes, "inputs", "their metrics are compared across resolutions "
+                           "(the degradation and the slices are per voxel, not per mm)")
     return refs
 
 
