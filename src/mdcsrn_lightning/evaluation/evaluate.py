@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,17 @@ def check_slice_size(shape: Sequence[int], axis: int, location: str) -> None:
             f"smaller than the {MIN_SLICE_SIDE}x{MIN_SLICE_SIDE} SSIM window; evaluation needs at least "
             f"{MIN_SLICE_SIDE} voxels along axes {other[0]} and {other[1]}"
         )
+
+
+def _slice_checked(references: Iterable[Reference], axis: int) -> Iterator[Reference]:
+    """``references``, each checked by :func:`check_slice_size`; a list (files) is checked
+    whole before the first is handed out, so nothing is computed for a bad set."""
+    if isinstance(references, Sequence):
+        for ref in references:
+            check_slice_size(np.shape(ref.hr), axis, ref.location)
+    for ref in references:
+        check_slice_size(np.shape(ref.hr), axis, ref.location)
+        yield ref
 
 
 def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:
@@ -350,14 +361,10 @@ def evaluate(
             result.statements.append(
                 f"{c.name}: trained with factors {c.trained_factors} but evaluated at {factors}."
             )
-    if isinstance(references, Sequence):  # files: every one is checked before anything is computed
-        for ref in references:
-            check_slice_size(np.shape(ref.hr), axis, ref.location)
     start = time.perf_counter()
     n_refs = 0
-    for ref in references:
+    for ref in _slice_checked(references, axis):
         n_refs += 1
-        check_slice_size(np.shape(ref.hr), axis, ref.location)
         hr = np.asarray(ref.hr, dtype=np.float32)
         # one intensity scale for every method's metrics, perceptual scores and panels
         unit = ref.scale if ref.scale is not None else reference_scale(hr)
