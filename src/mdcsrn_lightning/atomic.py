@@ -217,6 +217,20 @@ def _temp_folder_beside(target: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _link_new(tmp: Path, target: Path) -> None:
+    """Create ``target`` as a hard link to ``tmp``; never replaces (check-then-rename without hard links)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+        os.replace(tmp, target)
+
+
 def _publish_all(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
     """Move each finished temporary file to its target; on a failure the ones published are removed."""
     published: list[Path] = []
@@ -225,10 +239,7 @@ def _publish_all(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
             if overwrite:
                 os.replace(tmp, target)
             else:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+                _link_new(tmp, target)
             published.append(target)
     except BaseException:
         for target in published:
