@@ -256,7 +256,8 @@ def atomic_files(paths: list[str | os.PathLike[str]], overwrite: bool = False) -
     OpenVINO's ``.bin`` beside the ``.xml``, keeps working). When the block succeeds each file
     is fsynced and published: hard-linked (``overwrite=False``: an existing name is a
     :class:`FileExistsError`) or renamed over its target; if one fails, those already
-    published are removed. An ``OSError`` (disk full, read-only folder) is a one-line
+    published are removed (with ``overwrite`` the files they replaced are gone too: a set is
+    never left mixed from two exports). An ``OSError`` (disk full, read-only folder) is a one-line
     :class:`WriteError` naming the first target; the temporary folder is always removed.
     """
     targets = [Path(p) for p in paths]
