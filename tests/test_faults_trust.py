@@ -492,3 +492,18 @@ def test_eval_over_references_of_different_voxel_sizes_warns_once(tmp_path: Path
     assert mixed == [
         f"inputs: the volumes have 2 different voxel sizes (1x1x1 mm: 2 file(s), e.g. {a}; 0.7x0.7x0.7 mm: 1 file(s), "
         f"e.g. {c}); their metrics are compared across resolutions (the degradation and the slices are per voxel, not per mm)"]
+
+
+def test_a_dicom_series_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, default_voxel_limit) -> None:
+    from .test_inputs import phantom, write_dicom_series, write_nifti
+
+    data = phantom()
+    folder = tmp_path / "T1_MPRAGE"
+    write_dicom_series(write_nifti(tmp_path / "scan.nii.gz", data), folder)
+    default_voxel_limit.set_max_voxels(data.size - 1)
+    with pytest.raises(default_voxel_limit.VolumeError) as info:
+        default_voxel_limit.load_volume(folder)
+    assert str(info.value).startswith(f"{folder}: shape (") and f"is {data.size:,} voxels, over the size limit of " \
+        f"{data.size - 1:,} voxels (max_voxels={data.size - 1}); nothing was decompressed" in str(info.value)
+    default_voxel_limit.set_max_voxels(data.size)
+    assert default_voxel_limit.load_volume(folder).data.shape == data.shape
