@@ -425,7 +425,7 @@ def test_checkpoint_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monk
     [
         (["ckpt_path={tmp}/missing.ckpt"], "ckpt_path={tmp}/missing.ckpt: no such checkpoint file"),
         (["ckpt_path={tmp}/random.ckpt"], "ckpt_path={tmp}/random.ckpt: not a readable PyTorch checkpoint"),
-        (["ckpt_path={tmp}/truncated.ckpt"], "ckpt_path={tmp}/truncated.ckpt: not a readable PyTorch checkpoint"),
+        (["ckpt_path={tmp}/truncated.ckpt"], "ckpt_path={tmp}/truncated.ckpt: truncated or damaged checkpoint"),
         (["data=folder"], "data.source.root: required, give data.source.root=<value>"),
         (["trainer.max_steps=abc"], "trainer.max_steps='abc': expected int"),
         (["trainer.accelerator=gpu"], "trainer.accelerator=gpu: no CUDA GPU is available here"),

@@ -98,9 +98,9 @@ def test_make_hcp_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert f"{tmp_path}: 2 made" in capsys.readouterr().out
     assert data_cli.main(args) == 0
     assert "0 made (- s each), 2 already there" in capsys.readouterr().out
-    assert data_cli.main([*args, "--seed", "3"]) == 1
+    assert data_cli.main([*args, "--seed", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mdcsrn-data: ") and "hcp_like.json" in err and "\n" not in err
+    assert err.startswith("mdcsrn-data: error: ") and "hcp_like.json" in err and "\n" not in err
 
 
 # ----------------------------------------------------------------------------- cache

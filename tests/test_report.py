@@ -135,9 +135,9 @@ def test_differing_baselines_are_listed_per_data_and_failed_runs_show_dashes(tmp
 def test_missing_or_empty_paths_are_one_line_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(ReportError, match="no such file"):
         find_runs([tmp_path / "nope"])
-    with pytest.raises(SystemExit) as exc:
-        report_main([str(tmp_path)])
-    assert "mdcsrn-report: error:" in str(exc.value.code) and str(tmp_path) in str(exc.value.code)
+    assert report_main([str(tmp_path)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("mdcsrn-report: error:") and str(tmp_path) in message and "\n" not in message
 
 
 # ------------------------------------------------------------------ W&B run folders
@@ -155,13 +155,12 @@ def test_wandb_folder_stands_for_the_run_around_it(tmp_path: Path) -> None:
     assert len(find_runs([run, offline])) == 1
 
 
-def test_wandb_folder_alone_is_a_one_line_error(tmp_path: Path) -> None:
+def test_wandb_folder_alone_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     offline = tmp_path / "offline-run-20261126_000000-abc"
     offline.mkdir()
     (offline / "run-abc.wandb").write_bytes(b":W&B")
-    with pytest.raises(SystemExit) as exc:
-        report_main([str(offline)])
-    message = str(exc.value.code)
+    assert report_main([str(offline)]) == 2
+    message = capsys.readouterr().err.strip()
     assert message.startswith("mdcsrn-report: error: ") and str(offline) in message and "\n" not in message
     assert "outside an mdcsrn-train run folder" in message
 

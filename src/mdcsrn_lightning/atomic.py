@@ -29,6 +29,7 @@ __all__ = [
     "STALE_SECONDS",
     "WriteError",
     "atomic_path",
+    "atomic_files",
     "describe_os_error",
     "is_temp_name",
     "publish_new",
@@ -80,7 +81,7 @@ def is_temp_name(name: str | os.PathLike[str]) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike[str], older_than_s: float = STALE_SECONDS) -> list[Path]:
-    """Remove our temporary files in ``folder`` (not recursive) last modified over ``older_than_s`` ago.
+    """Remove our temporary files (and folders) in ``folder`` (not recursive) last modified over ``older_than_s`` ago.
 
     Left by a killed process (SIGKILL, power loss). Younger ones may belong to a writer that
     is still running and are kept. Returns the removed paths; errors are ignored (best effort).
@@ -96,9 +97,17 @@ def remove_stale_temps(folder: str | os.PathLike[str], older_than_s: float = STA
         return removed
     for p in entries:
         try:
-            if is_temp_name(p.name) and p.is_file() and now - p.stat().st_mtime > older_than_s:
+            if not is_temp_name(p.name) or now - p.stat().st_mtime <= older_than_s:
+                continue
+            if p.is_file():
                 p.unlink()
-                removed.append(p)
+            elif p.is_dir():  # the temporary folder of atomic_files
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                continue
+            removed.append(p)
         except OSError:
             continue
     return removed
@@ -190,6 +199,84 @@ def publish_new(path: str | os.PathLike[str]) -> Iterator[Path]:
                 raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+
+
+@contextmanager
+def _temp_folder_beside(target: Path) -> Iterator[Path]:
+    """A hidden temporary folder ``.<name>.<random>.part`` beside ``target``, removed afterwards."""
+    import shutil
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    except OSError as exc:
+        raise WriteError(describe_os_error(target, exc), exc.errno) from exc
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Create ``target`` as a hard link to ``tmp``; never replaces (check-then-rename without hard links)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
+        os.replace(tmp, target)
+
+
+def _publish_all(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
+    """Move each finished temporary file to its target; on a failure the ones published are removed."""
+    published: list[Path] = []
+    try:
+        for tmp, target in pairs:
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                _link_new(tmp, target)
+            published.append(target)
+    except BaseException:
+        for target in published:
+            target.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_files(paths: list[str | os.PathLike[str]], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Several files that appear together or not at all (a model and its side files).
+
+    Yields temporary paths with the targets' own names inside one hidden temporary folder
+    beside the first target (a writer that derives side-file names from the main file, as
+    OpenVINO's ``.bin`` beside the ``.xml``, keeps working). When the block succeeds each file
+    is fsynced and published: hard-linked (``overwrite=False``: an existing name is a
+    :class:`FileExistsError`) or renamed over its target; if one fails, those already
+    published are removed (with ``overwrite`` the files they replaced are gone too: a set is
+    never left mixed from two exports). An ``OSError`` (disk full, read-only folder) is a one-line
+    :class:`WriteError` naming the first target; the temporary folder is always removed.
+    """
+    targets = [Path(p) for p in paths]
+    if not overwrite:
+        for target in targets:
+            if target.exists():
+                raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it")
+    with _temp_folder_beside(targets[0]) as folder:
+        temps = [folder / t.name for t in targets]
+        try:
+            yield temps
+            for tmp, target in zip(temps, targets):
+                _finish(tmp, target)
+            _publish_all(list(zip(temps, targets)), overwrite)
+        except OSError as exc:
+            if isinstance(exc, (WriteError, FileExistsError)):
+                raise
+            raise WriteError(describe_os_error(targets[0], exc), exc.errno) from exc
+        _fsync_dir(targets[0].parent)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

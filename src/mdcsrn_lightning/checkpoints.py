@@ -6,12 +6,20 @@ A checkpoint is data, never code: every file is read with ``torch.load(weights_o
 (tensors, containers and plain Python values only; a pickle that would import or call
 anything is refused with one line), and the generator is built only from the allow-list
 :data:`~mdcsrn_lightning.models.generators.GENERATORS`, never from an arbitrary ``_target_``.
+
+Every command reads checkpoints through :func:`read_checkpoint`: the file must be an intact
+zip archive (an empty or truncated file, and any member whose CRC fails, are refused before
+anything is unpickled) and its weights must be finite. :func:`load_generator` compares the
+weight shapes that ``net_config`` implies (the generator built on the ``meta`` device, which
+allocates nothing) with the stored tensors before building the real generator, so a small
+file claiming a huge architecture is refused without allocating it.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,16 +48,67 @@ def unsafe_reason(exc: pickle.UnpicklingError) -> str:
             "only tensors and plain values, loading anything else could run code)")
 
 
+def archive_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not an intact checkpoint archive (``None`` if it is); reads, runs nothing.
+
+    ``torch.save`` writes a zip archive: an empty file, a truncated copy (its central directory
+    is lost), a member whose CRC fails (a flipped bit) or a zip without ``data.pkl`` is named.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes), not a checkpoint"
+    with open(p, "rb") as fh:
+        zip_start = fh.read(4) == b"PK\x03\x04"
+    try:
+        with zipfile.ZipFile(p) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
+        if zip_start:
+            return f"truncated or damaged checkpoint ({size} bytes; the zip archive is incomplete: {exc})"
+        return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}; torch.save writes a zip archive)"
+    except Exception as exc:  # zlib.error and friends: a damaged member
+        return f"damaged checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    if damaged is not None:
+        return f"damaged checkpoint (CRC error in {damaged}); the file changed after it was written"
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return "a zip file but not a PyTorch checkpoint (no data.pkl)"
+    return None
+
+
+def _non_finite(checkpoint: dict[str, Any]) -> str | None:
+    """``"<n> non-finite values in <first key>"`` for the state dict's floating tensors, else ``None``."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return None
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    count = sum(int((~torch.isfinite(state[k])).sum()) for k in bad)
+    more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+    return f"{count} non-finite (NaN or Inf) weight value(s) in {bad[0]}{more}"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, read with ``weights_only=True``; any problem is one line.
 
+    The one reader of checkpoints for every command: the archive is checked first
+    (:func:`archive_problem`: empty, truncated, CRC), then unpickled as data only, then its
+    weights are checked to be finite.
+
     Raises:
-        CheckpointError: missing file, not a PyTorch file, or a pickle that needs anything
-            beyond tensors and plain data (nothing of it is executed).
+        CheckpointError: missing, empty, truncated or damaged file, not a PyTorch file, a
+            pickle that needs anything beyond tensors and plain data (nothing of it is
+            executed), or NaN/Inf weights.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    problem = archive_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -58,6 +117,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    problem = _non_finite(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; refused (a diverged run or a damaged file)")
     return checkpoint
 
 
@@ -113,17 +175,22 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
             if len(differ) > len(shown):
                 detail += f", ... ({len(differ) - len(shown)} more)"
             raise CheckpointError(f"{path}: holds another architecture ({detail})")
+    weights = generator_state(checkpoint)
     try:
-        net = build_generator(config)
+        # on the meta device first: shapes only, nothing allocated (a 67 KB file may claim
+        # an architecture of gigabytes); the real one is built once the shapes agree
+        with torch.device("meta"):
+            skeleton = build_generator(config)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    weights = generator_state(checkpoint)
+    detail = describe_state_mismatch(skeleton.state_dict(), weights)
+    if detail:  # torch's message would list every key (kilobytes): counts and the first few
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({detail})")
+    net = build_generator(config)
     try:
         net.load_state_dict(weights)
     except RuntimeError as exc:
-        # torch's message lists every key (kilobytes): counts and the first few instead
-        detail = describe_state_mismatch(net.state_dict(), weights) or str(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({detail})") from None
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(exc).splitlines()[0]})") from None
     return net, config
 
 

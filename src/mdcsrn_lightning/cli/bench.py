@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.benchmark import data_task, infer_task, machine, markdown, queue_task, train_task, volume_task
 from mdcsrn_lightning.benchmark.curves import precision_curves
+from mdcsrn_lightning.cli.infer import fail
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.models import count_parameters
 
@@ -110,9 +112,13 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+@one_line_override_errors("mdcsrn-bench")
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> None:
-    result = bench(cfg)
+    try:
+        result = bench(cfg)
+    except ValueError as exc:  # a bad bench.* value: one line, exit 2
+        fail(str(exc), "mdcsrn-bench")
     table = markdown(result) if cfg.bench.timing else ""
     if table:
         print(table, flush=True)

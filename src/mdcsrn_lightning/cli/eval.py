@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError
 from mdcsrn_lightning.cli.infer import fail, interrupted, patch_options
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
+from mdcsrn_lightning.data.volume_io import set_max_voxels
 from mdcsrn_lightning.evaluation.evaluate import (
     _jsonable,
     checkpoint_methods,
@@ -36,6 +38,7 @@ from mdcsrn_lightning.evaluation.evaluate import (
     references_from_source,
     write_outputs,
 )
+from mdcsrn_lightning.inference.nifti_io import check_writable
 from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs
 from mdcsrn_lightning.interrupts import Terminated, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
@@ -87,6 +90,7 @@ def _references(cfg: DictConfig) -> tuple[Any, list[float], str]:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    set_max_voxels(cfg.get("max_voxels"))
     references, factors, described = _references(cfg)
     checkpoints = checkpoint_methods(
         [str(p) for p in _list(cfg.ckpts)],
@@ -94,6 +98,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         input_interpolation=cfg.get("input_interpolation"),
     )
     output_dir = Path(str(cfg.output_dir))
+    check_writable(output_dir / "results.json")  # a read-only folder: refused before computing
     print(f"Evaluating on {described}, factors {factors}", flush=True)
     result = evaluate(
         references,
@@ -116,6 +121,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return result.means()
 
 
+@one_line_override_errors(PROG)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:

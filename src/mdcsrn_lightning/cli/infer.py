@@ -23,8 +23,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
+from mdcsrn_lightning.data.volume_io import set_max_voxels
 from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
@@ -87,6 +89,7 @@ def patch_options(cfg: DictConfig) -> PatchOptions:
 
 def infer(cfg: DictConfig) -> dict[str, Any]:
     """Run inference as configured; returns the JSON-ready summary."""
+    set_max_voxels(cfg.get("max_voxels"))
     source = str(_required(cfg, "input", "scan.nii.gz"))
     target = str(_required(cfg, "output", "sr.nii.gz"))
     start = time.perf_counter()
@@ -122,6 +125,7 @@ def interrupted(exc: BaseException, prog: str = PROG) -> None:
     raise SystemExit(exit_code(exc))
 
 
+@one_line_override_errors(PROG)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
 def main(cfg: DictConfig) -> None:
     try:

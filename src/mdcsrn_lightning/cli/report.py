@@ -44,9 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = build_report(args.paths)
-    except (ValueError, OSError) as exc:  # ReportError is a ValueError
-        sys.exit(f"mdcsrn-report: error: {exc}")
-    written = report.write(args.out, figures=not args.no_figures, html=args.html)
+        written = report.write(args.out, figures=not args.no_figures, html=args.html)
+    except (ValueError, OSError) as exc:  # ReportError is a ValueError; WriteError an OSError
+        print(f"mdcsrn-report: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 2
     print(report.markdown(), end="")
     print(f"\nWrote {written['markdown']} and {written['csv']}", end="")
     figures = [str(written[k]) for k in ("html", "val_psnr", "val_curves", "panels") if k in written]

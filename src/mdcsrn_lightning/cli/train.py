@@ -26,7 +26,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from mdcsrn_lightning.checkpoints import CheckpointError, read_checkpoint, unsafe_reason
 from mdcsrn_lightning.cli.run_guard import created_run_folder
 from mdcsrn_lightning.cli.run_identity import run_identity
+from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
+from mdcsrn_lightning.data.fetch import FetchError
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.split import SplitError
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
@@ -41,7 +43,9 @@ from mdcsrn_lightning.training.precision import resolve_precision
 from mdcsrn_lightning.training.results import write_test_results
 from mdcsrn_lightning.training.run_checks import (
     RunConfigError,
+    check_callbacks,
     check_checkpoint_file,
+    check_critic_patch,
     check_resume_fits,
     check_sync_batchnorm,
     check_trainer_options,
@@ -134,8 +138,9 @@ def check_run_config(cfg: DictConfig) -> None:
     """What can be checked before anything is built or written; raises :class:`RunConfigError`.
 
     ``ckpt_path`` (an intact checkpoint archive), ``trainer.*`` option types and accelerator,
-    ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), and every
-    mandatory value (``???``) of the groups that will be built.
+    ``trainer.sync_batchnorm`` (GPU only, not with ``model.memory_efficient``), the critic's
+    minimum input against the patch sizes (``loss=wgan_gp``), callback classes, and every mandatory value
+    (``???``) of the groups that will be built.
     """
     for group in ("data", "model", "module", "trainer"):
         if group in cfg:
@@ -147,6 +152,8 @@ def check_run_config(cfg: DictConfig) -> None:
         check_checkpoint_file(cfg.ckpt_path)
     check_trainer_options(cfg.trainer)
     check_sync_batchnorm(cfg.trainer, cfg.get("model"))
+    check_critic_patch(cfg)
+    check_callbacks(cfg.get("callbacks"))
 
 
 def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, float]:
@@ -241,10 +248,11 @@ def _discard_unused_run_folder(cfg: DictConfig, state: dict[str, Any]) -> None:
 
 _USER_ERRORS = (
     VolumeError, SplitError, CheckpointError, RunConfigError, RunLockError, InstantiationException,
-    OmegaConfBaseException, OSError,
+    OmegaConfBaseException, OSError, FetchError,
 )
 
 
+@one_line_override_errors("mdcsrn-train")
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     state: dict[str, Any] = {}

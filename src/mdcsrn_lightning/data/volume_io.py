@@ -12,7 +12,9 @@ scanner) so that outputs are written as NIfTI with the same geometry. Every prob
   files, several series, unevenly spaced or missing slices); a single ``.dcm`` file;
 - not 3D (4D is accepted only when it holds one volume), empty, complex/RGB/non-numeric;
 - NaN or Inf voxels;
-- a zero, negative or non-finite voxel size in the header.
+- a zero, negative or non-finite voxel size in the header;
+- more voxels than the size limit (:func:`max_voxels`; checked from the header's shape, or a
+  DICOM series' first slice and slice count, before any voxel data is read or decompressed).
 
 :func:`check_not_constant` is the extra check for a volume that will be normalised by its
 own intensities (inference inputs, evaluation references): an all-zero or constant volume
@@ -45,7 +47,9 @@ __all__ = [
     "is_dicom_series",
     "is_volume_path",
     "load_volume",
+    "max_voxels",
     "read_volume",
+    "set_max_voxels",
     "volume_stem",
     "volume_token",
 ]
@@ -107,6 +111,63 @@ def check_array(data: Any, location: str) -> np.ndarray:
         inf = int(out.size - finite.sum() - nan)
         raise VolumeError(f"{location}: contains {nan} NaN and {inf} Inf voxel(s)")
     return np.ascontiguousarray(out)
+
+
+# What one voxel of an input costs while it is read, checked, normalised, super-resolved and
+# written (float64 decoding, float32 copies, the output volume): a generous estimate.
+BYTES_PER_VOXEL = 32
+_max_voxels: int | None = None  # None: from the available memory (set_max_voxels)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable``; physical memory where that is unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 64 * 1024**3
+
+
+def set_max_voxels(limit: int | str | None) -> None:
+    """Set the volume size limit (``max_voxels=``); ``None``/``"auto"``: from the available memory.
+
+    Raises:
+        ValueError: a limit that is not a positive integer (``"max_voxels=...: ..."``).
+    """
+    global _max_voxels
+    if limit is None or str(limit).lower() in ("auto", "null", "none", ""):
+        _max_voxels = None
+        return
+    try:
+        value = int(float(limit)) if not isinstance(limit, bool) else 0
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"max_voxels={limit!r}: expected a positive number of voxels or auto")
+    _max_voxels = value
+
+
+def max_voxels() -> int:
+    """The largest volume (in voxels) a file may claim: ``max_voxels=``, else available memory / 32 bytes."""
+    return _max_voxels if _max_voxels is not None else max(1, _available_memory() // BYTES_PER_VOXEL)
+
+
+def check_volume_size(shape: tuple[int, ...], location: str) -> None:
+    """Refuse a volume whose claimed shape holds more voxels than :func:`max_voxels`."""
+    count = int(np.prod([int(s) for s in shape], dtype=np.float64)) if shape else 0
+    limit = max_voxels()
+    if count > limit:
+        source = f"max_voxels={limit}" if _max_voxels is not None else "from the available memory; raise it with max_voxels=<n>"
+        raise VolumeError(
+            f"{location}: shape {tuple(int(s) for s in shape)} is {count:,} voxels, over the size limit of "
+            f"{limit:,} voxels ({source}); nothing was decompressed"
+        )
 
 
 def check_voxel_sizes(sizes: Any, location: str) -> tuple[float, float, float]:
@@ -215,6 +276,26 @@ def _check_slice_spacing(positions: list[np.ndarray], normal: np.ndarray, locati
         )
 
 
+def _check_series_size(files: list[str], location: str, error: type[VolumeError]) -> None:
+    """The series' claimed size (first slice's matrix x slice count) against :func:`max_voxels`."""
+    import SimpleITK as sitk
+
+    if not files:
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+        size = tuple(int(s) for s in reader.GetSize())
+    except RuntimeError:
+        return  # the series reader names what is wrong with the file
+    try:
+        check_volume_size((size[0], size[1], len(files) * (size[2] if len(size) > 2 else 1)), location)
+    except VolumeError as exc:
+        raise error(str(exc)) from None
+
+
 def _load_dicom(path: Path, error: type[VolumeError]) -> LoadedVolume:
     """One DICOM series folder -> a checked volume with a NIfTI image of its RAS geometry."""
     import nibabel as nib
@@ -230,6 +311,7 @@ def _load_dicom(path: Path, error: type[VolumeError]) -> LoadedVolume:
     reader = sitk.ImageSeriesReader()
     with _quiet_itk():
         files = list(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+    _check_series_size(files, location, error)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -336,6 +418,10 @@ def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeE
         return _load_dicom(path, error)
     image = _open(path, error)
     location = str(path)
+    try:
+        check_volume_size(tuple(image.shape), location)  # the header's claim, before decompressing
+    except VolumeError as exc:
+        raise error(str(exc)) from None
     try:
         shape = tuple(int(s) for s in image.shape)
         raw = np.asanyarray(image.dataobj)

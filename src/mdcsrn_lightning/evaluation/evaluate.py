@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,7 @@ def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Refer
     The checks are the package's one reader's (:func:`~mdcsrn_lightning.data.volume_io.load_volume`)
     plus: not all zero or constant (a reference is scaled by its own intensities).
     """
+    from mdcsrn_lightning.data.sources import warn_mixed_voxel_sizes
     from mdcsrn_lightning.data.volume_io import check_not_constant, load_volume
 
     if not paths:
@@ -147,11 +148,44 @@ def references_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[Refer
     files = [Path(p) for p in paths]
     names = _unique_names(files)
     refs = []
+    sizes: dict[str, tuple[float, ...]] = {}
     for name, path in zip(names, files):
-        data = load_volume(path).data
-        check_not_constant(data, str(path))
-        refs.append(Reference(name=name, hr=data, location=str(path)))
+        volume = load_volume(path)
+        check_not_constant(volume.data, str(path))
+        sizes[str(path)] = volume.voxel_sizes
+        refs.append(Reference(name=name, hr=volume.data, location=str(path)))
+    warn_mixed_voxel_sizes(sizes, "inputs", "their metrics are compared across resolutions "
+                           "(the degradation and the slices are per voxel, not per mm)")
     return refs
+
+
+# the SSIM window (metrics._SSIM_KERNEL): a slice must be at least this wide in both directions
+MIN_SLICE_SIDE = 11
+
+
+def check_slice_size(shape: Sequence[int], axis: int, location: str) -> None:
+    """Refuse a reference whose slices across ``axis`` are smaller than the SSIM window (one line)."""
+    from mdcsrn_lightning.data.volume_io import VolumeError
+
+    other = [a for a in range(3) if a != axis % 3]
+    sides = [int(shape[a]) for a in other]
+    if min(sides) < MIN_SLICE_SIDE:
+        raise VolumeError(
+            f"{location}: slices across axis {axis % 3} are {sides[0]}x{sides[1]} voxels (shape {tuple(int(n) for n in shape)}), "
+            f"smaller than the {MIN_SLICE_SIDE}x{MIN_SLICE_SIDE} SSIM window; evaluation needs at least "
+            f"{MIN_SLICE_SIDE} voxels along axes {other[0]} and {other[1]}"
+        )
+
+
+def _slice_checked(references: Iterable[Reference], axis: int) -> Iterator[Reference]:
+    """``references``, each checked by :func:`check_slice_size`; a list (files) is checked
+    whole before the first is handed out, so nothing is computed for a bad set."""
+    if isinstance(references, Sequence):
+        for ref in references:
+            check_slice_size(np.shape(ref.hr), axis, ref.location)
+    for ref in references:
+        check_slice_size(np.shape(ref.hr), axis, ref.location)
+        yield ref
 
 
 def references_from_source(source: Any, names: Iterable[str]) -> Iterable[Reference]:
@@ -329,7 +363,7 @@ def evaluate(
             )
     start = time.perf_counter()
     n_refs = 0
-    for ref in references:
+    for ref in _slice_checked(references, axis):
         n_refs += 1
         hr = np.asarray(ref.hr, dtype=np.float32)
         # one intensity scale for every method's metrics, perceptual scores and panels

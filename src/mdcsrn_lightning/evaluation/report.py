@@ -272,6 +272,20 @@ def _multirun_root(run_dir: Path) -> Path | None:
     return parent if (parent / "multirun.yaml").is_file() else None
 
 
+def read_metrics_json(path: Path) -> dict[str, Any]:
+    """A run's ``metrics.json``, checked for the shape the report reads; :class:`ReportError` names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ReportError(f"{path}: not readable as JSON ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object with 'methods', got {type(data).__name__}")
+    methods = data.get("methods") or {}
+    if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
+        raise ReportError(f"{path}: 'methods' must map each method to its metrics (an object of objects)")
+    return data
+
+
 def read_run(run_dir: Path) -> Run:
     """A run folder of ``mdcsrn-train`` (``metrics.json`` may be missing: a failed run)."""
     run_dir = Path(run_dir)
@@ -293,7 +307,7 @@ def read_run(run_dir: Path) -> Run:
     run.curve = run.curves.get("val/psnr", [])
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
-        data = json.loads(metrics_path.read_text(encoding="utf-8"))
+        data = read_metrics_json(metrics_path)
         run.methods = {k: dict(v) for k, v in (data.get("methods") or {}).items()}
         run.params = data.get("params")
         run.seconds_per_volume = data.get("seconds_per_volume")

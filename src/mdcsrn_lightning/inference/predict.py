@@ -251,17 +251,45 @@ def trained_data_settings(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
     out = {k: hp[k] for k in _DATA_KEYS if k in hp}
     if out:
-        return out
+        return _checked_settings(out, f"{ckpt}: datamodule_hyper_parameters")
     config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
     if not config.is_file():
         return {}
     try:
         from omegaconf import OmegaConf
 
-        data = OmegaConf.to_container(OmegaConf.load(config), resolve=False).get("data") or {}  # type: ignore[union-attr]
+        run_config = OmegaConf.load(config)
+        data = run_config.get("data") if hasattr(run_config, "get") else None
     except Exception:  # an unreadable run config is no reason to fail inference
         return {}
-    return {k: data[k] for k in _DATA_KEYS if k in data}
+    if not OmegaConf.is_dict(data):
+        return {}
+    found: dict[str, Any] = {}
+    for key in _DATA_KEYS:
+        if key not in data:
+            continue
+        try:  # an interpolation is resolved against the run config; one that fails is named
+            value = OmegaConf.select(run_config, f"data.{key}", throw_on_resolution_failure=True)
+        except Exception as exc:
+            raw = OmegaConf.to_container(data, resolve=False).get(key)  # type: ignore[union-attr]
+            raise InferenceError(f"{config}: data.{key}: {raw!r} cannot be resolved "
+                                 f"({' '.join(str(exc).split()).split(' full_key:')[0][:160]})") from None
+        found[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return _checked_settings(found, f"{config}: data")
+
+
+def _checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse recorded data settings of the wrong type (``factors: "${...}"``), naming ``where`` and the key."""
+    factors = settings.get("factors")
+    if factors is not None and not (
+        isinstance(factors, (list, tuple)) and len(factors) == 3
+        and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)
+    ):
+        raise InferenceError(f"{where}.factors: {factors!r} is not three positive numbers")
+    for key, value in settings.items():
+        if key == "interpolation" and not isinstance(value, str) or isinstance(value, str) and "${" in value:
+            raise InferenceError(f"{where}.{key}: {value!r} is not a valid setting")
+    return settings
 
 
 # ------------------------------------------------------------------------ inputs/outputs
@@ -318,17 +346,31 @@ def _output_name(path: Path) -> str:
     return path.name if is_nifti_path(path) else f"{nifti_stem(path)}.nii.gz"
 
 
+# volume and image file types a user may name as output but that are not written (NIfTI is):
+# without this refusal output=sr.mgz would become a folder sr.mgz/ holding a NIfTI
+_NOT_WRITTEN_SUFFIXES = frozenset({
+    ".mgz", ".mgh", ".img", ".hdr", ".gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima", ".png", ".jpg",
+    ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".npz", ".h5", ".hdf5", ".mat", ".vtk", ".zip",
+})
+
+
 def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
     """Output path of each input.
 
     One file in: ``output`` is the file to write (or, if it is an existing folder or has
-    no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into). A
+    no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into); a name
+    with another volume or image extension (``sr.mgz``, ``sr.png``) is refused. A
     folder/glob in: ``output`` is a folder and each output keeps its input's file name
     (``<name>.nii.gz`` for a DICOM series folder or an ``.mgz``/``.img`` file).
     """
     out = Path(output).expanduser()
     if not is_collection and is_nifti_path(out) and not out.is_dir():
         return [out]
+    if not out.is_dir() and out.suffix.lower() in _NOT_WRITTEN_SUFFIXES:
+        raise InferenceError(
+            f"{out}: outputs are written as NIfTI only, not {out.suffix}; give output=<name>.nii.gz "
+            "(or a folder name without a file extension)"
+        )
     if out.exists() and not out.is_dir():
         raise InferenceError(f"{out}: output for several inputs must be a folder, and this is a file")
     if not is_collection:

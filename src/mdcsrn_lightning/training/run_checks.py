@@ -5,6 +5,8 @@
 - :func:`check_trainer_options`: ``trainer.*`` values have the types ``lightning.Trainer``
   takes (``trainer.max_steps=abc`` names the key) and the accelerator exists here.
 - :func:`check_sync_batchnorm`: ``trainer.sync_batchnorm=true`` only where it can work.
+- :func:`check_critic_patch`: the WGAN-GP critic accepts the data's patches.
+- :func:`check_callbacks`: every ``callbacks.*`` target is a Lightning ``Callback``.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ from __future__ import annotations
 import inspect
 import os
 import typing
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mdcsrn_lightning.checkpoints import describe_state_mismatch
+from mdcsrn_lightning.checkpoints import archive_problem, describe_state_mismatch
 
-__all__ = ["RunConfigError", "check_checkpoint_file", "check_sync_batchnorm", "check_trainer_options"]
+__all__ = [
+    "RunConfigError",
+    "check_callbacks",
+    "check_checkpoint_file",
+    "check_critic_patch",
+    "check_sync_batchnorm",
+    "check_trainer_options",
+    "critic_min_input",
+]
 
 
 class RunConfigError(ValueError):
@@ -29,27 +38,81 @@ class RunConfigError(ValueError):
 def check_checkpoint_file(path: str | os.PathLike[str], key: str = "ckpt_path") -> Path:
     """Refuse a missing, empty, truncated or foreign file as a checkpoint (reads it, runs nothing).
 
-    ``torch.save`` writes a zip archive; a truncated copy loses the archive's directory and a
-    damaged one fails a member's CRC.
+    The archive check is :func:`~mdcsrn_lightning.checkpoints.archive_problem`, the one every
+    command's checkpoint reader makes.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise RunConfigError(f"{key}={path}: no such checkpoint file")
     if p.is_dir():
         raise RunConfigError(f"{key}={path}: is a folder, not a checkpoint file")
-    if p.stat().st_size == 0:
-        raise RunConfigError(f"{key}={path}: empty file, not a checkpoint")
-    try:
-        with zipfile.ZipFile(p) as archive:
-            names = archive.namelist()
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise RunConfigError(f"{key}={path}: not a readable PyTorch checkpoint (truncated or another kind of file: {exc})") from None
-    if damaged is not None:
-        raise RunConfigError(f"{key}={path}: damaged checkpoint (CRC error in {damaged})")
-    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-        raise RunConfigError(f"{key}={path}: a zip file but not a PyTorch checkpoint (no data.pkl)")
+    problem = archive_problem(p)  # the check every command's checkpoint reader makes
+    if problem is not None:
+        raise RunConfigError(f"{key}={path}: {problem}")
     return p
+
+
+def critic_min_input(discriminator: Mapping[str, Any]) -> int:
+    """Smallest patch side the critic config takes: ``2**L * (pooled_size - 1) + 1`` for L stride-2 convs.
+
+    As :attr:`~mdcsrn_lightning.models.discriminator.Discriminator3D.min_input_size`, from the
+    config alone (nothing is built).
+    """
+    return 2 ** _critic_strides(discriminator) * (int(discriminator.get("pooled_size", 3)) - 1) + 1
+
+
+def _critic_strides(discriminator: Mapping[str, Any]) -> int:
+    channels = discriminator.get("channels")
+    return len(channels) if channels is not None else int(discriminator.get("num_blocks", 4))
+
+
+def _smallest_side(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) else min(int(v) for v in value)
+
+
+def check_critic_patch(cfg: Mapping[str, Any]) -> None:
+    """Refuse a WGAN-GP run whose critic cannot take the training patches (or the EM-distance crops).
+
+    Checked from the config before anything is built: the critic needs every side of its input
+    to be at least :func:`critic_min_input` (33 for the paper's critic, 4 stride-2 convs pooled
+    to 3^3); ``experiment=quickstart`` trains on 24^3.
+    """
+    module = cfg.get("module") or {}
+    discriminator = module.get("discriminator") if hasattr(module, "get") else None
+    data = cfg.get("data") or {}
+    if not discriminator or "patch_size" not in data:
+        return
+    minimum = critic_min_input(discriminator)
+    pooled = discriminator.get("pooled_size", 3)
+    for key, value in (("data.patch_size", data.get("patch_size")), ("module.em_patch_size", module.get("em_patch_size"))):
+        if value is None or _smallest_side(value) >= minimum:
+            continue
+        shown = value if isinstance(value, (int, float)) else list(value)
+        raise RunConfigError(
+            f"{key}={shown}: smaller than the critic's minimum input of {minimum} per side "
+            f"(module.discriminator: {_critic_strides(discriminator)} stride-2 convs, pooled_size={pooled}); give {key}>={minimum} or a critic that takes it "
+            "(module.discriminator.pooled_size), or use experiment=quickstart_gan for the quickstart's data"
+        )
+
+
+def check_callbacks(callbacks: Mapping[str, Any] | None) -> None:
+    """Refuse a ``callbacks.<name>._target_`` that cannot be imported or is a class but not a
+    Lightning ``Callback`` (imports it, builds nothing)."""
+    from hydra._internal.utils import _locate
+    from lightning.pytorch import Callback
+
+    for name, entry in (callbacks or {}).items():
+        if not isinstance(entry, Mapping) or "_target_" not in entry:
+            continue
+        target = str(entry["_target_"])
+        try:
+            found = _locate(target)
+        except ImportError as exc:
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise RunConfigError(f"callbacks.{name}._target_={target}: cannot be imported ({detail})") from None
+        if isinstance(found, type) and not issubclass(found, Callback):
+            raise RunConfigError(
+                f"callbacks.{name}._target_={target}: not a Lightning Callback (a subclass of lightning.pytorch.Callback)")
 
 
 def _allows_str(annotation: Any) -> bool:
