@@ -186,18 +186,7 @@ def publish_new(path: str | os.PathLike[str]) -> Iterator[Path]:
     with _temp_beside(target) as tmp:
         yield tmp
         _finish(tmp, target)
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            # a file system without hard links (FAT, some network mounts): check, then rename
-            # (a small window remains in which a concurrent writer can be replaced)
-            if target.exists():
-                raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
-            os.replace(tmp, target)
+        _link_new(tmp, target)
         _fsync_dir(target.parent)
 
 
@@ -226,6 +215,8 @@ def _link_new(tmp: Path, target: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
+        # a file system without hard links (FAT, some network mounts): check, then rename
+        # (a small window remains in which a concurrent writer can be replaced)
         if target.exists():
             raise FileExistsError(f"{target}: already exists; pass overwrite=true to replace it") from None
         os.replace(tmp, target)

@@ -152,23 +152,7 @@ def data_task(
 ) -> dict[str, Any]:
     """One fresh process per ``N`` (see the module docstring); returns a JSON-ready dict."""
     source = data_cfg.get("source") or {}
-    if source.get("_target_") != GLOB_TARGET or source.get("root") in (None, "???"):
-        raise ValueError(
-            "bench.task=data needs a folder source: data=hcp data.source.root=<folder> "
-            "(make one with: mdcsrn-data make-hcp <folder> --n 64)"
-        )
-    ns = [int(n) for n in subjects]
-    if not ns or any(n < 4 for n in ns):
-        raise ValueError(f"bench.data.subjects must be cohort sizes >= 4 (one per split set), got {list(subjects)}")
-    ws = [int(w) for w in workers]
-    if not ws or any(w < 0 for w in ws):
-        raise ValueError(f"bench.data.workers must be ints >= 0, got {list(workers)}")
-    if not augments or any(a not in AUGMENT_ROWS for a in augments):
-        raise ValueError(f"bench.data.augments must be among {', '.join(AUGMENT_ROWS)}, got {list(augments)}")
-    if int(batches) < 2:
-        raise ValueError(f"bench.data.batches must be >= 2 (the first one fills the queue), got {batches}")
-    if not (isinstance(gpu_tflops, (int, float)) and gpu_tflops > 0):
-        raise ValueError(f"bench.data.gpu_tflops must be a number > 0, got {gpu_tflops!r}")
+    ns, ws = _check_task(source, subjects, workers, augments, batches, gpu_tflops, samplers)
     base = Path(workdir or tempfile.mkdtemp(prefix="mdcsrn-bench-data-"))
     result: dict[str, Any] = {
         "task": "data",
@@ -214,6 +198,33 @@ def data_task(
                 row["supply_over_gpu_estimate"] = row["patches_per_s"] / gpu
         result["rss_flat_in_n"] = _flat(ok)
     return result
+
+
+def _check_task(
+    source: dict[str, Any], subjects: Sequence[int], workers: Sequence[int], augments: Sequence[str],
+    batches: int, gpu_tflops: float, samplers: Sequence[str],
+) -> tuple[list[int], list[int]]:
+    """The task's arguments checked (one-line errors naming the key); the cohort sizes and workers."""
+    if source.get("_target_") != GLOB_TARGET or source.get("root") in (None, "???"):
+        raise ValueError(
+            "bench.task=data needs a folder source: data=hcp data.source.root=<folder> "
+            "(make one with: mdcsrn-data make-hcp <folder> --n 64)"
+        )
+    ns = [int(n) for n in subjects]
+    if not ns or any(n < 4 for n in ns):
+        raise ValueError(f"bench.data.subjects must be cohort sizes >= 4 (one per split set), got {list(subjects)}")
+    ws = [int(w) for w in workers]
+    if not ws or any(w < 0 for w in ws):
+        raise ValueError(f"bench.data.workers must be ints >= 0, got {list(workers)}")
+    if not augments or any(a not in AUGMENT_ROWS for a in augments):
+        raise ValueError(f"bench.data.augments must be among {', '.join(AUGMENT_ROWS)}, got {list(augments)}")
+    if any(x not in ("uniform", "label") for x in samplers):
+        raise ValueError(f"bench.data.samplers must be among uniform, label, got {list(samplers)}")
+    if int(batches) < 2:
+        raise ValueError(f"bench.data.batches must be >= 2 (the first one fills the queue), got {batches}")
+    if not (isinstance(gpu_tflops, (int, float)) and gpu_tflops > 0):
+        raise ValueError(f"bench.data.gpu_tflops must be a number > 0, got {gpu_tflops!r}")
+    return ns, ws
 
 
 def _flat(runs: list[dict[str, Any]]) -> dict[str, Any]:

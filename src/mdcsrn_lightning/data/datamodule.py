@@ -209,21 +209,7 @@ class SRDataModule(LightningDataModule):
         self._realistic = _batched_realistic(augment_options, fs, interpolation, patch) if augment == "realistic" else None
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
-        if augment_axes is None:
-            aug_axes = tuple(i for i, f in enumerate(fs) if f > 1.0)
-        else:
-            aug_axes = tuple(int(a) for a in augment_axes)
-            if len(set(aug_axes)) != len(aug_axes) or not set(aug_axes) <= {0, 1, 2}:
-                raise ValueError(f"augment_axes must be distinct axes in (0, 1, 2), got {augment_axes!r}")
-        # Rotating mixes two axes: only fair when they were degraded alike.
-        planes = [(a, b) for a, b in combinations(sorted(aug_axes), 2) if fs[a] == fs[b]]
-        if augment != "none":
-            for a, b in planes:
-                if patch[a] != patch[b]:
-                    raise ValueError(
-                        f"augment rotates in the plane of axes {(a, b)}, which needs equal patch edges there; "
-                        f"got patch_size {patch}"
-                    )
+        aug_axes, planes = _augment_planes(augment_axes, fs, patch, augment)
         if (world_size is None) != (rank is None):
             raise ValueError(f"give both world_size and rank or neither, got world_size={world_size!r}, rank={rank!r}")
         if world_size is not None:
@@ -488,6 +474,28 @@ class SRDataModule(LightningDataModule):
             assert self.cache is not None
             fields["fg_file"] = self.cache.foreground(entry, float(hp.foreground_threshold))
         return tio.Subject(**fields)
+
+
+def _augment_planes(
+    augment_axes: Sequence[int] | None, factors: tuple[float, ...], patch: tuple[int, int, int], augment: str
+) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+    """The flip axes (default: the degraded ones) and the rotation planes: pairs of them degraded alike."""
+    if augment_axes is None:
+        axes = tuple(i for i, f in enumerate(factors) if f > 1.0)
+    else:
+        axes = tuple(int(a) for a in augment_axes)
+        if len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+            raise ValueError(f"augment_axes must be distinct axes in (0, 1, 2), got {augment_axes!r}")
+    # Rotating mixes two axes: only fair when they were degraded alike.
+    planes = [(a, b) for a, b in combinations(sorted(axes), 2) if factors[a] == factors[b]]
+    if augment != "none":
+        for a, b in planes:
+            if patch[a] != patch[b]:
+                raise ValueError(
+                    f"augment rotates in the plane of axes {(a, b)}, which needs equal patch edges there; "
+                    f"got patch_size {patch}"
+                )
+    return axes, planes
 
 
 def _batched_realistic(
