@@ -1,4 +1,9 @@
-"""Read a generator back from a Lightning checkpoint of either module (L1 or WGAN-GP).
+"""Read a trained model back from a Lightning checkpoint of either module (L1 or WGAN-GP).
+
+:func:`load_trained_model` reads a checkpoint once (one ``torch.load``) into a
+:class:`TrainedModel`: the generator, its config, the data settings it was trained with
+(factors, interpolation, input scale rule) and its release record. Every command takes what
+it needs from there (``mdcsrn-infer``, ``mdcsrn-eval``, ``mdcsrn-export``, ``module.init_ckpt``).
 
 Below training, inference and evaluation (all three read checkpoints); above ``models``.
 
@@ -17,10 +22,12 @@ file claiming a huge architecture is refused without allocating it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from mdcsrn_lightning.models.generators import generator_class
+from mdcsrn_lightning.release import RELEASED_WEIGHTS
 
 
 class CheckpointError(ValueError):
@@ -152,12 +160,18 @@ def build_generator(config: dict[str, Any]) -> nn.Module:
 
 
 def load_generator(path: str | Path, expected_config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the generator from the config stored in the checkpoint and load its weights.
+    """``(generator, net_config)`` of :func:`load_trained_model` (one read of the file)."""
+    model = load_trained_model(path, expected_config)
+    return model.net, model.net_config
+
+
+def generator_from(checkpoint: Mapping[str, Any], path: str | Path,
+                   expected_config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the generator from a checkpoint's contents (already read) and load its weights.
 
     With ``expected_config``, the stored architecture must match it (e.g. a GAN run that
     starts from an L1 checkpoint); a mismatch is a :class:`CheckpointError` naming both.
     """
-    checkpoint = read_checkpoint(path)
     config = checkpoint.get("net_config")
     if not config:
         raise CheckpointError(f"{path}: no 'net_config' in the checkpoint; not written by mdcsrn-train")
@@ -166,16 +180,8 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     if expected_config is not None:
-        differ = {k for k in set(config) | set(expected_config) if config.get(k) != expected_config.get(k)}
-        # options that do not change the weights may differ
-        differ -= {"memory_efficient"}
-        if differ:
-            shown = sorted(differ)[:4]
-            detail = ", ".join(f"{k}: checkpoint {_short(config.get(k))} vs config {_short(expected_config.get(k))}" for k in shown)
-            if len(differ) > len(shown):
-                detail += f", ... ({len(differ) - len(shown)} more)"
-            raise CheckpointError(f"{path}: holds another architecture ({detail})")
-    weights = generator_state(checkpoint)
+        _check_same_architecture(config, expected_config, path)
+    weights = generator_state(dict(checkpoint))
     try:
         # on the meta device first: shapes only, nothing allocated (a 67 KB file may claim
         # an architecture of gigabytes); the real one is built once the shapes agree
@@ -192,6 +198,136 @@ def load_generator(path: str | Path, expected_config: dict[str, Any] | None = No
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(exc).splitlines()[0]})") from None
     return net, config
+
+
+def _check_same_architecture(config: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
+    differ = {k for k in set(config) | set(expected) if config.get(k) != expected.get(k)}
+    differ -= {"memory_efficient"}  # options that do not change the weights may differ
+    if differ:
+        shown = sorted(differ)[:4]
+        detail = ", ".join(f"{k}: checkpoint {_short(config.get(k))} vs config {_short(expected.get(k))}" for k in shown)
+        if len(differ) > len(shown):
+            detail += f", ... ({len(differ) - len(shown)} more)"
+        raise CheckpointError(f"{path}: holds another architecture ({detail})")
+
+
+# ------------------------------------------------------------------------ trained model
+#: What inference needs to know about how a checkpoint's training data was made.
+DATA_KEYS = ("factors", "interpolation", "normalize", "input_scale")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Everything a command takes from one checkpoint, read once (:func:`load_trained_model`).
+
+    ``net``: the generator in eval mode, on the CPU. ``data``: the recorded data settings
+    (a subset of :data:`DATA_KEYS`: ``factors`` three numbers, ``interpolation``,
+    ``normalize``, ``input_scale``), ``{}`` when none are known. ``release``: the release
+    record of a released checkpoint (``data_consistency``, model card fields), else ``{}``.
+    """
+
+    path: Path
+    net: nn.Module
+    net_config: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    release: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def factors(self) -> tuple[float, float, float] | None:
+        """The training degradation's k-space factors, if recorded."""
+        found = self.data.get("factors")
+        return None if found is None else tuple(float(f) for f in found)  # type: ignore[return-value]
+
+    @property
+    def interpolation(self) -> str:
+        """How the network's fine-grid input was made (``linear`` when not recorded)."""
+        return str(self.data.get("interpolation") or "linear")
+
+    @property
+    def recommends_data_consistency(self) -> bool:
+        """The release record's measured choice (``release/MODEL_CARD.md``); ``False`` otherwise."""
+        return bool(self.release.get("data_consistency", False))
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike[str] | None) -> Path:
+    """The checkpoint to use: ``ckpt`` if given, else the released weights."""
+    if ckpt is None or str(ckpt).strip() in ("", "None", "null"):
+        return Path(RELEASED_WEIGHTS)
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    return path
+
+
+def load_trained_model(ckpt: str | os.PathLike[str] | None,
+                       expected_config: dict[str, Any] | None = None) -> TrainedModel:
+    """The :class:`TrainedModel` of ``ckpt`` (``None``: the released weights), from one
+    :func:`read_checkpoint`; any problem is one :class:`CheckpointError` line."""
+    path = resolve_checkpoint(ckpt)
+    checkpoint = read_checkpoint(path)
+    try:
+        net, config = generator_from(checkpoint, path, expected_config)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # e.g. a constructor that refuses its arguments
+        raise CheckpointError(f"{path}: cannot rebuild the generator ({type(exc).__name__}: {exc})") from exc
+    release = checkpoint.get("release")
+    return TrainedModel(path=path, net=net.eval(), net_config=config, data=data_settings(checkpoint, path),
+                        release=dict(release) if isinstance(release, Mapping) else {})
+
+
+def data_settings(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The data settings a checkpoint was trained with (``factors``, ``interpolation``...), if known.
+
+    Looked up in the checkpoint's ``datamodule_hyper_parameters`` (Lightning stores the
+    data module's hyperparameters there), then in ``<run>/.hydra/config.yaml`` beside
+    ``<run>/checkpoints/<file>.ckpt``; ``{}`` when neither has them.
+    """
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    found = {k: hp[k] for k in DATA_KEYS if k in hp}
+    if found:
+        return _checked_settings(found, f"{path}: datamodule_hyper_parameters")
+    config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    return _run_config_settings(config) if config.is_file() else {}
+
+
+def _run_config_settings(config: Path) -> dict[str, Any]:
+    """The :data:`DATA_KEYS` of a run's ``config.yaml`` ``data`` group, resolved; ``{}`` if unreadable."""
+    from omegaconf import OmegaConf
+
+    try:
+        run_config = OmegaConf.load(config)
+        data = run_config.get("data") if hasattr(run_config, "get") else None
+    except Exception:  # an unreadable run config is no reason to fail inference
+        return {}
+    if not OmegaConf.is_dict(data):
+        return {}
+    found: dict[str, Any] = {}
+    for key in (k for k in DATA_KEYS if k in data):
+        try:  # an interpolation is resolved against the run config; one that fails is named
+            value = OmegaConf.select(run_config, f"data.{key}", throw_on_resolution_failure=True)
+        except Exception as exc:
+            raw = OmegaConf.to_container(data, resolve=False).get(key)  # type: ignore[union-attr]
+            raise CheckpointError(f"{config}: data.{key}: {raw!r} cannot be resolved "
+                                  f"({' '.join(str(exc).split()).split(' full_key:')[0][:160]})") from None
+        found[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return _checked_settings(found, f"{config}: data")
+
+
+def _checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse recorded data settings of the wrong type (``factors: "${...}"``), naming ``where`` and the key."""
+    factors = settings.get("factors")
+    if factors is not None and not (
+        isinstance(factors, (list, tuple)) and len(factors) == 3
+        and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)
+    ):
+        raise CheckpointError(f"{where}.factors: {factors!r} is not three positive numbers")
+    for key, value in settings.items():
+        if key == "interpolation" and not isinstance(value, str) or isinstance(value, str) and "${" in value:
+            raise CheckpointError(f"{where}.{key}: {value!r} is not a valid setting")
+    return settings
 
 
 def _short(value: Any, limit: int = 60) -> str:

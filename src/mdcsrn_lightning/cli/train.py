@@ -170,17 +170,20 @@ def train(cfg: DictConfig, state: dict[str, Any] | None = None) -> dict[str, flo
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     resume = cfg.get("ckpt_path")
+    stored = None
     if resume and str(resume) not in _LIGHTNING_CKPT_NAMES:
-        # refuse a bad or unsafe file (one line) before anything is built or trained
-        read_checkpoint(resume)
+        # refuse a bad or unsafe file (one line) before anything is built or trained; the
+        # one read of it before Lightning's
+        stored = read_checkpoint(resume)
     _reuse_split_on_resume(cfg)
 
     # plain lists, not ListConfig: checkpoints (datamodule hparams) must load with weights_only
     datamodule = instantiate(cfg.data, _convert_="all")
     net = instantiate(cfg.model)
     module = build_module(cfg, net)
-    if resume and str(resume) not in _LIGHTNING_CKPT_NAMES:
-        check_resume_fits(module.state_dict(), resume)
+    if stored is not None:
+        check_resume_fits(module.state_dict(), stored, resume)
+        del stored  # Lightning reads the file itself
     loggers = build_loggers(cfg, Path(cfg.paths.output_dir))
     run_config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                   for k, v in cfg.items() if k != "hydra"}

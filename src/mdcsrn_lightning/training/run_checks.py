@@ -188,18 +188,13 @@ def _describe(annotation: Any) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in args)
 
 
-def check_resume_fits(model_state: Mapping[str, Any], path: str | os.PathLike[str], key: str = "ckpt_path") -> None:
+def check_resume_fits(model_state: Mapping[str, Any], checkpoint: Mapping[str, Any],
+                      path: str | os.PathLike[str], key: str = "ckpt_path") -> None:
     """Refuse resuming from a checkpoint of another architecture (one line, not a 4 KB state-dict dump).
 
-    Loads the checkpoint with ``weights_only=True`` (no code runs).
+    ``checkpoint``: the file's contents, already read
+    (:func:`~mdcsrn_lightning.checkpoints.read_checkpoint`: the one read before Lightning's).
     """
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise RunConfigError(f"{key}={path}: cannot be loaded safely ({first})") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, Mapping):
         raise RunConfigError(f"{key}={path}: no state_dict; not a checkpoint written by mdcsrn-train")
