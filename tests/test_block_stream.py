@@ -16,7 +16,11 @@ import torch
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference import block_stream as B
 from mdcsrn_lightning.inference import engines
-from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN, exact_engine_runner, exact_super_resolve
+from mdcsrn_lightning.inference.base import InferenceError
+from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
+from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.options import InferenceOptions
+from mdcsrn_lightning.inference.slabs import ExactInferer
 from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
 from mdcsrn_lightning.models import MDCSRN
 from mdcsrn_lightning.models.reference import ReferenceMDCSRN, reference_like
@@ -91,7 +95,7 @@ def test_reference_generator_and_progress() -> None:
     out = run(torch.from_numpy(vol)[None, None], seen.append)[0, 0].numpy()
     assert np.abs(out - whole).max() < 1e-5
     assert sum(seen) == 10 and all(n > 0 for n in seen)  # every slice reported once
-    assert np.abs(exact_super_resolve(run, vol) - whole).max() < 1e-5
+    assert np.abs(ExactInferer(run)(vol) - whole).max() < 1e-5
 
 
 def test_bad_arguments() -> None:
@@ -101,23 +105,23 @@ def test_bad_arguments() -> None:
         BlockStreamingMDCSRN(make_net(1, 1, 4), 0, "torch")
     with pytest.raises(ValueError, match="engine"):
         BlockStreamingMDCSRN(make_net(1, 1, 4), 4, "onnxruntime")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="engine=torch, openvino or auto"):
-        exact_engine_runner(make_net(1, 1, 4), "compile")
+    with pytest.raises(InferenceError, match="engine=torch, openvino or auto"):
+        build_inferer(make_net(1, 1, 4), InferenceOptions(stream=True, engine="compile", device="cpu"))
 
 
 def test_auto_picks_openvino_or_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     net = make_net(1, 2, 4)
     lines: list[str] = []
     if engines.engine_available("openvino"):
-        run = exact_engine_runner(net, "auto", log=lines.append)
+        run = build_inferer(net, InferenceOptions(stream=True, engine="auto", device="cpu"), log=lines.append).runner
         assert isinstance(run, BlockStreamingMDCSRN) and run.engine == "openvino" and run.slab == 16
         assert lines == []
     monkeypatch.setattr(engines, "engine_available", lambda name: name in ("torch", "compile"))
-    run = exact_engine_runner(net, "auto", slab=5, log=lines.append)
+    run = build_inferer(net, InferenceOptions(stream=True, engine="auto", slab=5, device="cpu"), log=lines.append).runner
     assert isinstance(run, StreamingMDCSRN) and run.slab == 5
     assert len(lines) == 1 and "OpenVINO is not installed" in lines[0]
-    with pytest.raises(engines.EngineUnavailable, match="openvino"):
-        exact_engine_runner(net, "openvino")
+    with pytest.raises(InferenceError, match="openvino"):
+        build_inferer(net, InferenceOptions(stream=True, engine="openvino", device="cpu"))
 
 
 def test_best_offset_minimises_the_slabs() -> None:

@@ -34,7 +34,7 @@ from mdcsrn_lightning.cli.train import train
 from mdcsrn_lightning.data.sources import GlobSource, read_volume
 from mdcsrn_lightning.data.volume_io import VolumeError, load_volume
 from mdcsrn_lightning.inference import nifti_io
-from mdcsrn_lightning.inference.predict import collect_inputs
+from mdcsrn_lightning.inference.files import collect_inputs
 from mdcsrn_lightning.runlock import acquire_run_lock
 from mdcsrn_lightning.checkpoints import CheckpointError, load_generator
 from mdcsrn_lightning.training.checkpoint_io import AtomicCheckpointIO
@@ -247,7 +247,7 @@ def test_unwritable_output_fails_before_computing(tmp_path: Path, monkeypatch, c
 
         monkeypatch.setattr(nifti_io.tempfile, "mkstemp", read_only)
     computed = []
-    monkeypatch.setattr("mdcsrn_lightning.inference.predict.super_resolve", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr("mdcsrn_lightning.inference.patches.super_resolve", lambda *a, **k: computed.append(1))
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}")
     line = _one_line(err, "mdcsrn-infer")
     assert code == 2 and line.startswith(f"mdcsrn-infer: error: {out}: ") and problem in line
@@ -311,7 +311,7 @@ def test_mgz_is_read_alike_by_training_and_inference(tmp_path: Path) -> None:
     path = tmp_path / "scan.mgz"
     nib.save(nib.MGHImage(data, affine), str(path))
     train_data, train_affine = read_volume(path)
-    infer_volume = nifti_io.read_volume(path)
+    infer_volume = load_volume(path, error=nifti_io.NiftiError)
     assert np.array_equal(train_data, data) and np.array_equal(infer_volume.data, data)
     assert np.allclose(train_affine, affine) and infer_volume.voxel_sizes == (2.0, 1.5, 1.0)
     out = nifti_io.write_like(tmp_path / "sr.nii.gz", data * 2, infer_volume)

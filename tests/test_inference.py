@@ -16,15 +16,11 @@ from torch import nn
 from mdcsrn_lightning.release import RELEASED_WEIGHTS
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference.patches import grid_for, super_resolve
-from mdcsrn_lightning.inference.predict import (
-    InferenceError,
-    PatchOptions,
-    collect_inputs,
-    plan_outputs,
-    predict_volume,
-    resolve_checkpoint,
-    trained_data_settings,
-)
+from mdcsrn_lightning.checkpoints import CheckpointError, load_trained_model, resolve_checkpoint
+from mdcsrn_lightning.inference.base import InferenceError, predict_volume
+from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.files import collect_inputs, plan_outputs
+from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.models import MDCSRN
 
 from .conftest import randomize_batchnorm
@@ -157,7 +153,7 @@ def test_bf16_autocast_runs_and_stays_close() -> None:
     assert np.abs(out16 - out32).max() < 0.1
 
 
-# ---------------------------------------------------------------------- predict.py
+# ---------------------------------------------------------------------- files.py
 class Times(nn.Module):
     def __init__(self, factor: float) -> None:
         super().__init__()
@@ -169,8 +165,8 @@ class Times(nn.Module):
 
 def test_normalisation_is_undone() -> None:
     vol = 1000.0 * np.random.default_rng(6).random((10, 11, 12)).astype(np.float32)
-    np.testing.assert_allclose(predict_volume(nn.Identity(), vol), vol, rtol=1e-6)
-    np.testing.assert_allclose(predict_volume(Times(2.0), vol), 2 * vol, rtol=1e-6)
+    np.testing.assert_allclose(predict_volume(build_inferer(nn.Identity()), vol), vol, rtol=1e-6)
+    np.testing.assert_allclose(predict_volume(build_inferer(Times(2.0)), vol), 2 * vol, rtol=1e-6)
 
     seen = {}
 
@@ -179,7 +175,7 @@ def test_normalisation_is_undone() -> None:
             seen["max"] = float(x.max())
             return x
 
-    predict_volume(Spy(), vol, PatchOptions(patch_size=70))
+    predict_volume(build_inferer(Spy(), InferenceOptions(patch_size=70)), vol)
     assert seen["max"] == pytest.approx(float(vol.max() / np.percentile(vol, 99.9)), rel=1e-5)
 
 
@@ -204,20 +200,20 @@ def test_inputs_outputs_and_checkpoint_resolution(tmp_path: Path) -> None:
     assert plan_outputs([Path("a.nii"), Path("b.nii")], tmp_path / "d", True) == [tmp_path / "d" / "a.nii", tmp_path / "d" / "b.nii"]
     # no checkpoint given: the released weights
     assert resolve_checkpoint(None) == RELEASED_WEIGHTS
-    with pytest.raises(InferenceError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         resolve_checkpoint(tmp_path / "nope.ckpt")
 
 
 def test_trained_settings_come_from_the_checkpoint_or_its_run(tmp_path: Path) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "a.ckpt", datamodule_hyper_parameters={"interpolation": "cubic", "factors": [2, 2, 1]})
-    assert trained_data_settings(ckpt) == {"interpolation": "cubic", "factors": [2, 2, 1]}
+    assert load_trained_model(ckpt).data == {"interpolation": "cubic", "factors": [2, 2, 1]}
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text("data:\n  interpolation: zero_filled\n  normalize: none\n")
     ckpt = write_tiny_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert trained_data_settings(ckpt) == {"interpolation": "zero_filled", "normalize": "none"}
-    assert trained_data_settings(write_tiny_checkpoint(tmp_path / "plain.ckpt")) == {}
+    assert load_trained_model(ckpt).data == {"interpolation": "zero_filled", "normalize": "none"}
+    assert load_trained_model(write_tiny_checkpoint(tmp_path / "plain.ckpt")).data == {}
 
 
 # ---------------------------------------------------------------------- mdcsrn-infer

@@ -21,7 +21,8 @@ from mdcsrn_lightning.data.mix import MixSource
 from mdcsrn_lightning.data.sources import GlobSource, VolumeError
 from mdcsrn_lightning.data.split import SplitError, load_or_create_split, read_split, split_counts, write_split
 from mdcsrn_lightning.data.volume_io import is_dicom_series, load_volume, read_volume
-from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs, plan_outputs
+from mdcsrn_lightning.inference.base import InferenceError
+from mdcsrn_lightning.inference.files import collect_inputs, plan_outputs
 
 from .conftest import compose_train
 from .test_inference import run_cli, write_tiny_checkpoint
@@ -227,10 +228,10 @@ def test_data_module_trains_from_dicom_folders_through_its_cache(tmp_path: Path)
 
 def infer_read(path: Path):
     """What mdcsrn-infer does with one input before any work: read and check it."""
-    from mdcsrn_lightning.inference.nifti_io import read_volume as infer_read_volume
+    from mdcsrn_lightning.inference.nifti_io import NiftiError
 
     try:
-        return infer_read_volume(path)
+        return load_volume(path, error=NiftiError)
     except VolumeError as exc:
         raise InferenceError(str(exc)) from None
 

@@ -20,7 +20,7 @@ from mdcsrn_lightning.data.intensity import INPUT_SCALE_RULE, input_scale, train
 from mdcsrn_lightning.data.sources import GlobSource
 from mdcsrn_lightning.evaluation.evaluate import checkpoint_methods, evaluate, references_from_files
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
-from mdcsrn_lightning.inference import predict as predict_mod
+from mdcsrn_lightning.inference import patches as patches_mod
 from tests.test_eval import phantom_hr
 from tests.test_inference import run_cli, write_tiny_checkpoint
 
@@ -58,7 +58,7 @@ def test_training_input_equals_what_infer_and_eval_give(tmp_path: Path, monkeypa
         seen.append(np.array(volume))
         return np.array(volume)
 
-    monkeypatch.setattr(predict_mod, "super_resolve", spy)
+    monkeypatch.setattr(patches_mod, "super_resolve", spy)
     ckpt = write_tiny_checkpoint(
         tmp_path / "m.ckpt",
         datamodule_hyper_parameters={"factors": [2, 2, 1], "interpolation": interpolation, "input_scale": INPUT_SCALE_RULE},

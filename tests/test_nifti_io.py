@@ -11,7 +11,15 @@ import pytest
 
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.inference import nifti_io
-from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, read_volume, write_like
+from mdcsrn_lightning.data.volume_io import LoadedVolume, load_volume
+from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, write_like
+
+
+
+def read_volume(path: Path) -> LoadedVolume:
+    """What mdcsrn-infer reads an input with: the one reader, raising NiftiError."""
+    return load_volume(path, error=NiftiError)
+
 
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 GEOMETRY_FIELDS = (

@@ -9,7 +9,9 @@ from torch import nn
 
 from mdcsrn_lightning.inference import patches
 from mdcsrn_lightning.inference.patches import auto_patch_size, bytes_per_voxel, super_resolve
-from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, stream_forward, stream_super_resolve
+from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.options import InferenceOptions
+from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, stream_forward
 from mdcsrn_lightning.models import MDCSRN
 from mdcsrn_lightning.models.reference import reference_like
 
@@ -82,7 +84,7 @@ def test_margin_auto_patches_equal_the_whole_volume_pass() -> None:
     # the paper's margin 3 < radius 4 leaves seams
     seams = super_resolve(net, vol, patch_size=(12, 11, 13), margin=3, device="cpu")
     assert np.abs(seams - whole).max() > 1e-4
-    streamed = stream_super_resolve(net, vol, slab=5, device="cpu")
+    streamed = build_inferer(net, InferenceOptions(stream=True, slab=5, device="cpu"))(vol)
     assert np.abs(streamed - whole).max() < 1e-5
 
 

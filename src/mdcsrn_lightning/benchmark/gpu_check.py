@@ -294,23 +294,23 @@ _PAPER_SECONDS = {"b4u4": 12.54, "b8u4": 27.86}  # 320x320x256 on a GTX 1080 Ti 
 
 
 def _volume_rows(sizes: Sizes, dev: torch.device, log: Log) -> list[Row]:
-    from mdcsrn_lightning.inference.patches import super_resolve
-    from mdcsrn_lightning.inference.streaming import stream_super_resolve
+    from mdcsrn_lightning.inference.build import build_inferer
+    from mdcsrn_lightning.inference.options import InferenceOptions
 
     volume = np.random.default_rng(7).random(sizes.volume, dtype=np.float32)
     shape = "x".join(map(str, sizes.volume))
     voxels = int(np.prod(sizes.volume))
     rows: list[Row] = []
+    patch_label = f"{sizes.patch}³ patches, margin {sizes.margin}"
+    settings = {
+        f"{patch_label}, fp32": InferenceOptions(patch_size=sizes.patch, margin=sizes.margin, device=str(dev)),
+        f"{patch_label}, bf16": InferenceOptions(patch_size=sizes.patch, margin=sizes.margin, device=str(dev), precision="bf16"),
+        f"exact, streamed (slab {sizes.slab})": InferenceOptions(stream=True, slab=sizes.slab, device=str(dev)),
+    }
     for name, cfg in sizes.models.items():
         net = build_net(cfg, seed=0).eval().to(dev)
-        patch_label = f"{sizes.patch}³ patches, margin {sizes.margin}"
         runners: dict[str, Callable[[], Any]] = {
-            f"{patch_label}, fp32": lambda net=net: super_resolve(
-                net, volume, patch_size=sizes.patch, margin=sizes.margin, device=dev),
-            f"{patch_label}, bf16": lambda net=net: super_resolve(
-                net, volume, patch_size=sizes.patch, margin=sizes.margin, device=dev, precision="bf16"),
-            f"exact, streamed (slab {sizes.slab})": lambda net=net: stream_super_resolve(
-                net, volume, slab=sizes.slab, device=dev),
+            label: (lambda inferer=build_inferer(net, options): inferer(volume)) for label, options in settings.items()
         }
         memory: dict[str, float] = {}
         failed: dict[str, str] = {}

@@ -23,6 +23,29 @@ from mdcsrn_lightning.benchmark.measure import MB, PeakMemory, peak_rss_bytes, r
 from mdcsrn_lightning.benchmark.runners import build_net, make_infer_runner, make_input, make_train_step
 
 
+def _volume_inferer(net: Any, spec: dict[str, Any], device: Any) -> Any:
+    """The inferer of a ``bench.task=volume`` setting, built by
+    :func:`~mdcsrn_lightning.inference.build.build_inferer` (``patches_stream`` is a check, not
+    a strategy: ``margin="auto"`` patches each run by the eager streamed pass)."""
+    from mdcsrn_lightning.inference.build import build_inferer
+    from mdcsrn_lightning.inference.options import InferenceOptions
+    from mdcsrn_lightning.inference.patches import PatchInferer
+    from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
+
+    mode, slab, dev = spec["setting"], int(spec.get("slab", 16)), str(device)
+    patches = {"patch_size": spec.get("patch_size", 70), "margin": "auto", "device": dev}
+    if mode == "patches_stream":
+        return PatchInferer(StreamingMDCSRN(net.to(device), slab), InferenceOptions(**patches))
+    options = {
+        "stream": InferenceOptions(stream=True, engine="torch", slab=slab, device=dev),
+        "block:openvino": InferenceOptions(stream=True, engine="openvino", slab=int(spec.get("block_slab", 16)), device=dev),
+        "patches_openvino": InferenceOptions(engine="openvino", **patches),
+    }.get(mode)
+    if options is None:
+        raise ValueError(f"unknown volume setting {mode!r}; choose stream, block:openvino, patches_openvino or patches_stream")
+    return build_inferer(net, options)
+
+
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -49,39 +72,11 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
             step()
         call = step
     elif task == "volume":
-        from mdcsrn_lightning.inference.patches import super_resolve
-        from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, stream_super_resolve
-
-        net = build_net(spec["model"], int(spec["seed"])).eval()
+        inferer = _volume_inferer(build_net(spec["model"], int(spec["seed"])).eval(), spec, device)
         volume = np.load(spec["input"], mmap_mode="r")
-        mode = spec["setting"]
 
-        block = None
-        if mode.startswith("block:"):  # built here, compiled in the timed call
-            from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
-
-            block = BlockStreamingMDCSRN(net, int(spec.get("block_slab", 16)), mode.split(":", 1)[1])  # type: ignore[arg-type]
-        engine = None
-        if mode == "patches_openvino":
-            from mdcsrn_lightning.inference.engines import build_engine
-
-            engine = build_engine(net, "openvino")
-
-        def call() -> Any:
-            if block is not None:
-                from mdcsrn_lightning.inference.block_stream import exact_super_resolve
-
-                return exact_super_resolve(block, np.asarray(volume))
-            if engine is not None:
-                return super_resolve(engine, np.asarray(volume), patch_size=spec["patch_size"], margin="auto", device=device)
-            if mode == "stream":
-                return stream_super_resolve(net, np.asarray(volume), slab=spec.get("slab", 16), device=device)
-            if mode == "patches_stream":
-                return super_resolve(
-                    StreamingMDCSRN(net, spec.get("slab", 16)), np.asarray(volume),
-                    patch_size=spec["patch_size"], margin="auto", device=device,
-                )
-            raise ValueError(f"unknown volume setting {mode!r}")
+        def call() -> Any:  # the first call compiles (OpenVINO): timed, as a user would wait
+            return inferer(np.asarray(volume))
 
     else:
         raise ValueError(f"unknown probe task {task!r}")

@@ -348,8 +348,9 @@ def volume_task(
 ) -> dict[str, Any]:
     """Exact whole-volume passes side by side, each in a fresh process (seconds including
     any compilation, peak RSS): the eager streamed pass (``stream``), the block-streamed
-    pass run by ``block_engine`` (``block``; :mod:`~mdcsrn_lightning.inference.block_stream`,
-    ``block_slab`` slices per call; ``None`` skips it) and, with ``engine_patches`` (a patch
+    pass run by ``block_engine`` (``block``: ``openvino``;
+    :mod:`~mdcsrn_lightning.inference.block_stream`, ``block_slab`` slices per call; ``None``
+    skips it; every run is built by :func:`~mdcsrn_lightning.inference.build.build_inferer`) and, with ``engine_patches`` (a patch
     size), patch inference with ``margin="auto"`` fed to the OpenVINO engine
     (``engine_patches``; the other exact design). Checks of each output:
 

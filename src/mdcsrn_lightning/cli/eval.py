@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mdcsrn_lightning.atomic import WriteError
-from mdcsrn_lightning.cli.infer import fail, interrupted, patch_options
+from mdcsrn_lightning.cli.infer import fail, inference_options, interrupted
 from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
@@ -39,7 +39,8 @@ from mdcsrn_lightning.evaluation.evaluate import (
     write_outputs,
 )
 from mdcsrn_lightning.inference.nifti_io import check_writable
-from mdcsrn_lightning.inference.predict import InferenceError, collect_inputs
+from mdcsrn_lightning.inference.base import InferenceError
+from mdcsrn_lightning.inference.files import collect_inputs
 from mdcsrn_lightning.interrupts import Terminated, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
 
@@ -105,7 +106,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         [str(m) for m in _list(cfg.methods)],
         checkpoints,
         factors=factors,
-        options=patch_options(cfg),
+        options=inference_options(cfg),
         perceptual=[str(p) for p in _list(cfg.perceptual)],
         segmentation=bool(cfg.segmentation),
         panel_dir=output_dir / "panels" if cfg.panels else None,

@@ -27,7 +27,8 @@ from mdcsrn_lightning.cli.infer import fail
 from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.inference.engines import EngineUnavailable, export, load_engine
-from mdcsrn_lightning.inference.predict import InferenceError, load_model
+from mdcsrn_lightning.checkpoints import load_trained_model
+from mdcsrn_lightning.inference.base import InferenceError
 
 PROG = "mdcsrn-export"
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
@@ -57,7 +58,8 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.format)
     if fmt not in SUFFIX:
         raise InferenceError(f"format={fmt}: choose onnx or openvino")
-    net, config, ckpt = load_model(cfg.ckpt)
+    model = load_trained_model(cfg.ckpt)
+    net, config, ckpt = model.net, model.net_config, model.path
     outputs = _outputs(cfg, ckpt, fmt)
     result: dict[str, Any] = {"checkpoint": str(ckpt), "format": fmt, "output": str(outputs[0]), "net_config": config}
     if fmt == "openvino":

@@ -27,7 +27,9 @@ from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.volume_io import set_max_voxels
-from mdcsrn_lightning.inference.predict import InferenceError, PatchOptions, Prediction, predict
+from mdcsrn_lightning.inference.base import InferenceError
+from mdcsrn_lightning.inference.files import Prediction, predict
+from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
 
@@ -65,23 +67,24 @@ def _slab(value: Any) -> int | None:
     return value
 
 
-def patch_options(cfg: DictConfig) -> PatchOptions:
+def inference_options(cfg: DictConfig) -> InferenceOptions:
+    """The options object of ``cfg`` (``patches.*``, ``bn_mode``, ``device``, ``engine``, ``stream``...)."""
     p = cfg.patches
 
     def value(v: Any) -> Any:
         return v if v is None or isinstance(v, (int, str)) else [int(x) for x in v]
 
     size, margin = value(p.size), value(p.margin)
-    return PatchOptions(
+    return InferenceOptions(
         patch_size=size,
         margin=margin,
-        overlap_mode=str(p.overlap_mode),
+        overlap_mode=str(p.overlap_mode),  # type: ignore[arg-type]
         batch_size=int(p.batch_size),
-        bn_mode=str(cfg.bn_mode),
+        bn_mode=str(cfg.bn_mode),  # type: ignore[arg-type]
         device=str(cfg.device),
         precision=str(cfg.precision),
         progress=bool(cfg.get("progress", False)),
-        engine=str(cfg.get("engine", "torch")),
+        engine=str(cfg.get("engine", "torch")),  # type: ignore[arg-type]
         stream=bool(cfg.get("stream", False)),
         slab=_slab(cfg.get("slab")),
     )
@@ -101,7 +104,7 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         source,
         target,
         cfg.get("ckpt"),
-        options=patch_options(cfg),
+        options=inference_options(cfg),
         degrade=bool(cfg.degrade),
         factors=[float(f) for f in cfg.factors] if cfg.get("factors") is not None else None,
         degrade_interpolation=cfg.get("degrade_interpolation"),

@@ -46,6 +46,7 @@ import numpy as np
 from torch import nn
 
 from mdcsrn_lightning.atomic import atomic_path, write_text
+from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.data.degradation import data_consistency as apply_data_consistency
 from mdcsrn_lightning.data.degradation import degrade, slice_axis
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
@@ -67,6 +68,7 @@ from mdcsrn_lightning.evaluation.segmentation import (
     segmentation_consistency,
 )
 from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
+from mdcsrn_lightning.inference.options import InferenceOptions
 
 __all__ = [
     "BASELINES",
@@ -126,9 +128,9 @@ class Reference:
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
-    from mdcsrn_lightning.data.volume_io import volume_stem as nifti_stem
+    from mdcsrn_lightning.data.volume_io import volume_stem
 
-    names = [nifti_stem(p) for p in paths]
+    names = [volume_stem(p) for p in paths]
     if len(set(names)) == len(names):
         return names
     return [str(p).replace(os.sep, "_").strip("_") for p in paths]
@@ -236,25 +238,19 @@ def checkpoint_methods(
     ``input_interpolation=None``: each checkpoint's training interpolation (if recorded,
     else ``linear``).
     """
-    from mdcsrn_lightning.inference.predict import load_model, trained_data_settings
-
     if names and len(names) != len(paths):
         raise ValueError(f"ckpt_names: {len(names)} names for {len(paths)} checkpoints")
     out = []
     for i, p in enumerate(paths):
-        net, _, path = load_model(p)
-        settings = trained_data_settings(path)
-        interp = input_interpolation or str(settings.get("interpolation") or "linear")
-        name = names[i] if names else _checkpoint_name(path)
-        factors = settings.get("factors")
+        model = load_trained_model(p)
         out.append(
             CheckpointMethod(
-                name=name,
-                net=net,
-                path=str(path),
-                input_interpolation=interp,
-                input_scale=trained_input_scale(settings, str(path)),
-                trained_factors=[float(f) for f in factors] if factors is not None else None,
+                name=names[i] if names else _checkpoint_name(model.path),
+                net=model.net,
+                path=str(model.path),
+                input_interpolation=input_interpolation or model.interpolation,
+                input_scale=trained_input_scale(model.data, str(model.path)),
+                trained_factors=list(model.factors) if model.factors is not None else None,
             )
         )
     seen: dict[str, int] = {}
@@ -311,7 +307,7 @@ def evaluate(
     checkpoints: Sequence[CheckpointMethod] = (),
     *,
     factors: Sequence[float] = (2, 2, 1),
-    options: Any = None,
+    options: InferenceOptions | None = None,
     perceptual: Sequence[str] = ("niqe", "piqe", "ma", "pi"),
     segmentation: bool = True,
     panel_dir: str | os.PathLike[str] | None = None,
@@ -326,7 +322,7 @@ def evaluate(
             ``zero_filled``; ``linear``/``cubic`` accepted).
         checkpoints: generators (:func:`checkpoint_methods`).
         factors: k-space reduction per axis; metrics use slices across the most degraded plane.
-        options: :class:`~mdcsrn_lightning.inference.predict.PatchOptions` for the generators.
+        options: :class:`~mdcsrn_lightning.inference.options.InferenceOptions` for the generators.
         perceptual: no-reference metrics to report; those that cannot run are stated.
         segmentation: compute the stand-in segmentation consistency.
         panel_dir: write ``<panel_dir>/<subject>.png`` per subject (``None``: no panels).
@@ -334,9 +330,10 @@ def evaluate(
         data_consistency: put each checkpoint's LR input's measured k-space band back into
             its output (the LR made with the checkpoint's ``input_interpolation``).
     """
-    from mdcsrn_lightning.inference.predict import PatchOptions, predict_volume
+    from mdcsrn_lightning.inference.base import predict_volume  # lazily: the inferers load TorchIO
+    from mdcsrn_lightning.inference.build import build_inferer
 
-    options = options or PatchOptions()
+    options = options or InferenceOptions()
     names = baseline_names(methods)
     if not names and not checkpoints:
         raise ValueError("nothing to evaluate: give methods=[...] and/or ckpts=[...]")
@@ -361,6 +358,7 @@ def evaluate(
             result.statements.append(
                 f"{c.name}: trained with factors {c.trained_factors} but evaluated at {factors}."
             )
+    inferers = {c.name: build_inferer(c.net, options) for c in checkpoints}  # engines built once
     start = time.perf_counter()
     n_refs = 0
     for ref in _slice_checked(references, axis):
@@ -390,7 +388,7 @@ def evaluate(
                 lr = ref.lr if ref.lr is not None else lr_for(c.input_interpolation)
                 # The network's rule: the LR's own scale (ref.scale is the metrics' alone).
                 scale = 1.0 if c.input_scale == "none" else input_scale(lr, ref.location or ref.name)
-                sr = predict_volume(c.net, lr, options, scale=scale)
+                sr = predict_volume(inferers[c.name], lr, scale=scale)
                 if data_consistency:
                     sr = apply_data_consistency(sr, lr, factors, c.input_interpolation)  # type: ignore[arg-type]
                 kind = "checkpoint"

@@ -3,7 +3,7 @@ over slabs of the volume with a small halo.
 
 :mod:`.streaming` computes the exact whole-volume pass layer by layer in eager torch (every
 3x3x3 conv, BatchNorm and ELU a separate call, each moving whole planes through memory).
-The engines of :mod:`.engines` (OpenVINO above all) fuse those layers and run ~4x faster,
+The engines of :mod:`.engines` (OpenVINO above all) fuse those layers and run faster,
 but on fixed tensors: fed patches, they are exact only with ``margin = radius`` (33 for
 b8u4), which multiplies the work (a core of ``c`` needs ``(c + 66)^3`` input voxels). This
 module keeps the engine's speed and the streamed pass's exactness by cutting finer:
@@ -13,10 +13,10 @@ module keeps the engine's speed and the streamed pass's exactness by cutting fin
   takes the block input on ``t + 2u`` slices of the first axis and returns the block's
   output (its input and unit outputs) on the ``t`` central slices. Its weights are inputs
   (:func:`block_parameters`, BatchNorm folded), so every block runs through the same
-  compiled model: OpenVINO keeps a working memory per compiled model (~1 GB per b8u4
-  block on a 16-slice 217x181 slab), eight of them would not fit, and weights given at
-  run time measured as fast as constants. The 3x3x3 convs are *valid* along the first
-  axis (each unit trims one slice per side), so the halo costs ``~(t + u - 1) / t``.
+  compiled model: OpenVINO keeps a working memory per compiled model, one per block would
+  not fit, and weights given at run time run as fast as constants (docs/performance.md).
+  The 3x3x3 convs are *valid* along the first axis (each unit trims one slice per side),
+  so the halo costs ``~(t + u - 1) / t``.
 * **Volume faces through a mask, so every slab has the same shape.** The whole-volume pass
   pads every conv's input with zeros at the volume faces. The graph multiplies each
   unit's conv input by a per-slice mask (1 inside the volume, 0 outside): that padding
@@ -28,17 +28,18 @@ module keeps the engine's speed and the streamed pass's exactness by cutting fin
   ``~ t + (j + 2) u`` slices of partial sums: memory independent of the depth.
 
 In torch: the stem conv (on each block-1 slab), the 1x1x1 contributions of each block's
-output to the later compressors and the reconstruction (split per piece as in
-:mod:`.streaming`: no concatenation of the levels; one matmul, 8 slices at a time), their
+output to the later compressors and the reconstruction (split per piece by
+:func:`~mdcsrn_lightning.models.mdcsrn.split_weights`: no concatenation of the levels; one
+matmul, 8 slices at a time), their
 sums, the "-r" reconstruction's BN -> ELU -> 3x3x3 conv (streamed) and the global
 residual. The result is the plain whole-volume pass up to float32 rounding (tests: < 1e-5
 against one plain forward pass; float64 with the torch engine: < 1e-10).
 
-Engines: ``torch`` (eager; for checks, slower than :mod:`.streaming`) and ``openvino``
-(``pip install "mdcsrn-lightning[openvino]"``). :func:`exact_engine_runner` is what
-``mdcsrn-infer stream=true engine=...`` runs: OpenVINO for ``openvino`` and for ``auto``
-where installed, else :class:`~.streaming.StreamingMDCSRN` (eager, exact) with one info
-line. Measured figures: ``docs/performance.md`` ("Whole volumes without seams").
+Engines: ``openvino`` (``pip install "mdcsrn-lightning[openvino]"``), what
+:func:`.build.build_inferer` picks for ``stream=true`` on the CPU; ``torch`` runs the same
+graph eagerly, for the tests' checks of the schedule only (slower than :mod:`.streaming`,
+so no user option reaches it). Measured figures: ``docs/performance.md`` ("Whole volumes
+without seams").
 
 Pure torch plus the optional runtime; no Lightning, Hydra or files.
 """
@@ -51,43 +52,22 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdcsrn_lightning.inference.streaming import StreamingMDCSRN, _bn, _conv3, _Window, run_exact
-from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
+from mdcsrn_lightning.inference.slabs import SlabWindow, bn_eval, conv3_slab, folded_bn
+from mdcsrn_lightning.models.mdcsrn import check_mdcsrn, split_weights
 
-__all__ = [
-    "BLOCK_ENGINES",
-    "BlockEngine",
-    "BlockStreamingMDCSRN",
-    "DenseBlockGraph",
-    "block_parameters",
-    "exact_engine_runner",
-    "exact_super_resolve",
-]
+__all__ = ["BLOCK_ENGINES", "BlockEngine", "BlockStreamingMDCSRN", "DenseBlockGraph", "block_parameters"]
 
 BlockEngine = Literal["torch", "openvino"]
 BLOCK_ENGINES: tuple[str, ...] = ("torch", "openvino")
 
 
-def _check_mdcsrn(net: object) -> None:
-    for attr in MDCSRN_ATTRIBUTES:
-        if not hasattr(net, attr):
-            raise TypeError(f"block streaming needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
-
-
 def _folded_bn(bn: nn.BatchNorm3d) -> tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm as ``x * scale + shift``, both (1, C, 1, 1, 1)."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+    scale, shift = folded_bn(bn)
     return scale.view(1, -1, 1, 1, 1), shift.view(1, -1, 1, 1, 1)
 
 
@@ -173,8 +153,8 @@ class _TorchRunner:
 class _OpenVinoRunner:
     """The graph converted to OpenVINO once per slab length (traced on a small example) and
     compiled per input shape (float32 precision hint; LRU of 2 shapes). One compiled model
-    for all blocks: OpenVINO keeps a working memory per compiled model (~1 GB for a b8u4
-    block on a 24-slice 217x181 slab), so one per block would not fit."""
+    for all blocks: OpenVINO keeps a working memory per compiled model,
+    so one per block would not fit."""
 
     def __init__(self, graph: DenseBlockGraph, params: list[Tensor], threads: int | None = None) -> None:
         from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
@@ -228,8 +208,8 @@ class _OpenVinoRunner:
 class _Ring:
     """Slices ``[lo, hi)`` of a (B, C, D, H, W) sum in a ring of ``capacity`` slices: the
     compressors' partial sums, whose span the schedule bounds, without the growth slack and
-    reallocation copies of :class:`~.streaming._Window` (measured: ~0.7 GB of the b8u4
-    peak at 217x181 planes)."""
+    reallocation copies of :class:`~.slabs.SlabWindow` (a large share of the peak;
+    docs/performance.md)."""
 
     def __init__(self, like: Tensor, channels: int, capacity: int, bias: Tensor | None) -> None:
         b, _, _, h, w = like.shape
@@ -308,7 +288,7 @@ class BlockStreamingMDCSRN:
     """
 
     def __init__(self, net: nn.Module, slab: int = 16, engine: BlockEngine = "openvino") -> None:
-        _check_mdcsrn(net)
+        check_mdcsrn(net, "block streaming")
         if isinstance(slab, bool) or not isinstance(slab, int) or slab < 1:
             raise ValueError(f"slab must be an integer >= 1, got {slab!r}")
         if engine not in BLOCK_ENGINES:
@@ -340,21 +320,16 @@ class BlockStreamingMDCSRN:
         (compressors i.., then the reconstruction's first conv; for block 1 the stem is
         also level 0), and the rows of each consumer."""
         net = self.net
-        blocks = list(net.blocks)  # type: ignore[arg-type]
-        consumers: list[nn.Conv3d] = [*net.compressors, net.reconstruction[0]]  # type: ignore[list-item]
         stem_width = int(net.stem.out_channels)  # type: ignore[union-attr]
         width = self.graph.out_channels
+        stem_parts = dict(split_weights(net, 0, stem_width))
         weights, rows = [], []
-        for j in range(len(blocks)):
-            column = stem_width + j * width  # o_j's columns in cat(stem, o_1, ..., o_b)
+        for j in range(len(self.params)):
             parts = []
-            for conv in consumers[j:]:
-                w = conv.weight.detach().reshape(conv.out_channels, -1)
-                part = w[:, column : column + width].clone()
-                if part.shape[1] != width:
-                    raise ValueError(f"block {j + 1}: a consumer has {w.shape[1]} input channels, too few")
+            for i, w in split_weights(net, stem_width + j * width, width):  # o_j's columns
+                part = w.detach().reshape(w.shape[0], -1).clone()
                 if j == 0:  # o_1 starts with the stem, which is level 0 as well
-                    part[:, :stem_width] += w[:, :stem_width]
+                    part[:, :stem_width] += stem_parts[i].detach().reshape(w.shape[0], -1)
                 parts.append(part)
             weights.append(torch.cat(parts).contiguous())
             rows.append([int(p.shape[0]) for p in parts])
@@ -392,7 +367,7 @@ class BlockStreamingMDCSRN:
         recon_first = recon[0]
         conv_recon = net.reconstruction_type == "conv"
         out = torch.empty(batch, int(recon[-1].out_channels), depth, height, width, dtype=x.dtype, device=x.device)
-        recon_window = _Window(depth)  # conv_recon: the 8k-channel sums
+        recon_window = SlabWindow(depth)  # conv_recon: the 8k-channel sums
         if not conv_recon:
             out.copy_(recon_first.bias.view(1, -1, 1, 1, 1).expand_as(out))
         params = [[p.to(x.dtype) for p in ps] for ps in self.params]
@@ -461,7 +436,7 @@ class BlockStreamingMDCSRN:
                 else:  # the output itself
                     out[:, :, z0 + s0 : z0 + s0 + m] += part
 
-    def _finish_conv_recon(self, window: _Window, out: Tensor, done: int, summed: int, depth: int) -> int:
+    def _finish_conv_recon(self, window: SlabWindow, out: Tensor, done: int, summed: int, depth: int) -> int:
         """The "-r" reconstruction's BN -> ELU -> 3x3x3 conv on the slices whose 8k sums
         (and their neighbours) are complete; returns the new count of final slices."""
         recon = self.net.reconstruction
@@ -469,43 +444,7 @@ class BlockStreamingMDCSRN:
         if end <= done:
             return done
         a, b = max(done - 1, 0), min(end + 1, depth)
-        h = F.elu(_bn(window.view(a, b), recon[1]))
-        out[:, :, done:end] = _conv3(h, recon[3], a - (done - 1), (end + 1) - b)
+        h = F.elu(bn_eval(window.view(a, b), recon[1]))
+        out[:, :, done:end] = conv3_slab(h, recon[3], a - (done - 1), (end + 1) - b)
         window.drop_below(end - 1)
         return end
-
-
-def exact_engine_runner(
-    net: nn.Module, engine: str = "auto", slab: int | None = None, log: Callable[[str], None] | None = None
-) -> BlockStreamingMDCSRN | StreamingMDCSRN:
-    """What ``stream=true`` runs for ``engine``: :class:`BlockStreamingMDCSRN` with OpenVINO
-    (``openvino``, or ``auto`` where installed, on the CPU) or the eager
-    :class:`~.streaming.StreamingMDCSRN` (``torch``, or ``auto`` without OpenVINO: one info
-    line through ``log``). ``slab``: ``None`` for each path's default (16)."""
-    from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
-
-    first = next(iter(net.parameters()), None)
-    on_cpu = first is None or first.device.type == "cpu"
-    if engine == "auto":
-        if on_cpu and engine_available("openvino"):
-            engine = "openvino"
-        else:
-            if log is not None and on_cpu:
-                log("stream=true engine=auto: OpenVINO is not installed, using the eager streamed pass "
-                    "(pip install 'mdcsrn-lightning[openvino]' for a ~2.5x faster exact pass)")
-            engine = "torch"
-    if engine == "torch":
-        return StreamingMDCSRN(net, 16 if slab is None else slab)
-    if engine == "openvino":
-        if not engine_available("openvino"):
-            raise EngineUnavailable("stream=true engine=openvino needs: pip install 'mdcsrn-lightning[openvino]'")
-        return BlockStreamingMDCSRN(net, 16 if slab is None else slab, "openvino")
-    raise ValueError(f"stream=true runs engine=torch, openvino or auto, got engine={engine!r}")
-
-
-def exact_super_resolve(
-    runner: BlockStreamingMDCSRN | StreamingMDCSRN, volume: np.ndarray | Tensor, *, progress: bool = False
-) -> np.ndarray:
-    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass by
-    ``runner`` (from :func:`exact_engine_runner`), on the runner's device."""
-    return run_exact(runner, volume, label=runner.name, progress=progress)

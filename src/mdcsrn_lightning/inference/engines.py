@@ -4,14 +4,14 @@ Every engine is a callable ``(B, C, D, H, W) float32 tensor -> (B, C, D, H, W) f
 tensor`` with ``.name``, ``.device`` and ``receptive_field_radius()``, so it plugs into
 :func:`~mdcsrn_lightning.inference.patches.super_resolve` in place of the network. All run
 the generator in eval mode (BatchNorm with running statistics) in float32 and give the
-eager output within 1e-4 (measured: ~1e-6).
+eager output within 1e-4.
 
 =============  ===============================  ==========================================
 engine         needs                            notes
 =============  ===============================  ==========================================
 ``torch``      (base install)                   eager, any device
 ``compile``    (base install; a C++ compiler    ``torch.compile`` (inductor); the first
-               on CPU)                          call per input shape compiles (~40 s cold)
+               on CPU)                          call per input shape compiles
 ``onnxruntime``  ``pip install "mdcsrn-lightning[onnx]"``  CPU; ONNX export with
                (onnx, onnxruntime)              dynamic batch and spatial axes
 ``openvino``   ``pip install "mdcsrn-lightning[openvino]"``  CPU; compiled once per
@@ -21,8 +21,7 @@ engine         needs                            notes
                                                 (CPU), ``torch`` on CUDA
 =============  ===============================  ==========================================
 
-``AUTO_RANKING`` is the order measured by ``mdcsrn-bench`` on our 2-core Xeon (see
-docs/performance.md): OpenVINO > ONNX Runtime > torch.compile > eager.
+``AUTO_RANKING`` is the order measured by ``mdcsrn-bench`` (figures: docs/performance.md): OpenVINO > ONNX Runtime > torch.compile > eager.
 
 Exported files: :func:`export` writes ``.onnx`` (ONNX) or ``.xml``/``.bin`` (OpenVINO IR)
 with dynamic batch and spatial axes; :func:`load_engine` runs such a file. The exported
@@ -162,8 +161,7 @@ class CompileEngine(TorchEngine):
     def __init__(self, net: nn.Module, device: torch.device | str = "cpu", mode: str | None = None) -> None:
         super().__init__(net, device)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        # the lean graph compiles to faster code than the concatenating one (b8u4 at 64^3:
-        # ~25% faster here)
+        # the lean graph compiles to faster code than the concatenating one (docs/performance.md)
         self.compiled = torch.compile(export_graph(self.net), mode=mode, dynamic=False)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -178,8 +176,7 @@ class CompileEngine(TorchEngine):
 class LeanGraph(nn.Module):
     """``net``'s eval forward as :func:`~mdcsrn_lightning.models.mdcsrn.lean_forward`: the
     graph that is exported. Same function and weights (shared, not copied); no level
-    concatenations, whose Concat copies cost OpenVINO ~25% of a b8u4 pass (measured: 1.6 s
-    instead of 1.9-2.0 s at 64^3 on our 2-core Xeon)."""
+    concatenations, whose Concat copies slow OpenVINO down (docs/performance.md)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

@@ -1,9 +1,9 @@
-"""Read and write volumes for inference: checked on the way in, atomic on the way out.
+"""Write volumes for inference, atomically, and the error of a bad inference volume.
 
-Reading (:func:`read_volume`) is the package's one reader
-(:func:`mdcsrn_lightning.data.volume_io.load_volume`: NIfTI, MGH ``.mgz``, Analyze, a DICOM
-series folder, which arrives as a NIfTI image of its RAS geometry) with every
-problem as one :class:`NiftiError` ``"<file>: <problem>"`` (missing, not a volume, not 3D, 4D
+Reading is the package's one reader (:func:`mdcsrn_lightning.data.volume_io.load_volume`
+with ``error=NiftiError``: NIfTI, MGH ``.mgz``, Analyze, a DICOM series folder, which
+arrives as a NIfTI image of its RAS geometry) with every problem as one :class:`NiftiError`
+``"<file>: <problem>"`` (missing, not a volume, not 3D, 4D
 with more than one volume, NaN/Inf, complex/RGB data, zero or negative voxel sizes). Writing
 (:func:`write_like`) keeps the geometry of a reference image exactly: the header is a copy of
 the input's (affine, qform and sform with their codes, voxel sizes, units, dim) and only the
@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from mdcsrn_lightning.atomic import atomic_path, describe_os_error, publish_new
-from mdcsrn_lightning.data.volume_io import LoadedVolume, VolumeError, load_volume, volume_stem
+from mdcsrn_lightning.data.volume_io import LoadedVolume, VolumeError
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -36,8 +36,6 @@ __all__ = [
     "check_output_path",
     "check_writable",
     "is_nifti_path",
-    "nifti_stem",
-    "read_volume",
     "refined_header",
     "write_like",
     "write_refined",
@@ -62,21 +60,6 @@ NiftiVolume = LoadedVolume
 def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     """``True`` for names ending in ``.nii`` or ``.nii.gz`` (case-insensitive): what we write."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def nifti_stem(path: str | os.PathLike[str]) -> str:
-    """``"scan.nii.gz" -> "scan"``, ``"scan.mgz" -> "scan"``."""
-    return volume_stem(path)
-
-
-def read_volume(path: str | os.PathLike[str]) -> NiftiVolume:
-    """Load one volume file (NIfTI, MGH, Analyze) or DICOM series folder as a checked
-    ``(X, Y, Z)`` float32 volume.
-
-    The checks are :func:`mdcsrn_lightning.data.volume_io.load_volume`'s (the one reader of
-    the package); every problem raises :class:`NiftiError`.
-    """
-    return load_volume(path, error=NiftiError)
 
 
 def _same_file(a: Path, b: Path) -> bool:

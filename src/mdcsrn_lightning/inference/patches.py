@@ -44,16 +44,20 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torchio as tio
 from torch import nn
 
+from mdcsrn_lightning.inference.base import Inferer
+from mdcsrn_lightning.inference.options import BNMode, InferenceOptions, OverlapMode
+
 __all__ = [
     "OverlapMode",
     "BNMode",
+    "PatchInferer",
     "auto_patch_size",
     "bytes_per_voxel",
     "checked_volume",
@@ -64,8 +68,6 @@ __all__ = [
     "super_resolve",
 ]
 
-OverlapMode = Literal["crop", "average", "hann"]
-BNMode = Literal["eval", "train"]
 _OVERLAP_MODES = ("crop", "average", "hann")
 _BN_MODES = ("eval", "train")
 _PRECISIONS = {"32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
@@ -239,28 +241,21 @@ def _prepare_net(net: nn.Module, bn_mode: BNMode, device: torch.device) -> nn.Mo
     return net
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm  # comes with lightning
 
-        # disable=None: shown only on a terminal (no bar noise in logs and pipes)
-        return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="patch", file=sys.stderr, leave=False)
-    except ImportError:  # pragma: no cover - tqdm comes with lightning
-        return _StderrProgress(total, enabled, desc)
+    # disable=None: shown only on a terminal (no bar noise in logs and pipes)
+    return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="patch", file=sys.stderr, leave=False)
 
 
-class _StderrProgress:  # pragma: no cover - fallback only
-    def __init__(self, total: int, enabled: bool, desc: str) -> None:
-        self.total, self.enabled, self.desc, self.n = total, enabled, desc, 0
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.enabled:
-            print(f"\r{self.desc}: {self.n}/{self.total} patches", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
+def _patch_edge(net: object, patch_size: int | Sequence[int] | str | None, margin: int | Sequence[int],
+                device: torch.device, batch_size: int) -> int | Sequence[int]:
+    """``patch_size`` as given; ``"auto"``/``None``: :func:`auto_patch_size`."""
+    if patch_size is not None and not isinstance(patch_size, str):
+        return patch_size
+    if patch_size not in (None, "auto"):
+        raise ValueError(f"patch_size must be an integer, three integers or 'auto', got {patch_size!r}")
+    return auto_patch_size(net, margin, device, batch_size)
 
 
 def super_resolve(
@@ -313,13 +308,7 @@ def super_resolve(
     amp_dtype = _PRECISIONS[str(precision)]
     model = _prepare_net(net, bn_mode, dev)  # type: ignore[arg-type]
     margin = resolve_margin(net, margin)
-    if patch_size is None:
-        patch_size = "auto"
-    if isinstance(patch_size, str):
-        if patch_size != "auto":
-            raise ValueError(f"patch_size must be an integer, three integers or 'auto', got {patch_size!r}")
-        patch_size = auto_patch_size(net, margin, dev, int(batch_size))
-    patch, overlap = grid_for(tuple(vol.shape), patch_size, margin)
+    patch, overlap = grid_for(tuple(vol.shape), _patch_edge(net, patch_size, margin, dev, int(batch_size)), margin)
 
     subject = tio.Subject(image=tio.ScalarImage(tensor=vol[None]))
     # padding_mode=None: border patches are not padded (see the module docstring).
@@ -347,3 +336,21 @@ def super_resolve(
     finally:
         bar.close()
     return aggregator.get_output_tensor()[0].numpy().astype(np.float32, copy=False)
+
+
+class PatchInferer(Inferer):
+    """:func:`super_resolve` with ``options``' patch settings, the network or an engine
+    (:mod:`.engines`) running the patches."""
+
+    def __init__(self, runner: nn.Module | Callable[[torch.Tensor], torch.Tensor], options: InferenceOptions) -> None:
+        self.runner = runner
+        self.options = options
+        engine = getattr(runner, "name", None) if not isinstance(runner, nn.Module) else "torch"
+        self.name = f"patches[{engine or type(runner).__name__}]"
+        if isinstance(runner, nn.Module):
+            self.device = resolve_device(options.device)
+        else:
+            self.device = torch.device(getattr(runner, "device", "cpu"))
+
+    def __call__(self, volume: np.ndarray | torch.Tensor) -> np.ndarray:
+        return super_resolve(self.runner, volume, **self.options.kwargs())

@@ -12,10 +12,10 @@ Two ideas, both exact:
 
 1. **Linear layers over a concatenation need no concatenation.** The compressors, the
    direct-combination reconstruction (and the "-r" bottleneck) and each dense unit's
-   1x1x1 bottleneck are 1x1x1 convs of ``cat(a, b, ...)``:
-   ``conv(cat(a, b)) = conv_a(a) + conv_b(b) + bias`` with ``conv_a`` the weight's
-   input-channel slice for ``a``. BatchNorm (eval: per channel) and ELU (per element) act
-   on each slice separately. So every feature map (the stem, each block's input, each
+   1x1x1 bottleneck are 1x1x1 convs of ``cat(a, b, ...)``: the sum of the convs of the
+   slices (:func:`~mdcsrn_lightning.models.mdcsrn.split_weights`, the rule
+   :func:`~mdcsrn_lightning.models.mdcsrn.lean_forward` uses too). BatchNorm (eval: per
+   channel) and ELU (per element) act on each slice separately. So every feature map (the stem, each block's input, each
    unit's k-channel output) *pushes* its contribution into an accumulator per consumer as
    soon as it exists, and is dropped when no 3x3x3 conv needs it any more. One stream's
    contributions to all its consumers are one conv (their weight slices stacked).
@@ -29,10 +29,7 @@ Two ideas, both exact:
    whole-volume pass: only idea 1).
 
 No overlap, no recomputation, no seams: each voxel of each layer is computed once.
-Measured (``mdcsrn-bench depth=b8u4 bench.task=volume``, 2 CPU cores): b8u4 on a
-181x217x181 volume in 122 s with 3.0 GB peak RSS (``slab=16``), equal to the plain
-reference within 2.1e-7; at 64^3 it is 1.2x faster than the plain eager pass (its 3x3x3
-convs go straight to oneDNN; see :func:`_conv`).
+Measured time and memory: ``docs/performance.md`` ("Whole volumes without seams").
 
 BatchNorm must use its running statistics (eval mode; ``bn_mode="train"`` has batch
 statistics that depend on the whole batch, so it cannot be streamed).
@@ -43,27 +40,16 @@ Pure torch; works for :class:`~mdcsrn_lightning.models.mdcsrn.MDCSRN` and
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdcsrn_lightning.models.mdcsrn import MDCSRN_ATTRIBUTES
+from mdcsrn_lightning.inference.slabs import SlabWindow, bn_eval, conv3_slab, folded_bn, pointwise
+from mdcsrn_lightning.models.mdcsrn import check_mdcsrn, level_consumers, split_weights
 
-__all__ = ["StreamingMDCSRN", "stream_forward", "stream_super_resolve"]
-
-
-def _bn(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None) -> Tensor:
-    """Eval-mode BatchNorm of ``x`` with the parameters of ``bn``'s channels ``channels``."""
-    sl = channels or slice(None)
-    assert bn.running_mean is not None and bn.running_var is not None
-    weight = bn.weight[sl] if bn.weight is not None else None
-    bias = bn.bias[sl] if bn.bias is not None else None
-    return F.batch_norm(x, bn.running_mean[sl], bn.running_var[sl], weight, bias, False, 0.0, bn.eps)
+__all__ = ["StreamingMDCSRN", "stream_forward"]
 
 
 class _Ctx:
@@ -78,92 +64,19 @@ class _Ctx:
         self.max_live_channel_slices = max(self.max_live_channel_slices, live)
 
 
-class _Window:
-    """Slices ``[lo, hi)`` of a (B, C, D, H, W) map, contiguous along D in one buffer.
-
-    Appending past the buffer moves the live slices into a new buffer half as large again
-    as needed (never in place: views handed out stay valid), so reads are views; a buffer
-    whose live slices shrink to a quarter of it is reallocated, and freed when nothing is
-    live.
-    """
-
-    def __init__(self, depth: int) -> None:
-        self.depth = depth
-        self.buf: Tensor | None = None
-        self.base = 0  # slice index of buf[:, :, 0]
-        self.lo = self.hi = 0
-
-    def allocated_slices(self) -> int:
-        return 0 if self.buf is None else int(self.buf.shape[2])
-
-    def _room(self, like: Tensor, end: int) -> None:
-        cap = self.allocated_slices()
-        if self.buf is not None and end <= self.base + cap:
-            return
-        live = self.hi - self.lo
-        need = live + (end - self.hi)
-        # Always a new buffer (never moved in place): views handed out earlier stay valid.
-        self._realloc(like, min(self.depth - self.lo, need + max(need // 2, 8)))
-
-    def _realloc(self, like: Tensor, cap: int) -> None:
-        live = self.hi - self.lo
-        new = like.new_empty((*like.shape[:2], cap, *like.shape[3:]))
-        if self.buf is not None and live:
-            new[:, :, :live] = self.buf[:, :, self.lo - self.base : self.hi - self.base]
-        self.buf = new
-        self.base = self.lo
-
-    def append(self, chunk: Tensor) -> None:
-        """Store ``chunk`` as slices ``[hi, hi + n)``."""
-        end = self.hi + int(chunk.shape[2])
-        self._room(chunk, end)
-        assert self.buf is not None
-        self.buf[:, :, self.hi - self.base : end - self.base] = chunk
-        self.hi = end
-
-    def accumulate(self, z0: int, contrib: Tensor, fill: Tensor | None) -> None:
-        """``[z0, z0 + n) += contrib``; slices new to the window start at ``fill`` (a bias)."""
-        end = z0 + int(contrib.shape[2])
-        if end > self.hi:
-            self._room(contrib, end)
-            assert self.buf is not None
-            fresh = self.buf[:, :, self.hi - self.base : end - self.base]
-            if fill is None:
-                fresh.zero_()
-            else:
-                fresh.copy_(fill.view(1, -1, 1, 1, 1).expand_as(fresh))
-            self.hi = end
-        assert self.buf is not None and z0 >= self.lo
-        self.buf[:, :, z0 - self.base : end - self.base].add_(contrib)
-
-    def view(self, z0: int, z1: int) -> Tensor:
-        assert self.buf is not None and self.lo <= z0 and z1 <= self.hi, (z0, z1, self.lo, self.hi)
-        return self.buf[:, :, z0 - self.base : z1 - self.base]
-
-    def drop_below(self, z: int) -> None:
-        self.lo = max(self.lo, min(z, self.hi))
-        if self.buf is None:
-            return
-        live = self.hi - self.lo
-        if live == 0:
-            self.buf, self.base = None, self.lo
-        elif 4 * live < self.allocated_slices() and self.allocated_slices() > 16:
-            self._realloc(self.buf, live + max(live // 2, 8))
-
-
 class _Stream:
     """A (B, C, D, H, W) feature map produced slice range by slice range along D.
 
-    ``hi``: slices ``[0, hi)`` are done. Done slices are kept in a :class:`_Window` while a
-    reader may still read them; each done chunk is pushed at once into the accumulators
-    that subscribe to this stream.
+    ``hi``: slices ``[0, hi)`` are done. Done slices are kept in a
+    :class:`~.slabs.SlabWindow` while a reader may still read them; each done chunk is
+    pushed at once into the accumulators that subscribe to this stream.
     """
 
     def __init__(self, ctx: _Ctx, channels: int, name: str) -> None:
         self.ctx, self.channels, self.name = ctx, channels, name
         ctx.streams.append(self)
         self.hi = 0
-        self.window = _Window(ctx.depth)
+        self.window = SlabWindow(ctx.depth)
         self.readers: list[_Stream | _Output] = []  # each reads slices [reader.hi - 1, ...)
         self.sources: list[_Stream] = []  # streams this one reads
         self._push_weight: Tensor | None = None  # stacked 1x1x1 weight slices of the subscribers
@@ -207,7 +120,7 @@ class _Stream:
         # contributions (up to b * 2k channels) never cover a whole volume.
         step = 8
         for s0 in range(0, chunk.shape[2], step):
-            contrib = _pointwise(chunk[:, :, s0 : s0 + step], self._push_weight)
+            contrib = pointwise(chunk[:, :, s0 : s0 + step], self._push_weight)
             for acc, first, rows in self._push_targets:
                 acc.add(z0 + s0, contrib[:, first : first + rows])
 
@@ -234,41 +147,11 @@ class _Stream:
         return a, b, a - (z0 - 1), (z1 + 1) - b
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]) -> Tensor:
-    """conv3d, on CPU always through oneDNN: for batch 1 and thin slabs ATen's heuristic
-    picks its im2col fallback (``slow_conv3d``), ~10x slower here."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, padding, [1, 1, 1], [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, padding=padding)
-
-
-def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
-    """1x1x1 conv without bias as a matmul: (B, C, n, H, W), (C_out, C) -> (B, C_out, n, H, W)."""
-    b, c, *spatial = x.shape
-    return torch.matmul(weight, x.reshape(b, c, -1)).view(b, weight.shape[0], *spatial)
-
-
-def _conv3(x: Tensor, conv: nn.Conv3d, pad_lo: int, pad_hi: int) -> Tensor:
-    """The 3x3x3 conv on a slab whose D-padding is explicit (zeros only outside the volume)."""
-    if pad_lo and pad_hi:
-        return _conv(x, conv.weight, conv.bias, [1, 1, 1])
-    if pad_lo or pad_hi:
-        x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
-    return _conv(x, conv.weight, conv.bias, [0, 1, 1])
-
-
 def _bn_elu_(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None, inplace: bool = False) -> Tensor:
     """ELU(BN_eval(x)); with ``inplace`` ``x`` (a tensor of our own) is overwritten."""
     if not inplace:
-        return F.elu_(_bn(x, bn, channels))
-    sl = channels or slice(None)
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = torch.rsqrt(bn.running_var[sl] + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight[sl]
-    shift = -bn.running_mean[sl] * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias[sl]
+        return F.elu_(bn_eval(x, bn, channels))
+    scale, shift = folded_bn(bn, channels)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     x.mul_(scale.view(shape)).add_(shift.view(shape))
     return F.elu_(x)
@@ -299,7 +182,7 @@ class _Conv3(_Stream):
         x = self.source.read(a, b)
         if self.head is not None:
             x = self.head(x)
-        return _conv3(x, self.conv, lo, hi)
+        return conv3_slab(x, self.conv, lo, hi)
 
 
 class _Unit(_Stream):
@@ -341,11 +224,11 @@ class _Unit(_Stream):
         else:
             x = None
             for p, sl, w in zip(self.pieces, self.slices_in, self.bottleneck_weights):
-                part = _pointwise(_bn_elu_(p.read(a, b), u.norm1, sl), w)
+                part = pointwise(_bn_elu_(p.read(a, b), u.norm1, sl), w)
                 x = part if x is None else x.add_(part)
             assert x is not None and u.bottleneck.bias is not None
             x = _bn_elu_(x.add_(u.bottleneck.bias.view(1, -1, 1, 1, 1)), u.norm2, inplace=True)
-        return _conv3(x, u.conv, lo, hi)
+        return conv3_slab(x, u.conv, lo, hi)
 
 
 class _Accumulator(_Stream):
@@ -403,9 +286,7 @@ class StreamingMDCSRN:
     """
 
     def __init__(self, net: nn.Module, slab: int | None = 16) -> None:
-        for attr in MDCSRN_ATTRIBUTES:
-            if not hasattr(net, attr):
-                raise TypeError(f"streaming needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
+        check_mdcsrn(net, "streaming")
         if slab is not None and int(slab) < 1:
             raise ValueError(f"slab must be >= 1 or None, got {slab!r}")
         self.net = net
@@ -424,54 +305,34 @@ class StreamingMDCSRN:
         ctx = _Ctx(x)
         inp = _Input(ctx, x.shape[1], "input")
         stem = _Conv3(ctx, inp, net.stem, None, "stem")  # type: ignore[arg-type]
-        recon = net.reconstruction
-        first = recon[0]
-        assert isinstance(first, nn.Conv3d)
-        consumers: list[_Accumulator] = [
-            _Accumulator(ctx, comp, f"compressor{i + 1}") for i, comp in enumerate(net.compressors)  # type: ignore[arg-type]
-        ]
-        recon_acc = _Accumulator(ctx, first, "reconstruction")
-        # Column offset of each level in cat(stem, o_1, ..., o_b), the input of every
-        # compressor (its first columns) and of the reconstruction.
-        levels: list[_Stream] = []  # pieces of the concatenation, in channel order
+        convs = level_consumers(net)
+        names = [f"compressor{i + 1}" for i in range(len(convs) - 1)] + ["reconstruction"]
+        accs = [_Accumulator(ctx, conv, name) for conv, name in zip(convs, names)]
+        column = 0  # of the next piece in cat(stem, o_1, ..., o_b)
 
-        def connect(piece: _Stream, column: int) -> None:
-            # This piece feeds every compressor whose concatenation already contains it
-            # (those of later blocks) and the reconstruction.
-            weights, targets = [], []
-            for acc in consumers + [recon_acc]:
-                if column + piece.channels <= acc.weight.shape[1]:
-                    weights.append(acc.weight[:, column : column + piece.channels])
-                    targets.append(acc)
-            for acc, w in zip(targets, weights):
-                piece.subscribe(acc, w)
+        def connect(piece: _Stream) -> None:
+            nonlocal column
+            for i, weight in split_weights(net, column, piece.channels):
+                piece.subscribe(accs[i], weight)
+            column += piece.channels
 
-        column = 0
-        connect(stem, column)
-        levels.append(stem)
-        column += stem.channels
+        connect(stem)
         for i, block in enumerate(net.blocks):  # type: ignore[arg-type]
-            block_in: _Stream = stem if i == 0 else consumers[i - 1]
-            # compressor i-1 is fed by the levels [0, column); blocks' own levels come after
-            pieces: list[_Stream] = [block_in]
-            connect(block_in, column)
-            column += block_in.channels
+            pieces: list[_Stream] = [stem if i == 0 else accs[i - 1]]
+            connect(pieces[0])
             for j, unit in enumerate(block.units):
-                out = _Unit(ctx, list(pieces), unit, f"block{i + 1}.unit{j + 1}")
-                pieces.append(out)
-                connect(out, column)
-                column += out.channels
-        if column != first.weight.shape[1]:
-            raise ValueError(f"streaming: levels hold {column} channels, the reconstruction expects {first.weight.shape[1]}")
-        out_stream: _Stream = recon_acc
-        if net.reconstruction_type == "conv":
-            bn, conv = recon[1], recon[3]
+                pieces.append(_Unit(ctx, list(pieces), unit, f"block{i + 1}.unit{j + 1}"))
+                connect(pieces[-1])
+        if column != convs[-1].in_channels:
+            raise ValueError(f"streaming: levels hold {column} channels, the reconstruction expects {convs[-1].in_channels}")
+        if net.reconstruction_type != "conv":
+            return accs[-1]
+        recon = net.reconstruction
 
-            def head(t: Tensor, bn: nn.BatchNorm3d = bn) -> Tensor:
-                return F.elu(_bn(t, bn))
+        def head(t: Tensor, bn: nn.BatchNorm3d = recon[1]) -> Tensor:  # type: ignore[assignment]
+            return F.elu(bn_eval(t, bn))
 
-            out_stream = _Conv3(ctx, recon_acc, conv, head, "reconstruction.conv")  # type: ignore[arg-type]
-        return out_stream
+        return _Conv3(ctx, accs[-1], recon[3], head, "reconstruction.conv")  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def __call__(self, x: Tensor, progress: Callable[[int], None] | None = None) -> Tensor:
@@ -498,39 +359,3 @@ class StreamingMDCSRN:
 def stream_forward(net: nn.Module, x: Tensor, slab: int | None = 16) -> Tensor:
     """``net``'s eval forward pass of ``x`` (B, C, D, H, W), streamed (see the module docstring)."""
     return StreamingMDCSRN(net, slab)(x)
-
-
-def stream_super_resolve(
-    net: nn.Module,
-    volume: np.ndarray | Tensor,
-    *,
-    slab: int | None = 16,
-    device: str | torch.device | None = "auto",
-    progress: bool = False,
-) -> np.ndarray:
-    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR: one exact whole-volume pass, streamed."""
-    from mdcsrn_lightning.inference.patches import resolve_device
-
-    runner = StreamingMDCSRN(net.to(resolve_device(device)), slab)
-    return run_exact(runner, volume, label="streamed", progress=progress)
-
-
-def run_exact(runner: Any, volume: np.ndarray | Tensor, *, label: str, progress: bool = False) -> np.ndarray:
-    """``(X, Y, Z)`` LR volume -> ``(X, Y, Z)`` float32 SR by an exact slab runner (this module's
-    :class:`StreamingMDCSRN` or the block-streamed one), on the runner's device; ``progress``
-    prints ``label`` and the slices done to stderr."""
-    from mdcsrn_lightning.inference.patches import checked_volume
-
-    x = checked_volume(volume, runner.device)[None, None]
-    done = 0
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            print(f"\rmdcsrn SR ({label}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
-
-    out = runner(x, report)
-    if progress:
-        print(file=sys.stderr)
-    return out[0, 0].float().cpu().numpy()

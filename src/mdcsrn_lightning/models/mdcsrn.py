@@ -331,6 +331,31 @@ def is_mdcsrn(net: object) -> bool:
     return all(hasattr(net, a) for a in MDCSRN_ATTRIBUTES)
 
 
+def check_mdcsrn(net: object, what: str) -> None:
+    """The one layout check: ``TypeError`` naming ``what`` unless ``net`` is an mDCSRN generator."""
+    for attr in MDCSRN_ATTRIBUTES:
+        if not hasattr(net, attr):
+            raise TypeError(f"{what} needs an mDCSRN generator; {type(net).__name__} has no {attr!r}")
+
+
+def level_consumers(net: nn.Module) -> list[nn.Conv3d]:
+    """The 1x1x1 convs of ``cat(stem, o_1, ..., o_b)``'s prefixes: the compressors (compressor
+    ``i`` feeds block ``i + 1``), then the reconstruction's first conv."""
+    return [*net.compressors, net.reconstruction[0]]  # type: ignore[list-item]
+
+
+def split_weights(net: nn.Module, column: int, width: int) -> list[tuple[int, Tensor]]:
+    """The rule behind every lean pass: a 1x1x1 conv of a concatenation is the sum of the
+    convs of its slices, ``conv(cat(a, b)) = conv_a(a) + conv_b(b) + bias``.
+
+    For the piece in columns ``[column, column + width)`` of the levels' concatenation:
+    ``(i, weight)`` for each consumer ``i`` of :func:`level_consumers` whose input holds
+    those columns, ``weight`` its ``(C_out, width, 1, 1, 1)`` input-channel slice (a view).
+    """
+    return [(i, conv.weight[:, column : column + width])
+            for i, conv in enumerate(level_consumers(net)) if column + width <= conv.in_channels]
+
+
 def lean_forward(net: nn.Module, x: Tensor) -> Tensor:
     """``net(x)`` computed without concatenating the levels: the same function, less memory.
 
@@ -349,22 +374,19 @@ def lean_forward(net: nn.Module, x: Tensor) -> Tensor:
     """
     stem = net.stem(x)
     recon = net.reconstruction
-    first = recon[0]
-    consumers: list[nn.Conv3d] = [*net.compressors, first]  # type: ignore[list-item]
+    consumers = level_consumers(net)
     sums: list[Tensor | None] = [None] * len(consumers)
     column = 0
 
-    def push(piece: Tensor, later_than: int) -> None:
-        # consumers[i] (compressor i, feeding block i+1) sees the levels before block i+1
+    def push(piece: Tensor) -> None:
+        # the piece's share of every consumer whose concatenation holds it
         nonlocal column
-        width = piece.shape[1]
-        for i in range(later_than, len(consumers)):
-            conv = consumers[i]
-            y = F.conv3d(piece, conv.weight[:, column : column + width], conv.bias if sums[i] is None else None)
+        for i, weight in split_weights(net, column, piece.shape[1]):
+            y = F.conv3d(piece, weight, consumers[i].bias if sums[i] is None else None)
             sums[i] = y if sums[i] is None else sums[i] + y
-        column += width
+        column += piece.shape[1]
 
-    push(stem, 0)
+    push(stem)
     for i, block in enumerate(net.blocks):  # type: ignore[arg-type]
         if i == 0:
             inp = stem
@@ -373,11 +395,11 @@ def lean_forward(net: nn.Module, x: Tensor) -> Tensor:
             sums[i - 1] = None
             assert inp is not None
         features = [inp]
-        push(inp, i)
+        push(inp)
         for unit in block.units:
             out = unit(features)
             features.append(out)
-            push(out, i)
+            push(out)
         del features
     out = sums[-1]
     assert out is not None

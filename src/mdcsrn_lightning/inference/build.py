@@ -1,0 +1,106 @@
+"""The one place where the inference strategy and engine are chosen: :func:`build_inferer`.
+
+=============================  ==========  =================================================
+options                        device      inferer
+=============================  ==========  =================================================
+``stream=false``, any engine   any         :class:`~.patches.PatchInferer`: the network
+                                           (``torch``) or an engine built from it once
+                                           (:func:`~.engines.build_engine`)
+``stream=true engine=torch``   any         exact, eager slab streaming (:mod:`.streaming`)
+``stream=true`` on CUDA        cuda        the same (every engine: the eager pass is the
+                                           GPU path)
+``stream=true engine=openvino`` cpu        exact block streaming on OpenVINO
+                                           (:mod:`.block_stream`)
+``stream=true engine=auto``    cpu         OpenVINO block streaming where installed, else
+                                           the eager pass (one info line)
+=============================  ==========  =================================================
+
+``stream=true`` with ``compile`` or ``onnxruntime`` on the CPU, with ``bn_mode=train``, or
+``openvino`` off the CPU is refused. ``engine=auto`` with ``bn_mode=train`` runs the
+patches on the network itself (only eager torch has batch statistics).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference import engines
+from mdcsrn_lightning.inference.options import InferenceOptions
+from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
+from mdcsrn_lightning.inference.slabs import ExactInferer, SlabRunner
+
+__all__ = ["build_inferer"]
+
+_DEFAULT_SLAB = 16
+
+
+def _info(message: str) -> None:
+    print(f"mdcsrn: {message}", file=sys.stderr, flush=True)
+
+
+def build_inferer(
+    net: nn.Module, options: InferenceOptions | None = None, *, log: Callable[[str], None] = _info
+) -> Inferer:
+    """The inferer that ``options`` ask for, running ``net`` (see the module docstring).
+
+    Built once per model: engines are exported and compiled here, not per volume.
+
+    Raises:
+        InferenceError: a combination that cannot run here (one line).
+        ValueError: a device this machine does not have.
+    """
+    options = options or InferenceOptions()
+    device = resolve_device(options.device)
+    if options.stream:
+        return ExactInferer(_exact_runner(net, options, device, log), progress=options.progress)
+    return PatchInferer(_patch_runner(net, options, device), options)
+
+
+def _patch_runner(net: nn.Module, options: InferenceOptions, device: torch.device) -> nn.Module | Callable:
+    """``net`` itself (engine ``torch``; ``auto`` with ``bn_mode=train``) or an engine built from it."""
+    engine = options.engine
+    if engine == "torch" or (engine == "auto" and options.bn_mode != "eval"):
+        return net
+    if options.bn_mode != "eval":
+        raise InferenceError(f"engine={engine}: bn_mode=train needs engine=torch")
+    try:
+        return engines.build_engine(net, engine, device)
+    except (ImportError, RuntimeError) as exc:  # a missing runtime, a failed export
+        raise InferenceError(f"engine={engine}: {exc}") from exc
+
+
+def _exact_runner(net: nn.Module, options: InferenceOptions, device: torch.device,
+                  log: Callable[[str], None]) -> SlabRunner:
+    """The exact whole-volume pass for ``options.engine`` on ``device``."""
+    from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
+    from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
+
+    if options.bn_mode != "eval":
+        raise InferenceError("stream=true needs bn_mode=eval (batch statistics cannot be streamed)")
+    engine = options.engine
+    if engine == "openvino" and device.type != "cpu":
+        raise InferenceError(f"stream=true engine=openvino runs on the CPU, not device={device}")
+    if device.type != "cpu":
+        engine = "torch"  # the eager pass is the GPU path
+    elif engine == "auto":
+        engine = "openvino" if engines.engine_available("openvino") else "torch"
+        if engine == "torch":
+            log("stream=true engine=auto: OpenVINO is not installed, using the eager streamed pass "
+                "(pip install 'mdcsrn-lightning[openvino]' for a faster exact pass)")
+    if engine not in ("torch", "openvino"):
+        raise InferenceError(f"stream=true: runs engine=torch, openvino or auto, got engine={engine}")
+    if engine == "openvino" and not engines.engine_available("openvino"):
+        raise InferenceError("stream=true engine=openvino needs: pip install 'mdcsrn-lightning[openvino]'")
+    slab = _DEFAULT_SLAB if options.slab is None else options.slab
+    try:
+        net = net.to(device)
+        if engine == "torch":
+            return StreamingMDCSRN(net, slab)
+        return BlockStreamingMDCSRN(net, slab, "openvino")
+    except (TypeError, ValueError) as exc:  # not an mDCSRN, blocks of several layouts
+        raise InferenceError(f"stream=true: {exc}") from None

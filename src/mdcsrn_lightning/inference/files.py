@@ -1,0 +1,395 @@
+"""The file layer of inference: a scan in (NIfTI, ``.mgz``, Analyze, DICOM series folder), NIfTI
+out, with a trained model read from its checkpoint once.
+
+``mdcsrn-infer``'s path through :func:`predict`: the checkpoint is read once
+(:func:`~mdcsrn_lightning.checkpoints.load_trained_model`), the inputs collected
+(:func:`collect_inputs`) and their outputs planned (:func:`plan_outputs`), every input read
+once and checked (:mod:`.nifti_io`), the inferer built once (:func:`.build.build_inferer`),
+then per input: on the fine grid (as it is; or brought there from a coarse matrix,
+``upsample=``; or, for experiments, an HR degraded first, ``degrade=True``) -> divided by its
+own 99.9th percentile -> the inferer -> multiplied back -> optionally k-space data
+consistency -> float32 NIfTI. This module calls the inferer and nothing below it.
+
+The input scale rule (:func:`~mdcsrn_lightning.data.intensity.input_scale`, recorded in the
+checkpoint), the two kinds of grid (``upsample``: the output's qform and sform are the
+input's times ``diag(M / N)``) and data consistency are the README's "Super-resolving your
+own scan".
+
+Every problem is an :class:`~.base.InferenceError` (or :class:`~.nifti_io.NiftiError`,
+:class:`~mdcsrn_lightning.checkpoints.CheckpointError`) with one line ``"<file>: <problem>"``.
+Everything that can be checked is checked before the first file is written: the
+checkpoint, every input, every output path. The checked inputs are kept in memory until
+each is written (each file is read once).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mdcsrn_lightning.atomic import remove_stale_temps
+from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model
+from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
+from mdcsrn_lightning.data.degradation import degrade as _degrade
+from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
+from mdcsrn_lightning.data.volume_io import (
+    LoadedVolume,
+    check_not_constant,
+    dicom_series_ids,
+    is_dicom_series,
+    is_volume_path,
+    load_volume,
+    volume_stem,
+)
+from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume
+from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
+from mdcsrn_lightning.inference.options import InferenceOptions
+from mdcsrn_lightning.inference.patches import resolve_device
+
+__all__ = [
+    "FileSettings",
+    "Prediction",
+    "collect_inputs",
+    "plan_outputs",
+    "predict",
+    "predict_file",
+    "resolve_data_consistency",
+    "resolve_upsample",
+]
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict_file` did, for logs and the CLI's JSON line."""
+
+    input: str
+    output: str
+    shape: tuple[int, ...]
+    scale: float
+    seconds: float
+    degraded: bool = False
+    upsampled: list[float] | None = None
+    data_consistency: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """What every file of one request shares (see :func:`predict_file`).
+
+    ``factors``: the k-space reduction of ``degrade`` and of the data-consistency band of a
+    fine-grid input; ``interpolation``: how the network's fine-grid input is (or was) made
+    from the coarse grid; ``upsample``: the input is on a coarse matrix with these factors,
+    brought to the fine grid (``upsample_shape``, default ``M * f``) and written there;
+    ``rule``: the checkpoint's input scale rule (``"none"``: raw intensities).
+    """
+
+    degrade: bool = False
+    factors: tuple[float, ...] = (2.0, 2.0, 1.0)
+    interpolation: str = "linear"
+    upsample: tuple[float, ...] | None = None
+    upsample_shape: tuple[int, ...] | None = None
+    data_consistency: bool = False
+    overwrite: bool = False
+    rule: InputScaleRule = "lr_p99.9"
+
+
+# ------------------------------------------------------------------------ inputs/outputs
+def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
+    """``(inputs, is_collection)`` for a volume file, a DICOM series folder, a folder of volumes
+    or a glob pattern.
+
+    The folder rule: a folder holding volume files (``.nii``, ``.nii.gz``, ``.mgz``,
+    ``.img``/``.hdr``; not recursive) is a collection of them, sorted; otherwise a folder
+    holding the files of one DICOM series is *one* input volume; otherwise its subfolders
+    that each hold one DICOM series are a collection (a study exported as one folder per
+    series). A glob (``*``, ``?``, ``[``) gives its matching volume files and DICOM series
+    folders, sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never
+    inputs. ``is_collection`` is ``True`` for a collection: the output is then a folder.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _folder_inputs(path)
+    if path.exists():
+        return [path], False
+    if _GLOB_CHARS & set(text):
+        matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
+        found = _volume_files(matches) + [p for p in matches if p.is_dir() and is_dicom_series(p)]
+        if not found:
+            raise InferenceError(f"{text}: no volume files or DICOM series folders match this pattern")
+        return sorted(found), True
+    raise InferenceError(f"{path}: no such file or folder")
+
+
+def _folder_inputs(path: Path) -> tuple[list[Path], bool]:
+    files = _volume_files(path.iterdir())
+    if files:
+        return files, True
+    series = dicom_series_ids(path)
+    if len(series) == 1:
+        return [path], False
+    if len(series) > 1:
+        raise InferenceError(f"{path}: holds {len(series)} DICOM series; give the folder of one series")
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_series(p))
+    if folders:
+        return folders, True
+    raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files and no DICOM series")
+
+
+def _volume_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
+    # an Analyze pair is one volume: keep the .img, drop its .hdr
+    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
+    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
+
+
+def _output_name(path: Path) -> str:
+    """The output file name of an input in a collection: its own name, ``.nii.gz`` for a
+    DICOM series folder and for MGH/Analyze files (the output is always NIfTI)."""
+    return path.name if is_nifti_path(path) else f"{volume_stem(path)}.nii.gz"
+
+
+# volume and image file types a user may name as output but that are not written (NIfTI is):
+# without this refusal output=sr.mgz would become a folder sr.mgz/ holding a NIfTI
+_NOT_WRITTEN_SUFFIXES = frozenset({
+    ".mgz", ".mgh", ".img", ".hdr", ".gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima", ".png", ".jpg",
+    ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".npz", ".h5", ".hdf5", ".mat", ".vtk", ".zip",
+})
+
+
+def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_collection: bool) -> list[Path]:
+    """Output path of each input.
+
+    One file in: ``output`` is the file to write (or, if it is an existing folder or has
+    no ``.nii``/``.nii.gz`` suffix, the folder to write ``<name>_sr.nii.gz`` into); a name
+    with another volume or image extension (``sr.mgz``, ``sr.png``) is refused. A
+    folder/glob in: ``output`` is a folder and each output keeps its input's file name
+    (``<name>.nii.gz`` for a DICOM series folder or an ``.mgz``/``.img`` file).
+    """
+    out = Path(output).expanduser()
+    if not is_collection and is_nifti_path(out) and not out.is_dir():
+        return [out]
+    if not out.is_dir() and out.suffix.lower() in _NOT_WRITTEN_SUFFIXES:
+        raise InferenceError(
+            f"{out}: outputs are written as NIfTI only, not {out.suffix}; give output=<name>.nii.gz "
+            "(or a folder name without a file extension)"
+        )
+    if out.exists() and not out.is_dir():
+        raise InferenceError(f"{out}: output for several inputs must be a folder, and this is a file")
+    if not is_collection:
+        return [out / f"{volume_stem(inputs[0])}_sr.nii.gz"]
+    planned = [out / _output_name(p) for p in inputs]
+    if len(set(planned)) != len(planned):
+        raise InferenceError(f"{out}: two inputs share a file name; give a folder of distinctly named files")
+    return planned
+
+
+# ------------------------------------------------------------------------ request
+def resolve_upsample(upsample: str | Sequence[float] | None, model: TrainedModel) -> tuple[float, float, float] | None:
+    """The coarse-to-fine factors of ``upsample=`` (``None``: the input is on the fine grid).
+
+    ``"auto"``: the factors the checkpoint was trained with. Explicit factors must equal
+    them when the checkpoint records them (the network learnt one degradation).
+    """
+    if upsample is None or (isinstance(upsample, str) and upsample.strip().lower() in ("", "none", "null", "false")):
+        return None
+    trained = model.factors
+    if isinstance(upsample, str):
+        if upsample.strip().lower() != "auto":
+            raise InferenceError(f"upsample: expected [fx,fy,fz], auto or null, got {upsample!r}")
+        if trained is None:
+            raise InferenceError(f"{model.path}: records no training factors; give upsample=[fx,fy,fz] instead of auto")
+        return trained
+    try:
+        fs = tuple(float(f) for f in upsample)
+    except (TypeError, ValueError):
+        raise InferenceError(f"upsample: expected three factors >= 1, got {upsample!r}") from None
+    if len(fs) != 3 or any(not np.isfinite(f) or f < 1 for f in fs):
+        raise InferenceError(f"upsample: expected three factors >= 1, got {list(upsample)}")
+    if trained is not None and fs != trained:
+        raise InferenceError(
+            f"{model.path}: trained with factors {list(trained)}, not upsample={list(fs)}; use upsample=auto "
+            "or a checkpoint trained for these factors"
+        )
+    return fs  # type: ignore[return-value]
+
+
+def resolve_data_consistency(value: bool | str, model: TrainedModel) -> bool:
+    """``True``/``False`` as given; ``"auto"``: what the checkpoint's release record recommends
+    (measured on held-out real scans, ``release/MODEL_CARD.md``), else ``False``: whether the
+    step helps depends on how the model was trained."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() != "auto":
+        raise InferenceError(f"data_consistency must be true, false or auto, got {value!r}")
+    return model.recommends_data_consistency
+
+
+def file_settings(
+    model: TrainedModel,
+    *,
+    degrade: bool = False,
+    factors: Sequence[float] | None = None,
+    degrade_interpolation: str | None = None,
+    upsample: str | Sequence[float] | None = None,
+    upsample_shape: Sequence[int] | None = None,
+    data_consistency: bool | Literal["auto"] = False,
+    overwrite: bool = False,
+) -> FileSettings:
+    """The request's :class:`FileSettings`, the checkpoint's records filling what is not given
+    (see :func:`predict`); the input scale rule is set after the inputs are checked."""
+    ups = resolve_upsample(upsample, model)
+    if degrade and ups is not None:
+        raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
+    if upsample_shape is not None and ups is None:
+        raise InferenceError("upsample_shape: only with upsample=[...] or upsample=auto")
+    interpolation = str(degrade_interpolation or model.interpolation) if degrade else model.interpolation
+    return FileSettings(
+        degrade=bool(degrade),
+        factors=tuple(float(f) for f in (factors if factors is not None else model.factors or (2, 2, 1))),
+        interpolation=interpolation,
+        upsample=ups,
+        upsample_shape=tuple(upsample_shape) if upsample_shape is not None else None,  # checked by fine_shape
+        data_consistency=resolve_data_consistency(data_consistency, model),
+        overwrite=bool(overwrite),
+    )
+
+
+def _checked_input(src: Path, dst: Path, settings: FileSettings, protect: tuple[Path, ...], normalize: bool) -> LoadedVolume:
+    """``src`` read (its only read) and checked, and ``dst`` checked, before anything is written:
+    readable, 3D, finite, positive voxel sizes, not constant, a scale to divide by."""
+    volume = load_volume(src, error=NiftiError)
+    check_not_constant(volume.data, str(src))
+    if normalize:
+        input_scale(volume.data, str(src))  # an all-zero or negative volume: fail now
+    check_output_path(dst, overwrite=settings.overwrite, protect=protect)
+    if settings.upsample is not None:
+        try:
+            fine_shape(volume.data.shape, settings.upsample, settings.upsample_shape)
+        except ValueError as exc:
+            raise InferenceError(f"{src}: {exc}") from None
+    return volume
+
+
+# ------------------------------------------------------------------------ files
+def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: Inferer,
+                 settings: FileSettings | None = None) -> Prediction:
+    """Super-resolve one read volume into ``output`` (see the module docstring); nothing is
+    written if anything fails."""
+    settings = settings or FileSettings()
+    src = volume.path
+    check_output_path(output, overwrite=settings.overwrite, protect=(src,))
+    start = time.perf_counter()
+    data, measured, band = _network_input(volume, settings)
+    try:
+        scale = input_scale(data, str(src)) if settings.rule != "none" else 1.0
+    except ValueError as exc:
+        message = str(exc)
+        raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
+    sr = predict_volume(inferer, data, scale=scale)
+    if settings.data_consistency:
+        sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
+    write = write_refined if settings.upsample is not None else write_like
+    written = write(output, sr, volume, overwrite=settings.overwrite)
+    return Prediction(
+        input=str(src),
+        output=str(written),
+        shape=tuple(sr.shape),
+        scale=scale,
+        seconds=time.perf_counter() - start,
+        degraded=settings.degrade,
+        upsampled=list(band) if settings.upsample is not None else None,
+        data_consistency=settings.data_consistency,
+    )
+
+
+def _network_input(volume: LoadedVolume, settings: FileSettings) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """``(network input on the fine grid, measured data for data consistency, band factors)``."""
+    data = measured = volume.data
+    band = [float(f) for f in settings.factors]
+    try:
+        if settings.degrade:
+            data = measured = _degrade(volume.data, factors=band, interpolation=settings.interpolation)  # type: ignore[arg-type]
+        elif settings.upsample is not None:
+            band = [float(f) for f in settings.upsample]
+            target = fine_shape(volume.data.shape, band, settings.upsample_shape)
+            data = to_fine_grid(volume.data, band, settings.interpolation, target)  # type: ignore[arg-type]
+        elif settings.data_consistency and lr_shape(volume.data.shape, band) == volume.data.shape:
+            raise ValueError(f"factors {band} leave every axis of shape {volume.data.shape} whole: no band to keep")
+    except ValueError as exc:
+        message = str(exc)
+        raise InferenceError(message if message.startswith(str(volume.path)) else f"{volume.path}: {message}") from None
+    return data, measured, band
+
+
+def predict(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    ckpt: str | os.PathLike[str] | None = None,
+    *,
+    options: InferenceOptions | None = None,
+    degrade: bool = False,
+    factors: Sequence[float] | None = None,
+    degrade_interpolation: str | None = None,
+    upsample: str | Sequence[float] | None = None,
+    upsample_shape: Sequence[int] | None = None,
+    data_consistency: bool | Literal["auto"] = False,
+    overwrite: bool = False,
+    on_done: Callable[[Prediction], None] | None = None,
+) -> list[Prediction]:
+    """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
+    (inputs: :func:`collect_inputs`).
+
+    ``factors=None``: the checkpoint's training factors, else ``(2, 2, 1)``.
+    ``degrade_interpolation=None``: the checkpoint's interpolation (if recorded, else
+    ``linear``), which ``upsample`` always uses. ``upsample``: :func:`resolve_upsample`;
+    ``data_consistency``: :func:`resolve_data_consistency`.
+
+    Checks first, writes after: the checkpoint is read, the options are checked against
+    it, every input is read and checked and every output path is checked before the
+    first file is written, so a bad input anywhere means nothing is written.
+    ``on_done(prediction)`` is called after each file. A failure while writing (disk
+    full) leaves the outputs already written, complete, and no partial file.
+    """
+    options = options or InferenceOptions()
+    resolve_device(options.device)  # device=cuda without CUDA: fail now
+    model = load_trained_model(ckpt)
+    settings = file_settings(model, degrade=degrade, factors=factors, degrade_interpolation=degrade_interpolation,
+                             upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
+                             overwrite=overwrite)
+    inputs, is_collection = collect_inputs(input)
+    outputs = plan_outputs(inputs, output, is_collection)
+    normalize = model.data.get("normalize") != "none"
+    volumes = [_checked_input(src, dst, settings, tuple(inputs), normalize) for src, dst in zip(inputs, outputs)]
+    for folder in {dst.parent for dst in outputs}:
+        remove_stale_temps(folder)  # left by a killed run
+    try:  # after the input checks, so that a bad request gives one line and no warning
+        settings = replace(settings, rule=trained_input_scale(model.data, str(model.path)))
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
+    inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
+    results = []
+    for dst in outputs:
+        result = predict_file(volumes.pop(0), dst, inferer, settings)  # popped: freed once written
+        result.extra["checkpoint"] = str(model.path)
+        results.append(result)
+        if on_done is not None:
+            on_done(result)
+    return results

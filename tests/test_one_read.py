@@ -1,0 +1,91 @@
+"""Every command reads its checkpoint once (one ``torch.load``) and ``mdcsrn-infer`` each input
+once (one ``nibabel.load``): counted, not assumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mdcsrn_lightning.cli import eval as eval_cli
+from mdcsrn_lightning.cli import export as export_cli
+from mdcsrn_lightning.cli import infer as infer_cli
+from mdcsrn_lightning.cli.train import train
+from mdcsrn_lightning.inference import engines
+
+from .test_inference import run_cli, write_tiny_checkpoint
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The paths given to ``torch.load`` and ``nibabel.load`` while the test runs."""
+    seen: dict[str, list[str]] = {"torch": [], "nibabel": []}
+    torch_load, nib_load = torch.load, nib.load
+
+    def counted_torch(f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["torch"].append(str(f))
+        return torch_load(f, *args, **kwargs)
+
+    def counted_nib(f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["nibabel"].append(str(f))
+        return nib_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_torch)
+    monkeypatch.setattr(nib, "load", counted_nib)
+    return seen
+
+
+def _scans(folder: Path, names: tuple[str, ...] = ("a", "b", "c"), shape: tuple[int, ...] = (12, 10, 8)) -> list[Path]:
+    folder.mkdir(parents=True)
+    out = []
+    for i, name in enumerate(names):
+        data = np.random.default_rng(i).uniform(10, 100, shape).astype(np.float32)
+        out.append(folder / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(out[-1]))
+    return out
+
+
+def test_infer_reads_the_checkpoint_once_and_each_input_once(tmp_path: Path, monkeypatch, capsys, reads) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt", datamodule_hyper_parameters={"factors": [2, 2, 1]})
+    inputs = _scans(tmp_path / "scans")
+    code, stdout, err = run_cli(monkeypatch, capsys, infer_cli, f"input={tmp_path / 'scans'}", f"output={tmp_path / 'sr'}",
+                                f"ckpt={ckpt}", "patches.size=8", "data_consistency=true")
+    assert code == 0, err
+    assert len(json.loads(stdout.strip().splitlines()[-1])["outputs"]) == 3
+    assert reads["torch"] == [str(ckpt)]
+    assert sorted(reads["nibabel"]) == sorted(str(p) for p in inputs)
+
+
+def test_eval_reads_each_checkpoint_once(tmp_path: Path, monkeypatch, capsys, reads) -> None:
+    ckpts = [write_tiny_checkpoint(tmp_path / f"m{i}.ckpt", seed=i) for i in range(2)]
+    (scan,) = _scans(tmp_path / "refs", ("hr",), (16, 16, 8))  # SSIM needs 11x11 slices
+    code, _, err = run_cli(monkeypatch, capsys, eval_cli, f"inputs=[{scan}]", "methods=[]", f"ckpts=[{ckpts[0]},{ckpts[1]}]",
+                           "perceptual=[]", "segmentation=false", "panels=false", f"output_dir={tmp_path / 'ev'}",
+                           f"hydra.run.dir={tmp_path / 'h'}")
+    assert code == 0, err
+    assert sorted(reads["torch"]) == sorted(str(c) for c in ckpts)
+
+
+def test_export_reads_the_checkpoint_once(tmp_path: Path, monkeypatch, capsys, reads) -> None:
+    if not engines.engine_available("onnxruntime"):
+        pytest.skip("ONNX export needs the onnx extra")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    code, _, err = run_cli(monkeypatch, capsys, export_cli, f"ckpt={ckpt}", "format=onnx", f"out={tmp_path / 'm.onnx'}",
+                           "check=false")
+    assert code == 0, err
+    assert reads["torch"] == [str(ckpt)]
+
+
+@pytest.mark.slow
+def test_a_resume_reads_the_checkpoint_once_before_lightning(train_cfg, reads) -> None:
+    first = train_cfg("trainer.max_epochs=1", "test=false")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    reads["torch"].clear()
+    train(train_cfg("trainer.max_epochs=2", "test=false", f"ckpt_path={last}", run="second"))
+    # ours (the checks, by path) and Lightning's restore (an open file object)
+    assert reads["torch"].count(str(last)) == 1 and len(reads["torch"]) == 2, reads["torch"]
