@@ -56,6 +56,7 @@ from mdcsrn_lightning.evaluation.metrics import (
     scale_to_unit,
     slice_metrics,
 )
+from mdcsrn_lightning.evaluation.panels import middle_slice
 from mdcsrn_lightning.evaluation.perceptual import (
     available_metrics,
     perceptual_scores,
@@ -67,7 +68,7 @@ from mdcsrn_lightning.evaluation.segmentation import (
     TissueModel,
     segmentation_consistency,
 )
-from mdcsrn_lightning.evaluation.tables import markdown_table, summarise_methods
+from mdcsrn_lightning.evaluation.tables import BASELINE_ALIASES, BASELINES, markdown_table, summarise_methods
 from mdcsrn_lightning.inference.options import InferenceOptions
 
 __all__ = [
@@ -82,14 +83,6 @@ __all__ = [
     "write_outputs",
 ]
 
-# Method name -> degradation interpolation (the paper's names, and the degradation's).
-BASELINES: dict[str, str] = {
-    "nearest": "nearest",
-    "trilinear": "linear",
-    "tricubic": "cubic",
-    "zero_filled": "zero_filled",
-}
-_ALIASES = {"linear": "trilinear", "cubic": "tricubic", "sinc": "zero_filled", "zero-filled": "zero_filled"}
 PERCEPTUAL_FOREGROUND = 0.25  # paper: slices where the brain covers more than 25 %
 HR_NAME = "HR"
 
@@ -267,7 +260,7 @@ def baseline_names(methods: Sequence[str]) -> list[str]:
     """Canonical baseline names (``linear`` -> ``trilinear``, ...); unknown names are an error."""
     out = []
     for m in methods:
-        name = _ALIASES.get(str(m), str(m))
+        name = BASELINE_ALIASES.get(str(m), str(m))
         if name not in BASELINES:
             raise ValueError(f"methods: unknown method {m!r}; choose from {sorted(BASELINES)} (checkpoints go in ckpts=)")
         if name not in out:
@@ -330,134 +323,169 @@ def evaluate(
         data_consistency: put each checkpoint's LR input's measured k-space band back into
             its output (the LR made with the checkpoint's ``input_interpolation``).
     """
-    from mdcsrn_lightning.inference.base import predict_volume  # lazily: the inferers load TorchIO
-    from mdcsrn_lightning.inference.build import build_inferer
+    from mdcsrn_lightning.inference.build import build_inferer  # lazily: the inferers load TorchIO
 
     options = options or InferenceOptions()
     names = baseline_names(methods)
     if not names and not checkpoints:
         raise ValueError("nothing to evaluate: give methods=[...] and/or ckpts=[...]")
-    factors = [float(f) for f in factors]
-    axis = slice_axis(factors)
-    say = log or (lambda _msg: None)
-    want_perc = [p.lower() for p in perceptual]
-    result = EvalResult(
-        settings={
-            "factors": factors,
-            "slice_axis": axis,
-            "methods": names,
-            "checkpoints": {c.name: {"path": c.path, "input_interpolation": c.input_interpolation} for c in checkpoints},
-            "perceptual": want_perc,
-            "segmentation": bool(segmentation),
-            "data_consistency": bool(data_consistency),
-            "patches": options.kwargs() if hasattr(options, "kwargs") else dict(options),
-        }
+    plan = _EvalPlan(
+        names=names, checkpoints=list(checkpoints), factors=[float(f) for f in factors],
+        perceptual=[p.lower() for p in perceptual], segmentation=bool(segmentation),
+        data_consistency=bool(data_consistency), panel_dir=panel_dir, say=log or (lambda _msg: None),
+        inferers={c.name: build_inferer(c.net, options) for c in checkpoints},  # engines built once
     )
-    for c in checkpoints:
-        if c.trained_factors is not None and [float(f) for f in c.trained_factors] != factors:
-            result.statements.append(
-                f"{c.name}: trained with factors {c.trained_factors} but evaluated at {factors}."
-            )
-    inferers = {c.name: build_inferer(c.net, options) for c in checkpoints}  # engines built once
+    result = EvalResult(settings=_eval_settings(plan, options))
+    result.statements += [f"{c.name}: trained with factors {c.trained_factors} but evaluated at {plan.factors}."
+                          for c in checkpoints
+                          if c.trained_factors is not None and [float(f) for f in c.trained_factors] != plan.factors]
     start = time.perf_counter()
     n_refs = 0
-    for ref in _slice_checked(references, axis):
+    for ref in _slice_checked(references, plan.axis):
         n_refs += 1
-        hr = np.asarray(ref.hr, dtype=np.float32)
-        # one intensity scale for every method's metrics, perceptual scores and panels
-        unit = ref.scale if ref.scale is not None else reference_scale(hr)
-        hr_unit = scale_to_unit(hr, hr, scale=unit)
-        perc_slices = foreground_slices(hr_unit, axis=axis, min_fg_fraction=PERCEPTUAL_FOREGROUND)
-        tissue = TissueModel.fit(hr) if segmentation else None
-        hr_seg = tissue.segment(hr) if tissue is not None else None
-        lr_cache: dict[str, np.ndarray] = {}
-
-        def lr_for(interp: str) -> np.ndarray:
-            if interp not in lr_cache:
-                lr_cache[interp] = ref.degraded(factors, interp)
-            return lr_cache[interp]
-
-        outputs: dict[str, np.ndarray] = {}
-        for name in [*names, *(c.name for c in checkpoints)]:
-            t0 = time.perf_counter()
-            if name in BASELINES:
-                sr = lr_for(BASELINES[name])
-                kind = "interpolation"
-            else:
-                c = next(c for c in checkpoints if c.name == name)
-                lr = ref.lr if ref.lr is not None else lr_for(c.input_interpolation)
-                # The network's rule: the LR's own scale (ref.scale is the metrics' alone).
-                scale = 1.0 if c.input_scale == "none" else input_scale(lr, ref.location or ref.name)
-                sr = predict_volume(inferers[c.name], lr, scale=scale)
-                if data_consistency:
-                    sr = apply_data_consistency(sr, lr, factors, c.input_interpolation)  # type: ignore[arg-type]
-                kind = "checkpoint"
-            seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}
-            row.update(slice_metrics(sr, hr, axis=axis, scale=unit))
-            result.rows.append(row)
-            outputs[name] = sr
-            say(f"{ref.name}  {name:<20s} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  ({seconds:.1f} s)")
-
-        # No-reference metrics on the HR too ("Original Resolution" of the paper's table).
-        perc_rows: dict[str, dict[str, Any]] = {}
-        if want_perc:
-            # one scaled volume at a time (a generator, not a list: they are float64 copies)
-            scaled = ((n, scale_to_unit(v, hr, scale=unit)) for n, v in outputs.items())
-            for name, vol_unit in itertools.chain(scaled, [(HR_NAME, hr_unit)]):
-                pr = perceptual_scores(vol_unit, perc_slices, axis=axis, metrics=want_perc)
-                perc_rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
-                for text in pr.problems.values():
-                    if text not in result.statements:
-                        result.statements.append(text)
-                for metric, n in pr.skipped.items():
-                    result.statements.append(
-                        f"{metric.upper()}: {n} of {pr.n_slices} slices of {ref.name} / {name} could not be scored and were left out."
-                    )
-        for row in result.rows[-len(outputs) :]:
-            row.update({k: v for k, v in perc_rows.get(row["method"], {}).items()})
-            if hr_seg is not None:
-                row.update(segmentation_consistency(outputs[row["method"]], hr, model=tissue, hr_segmentation=hr_seg))
-        if want_perc:
-            result.rows.append({"subject": ref.name, "method": HR_NAME, "kind": "reference", **perc_rows[HR_NAME]})
-
-        if panel_dir is not None:
-            path = Path(panel_dir) / f"{_safe(ref.name)}.png"
-            images = {n: _middle(scale_to_unit(v, hr, scale=unit), axis) for n, v in outputs.items()}
-            images[HR_NAME] = _middle(hr_unit, axis)
-            save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
-            result.panels.append(str(path))
+        _score_subject(plan, ref, result)
     if n_refs == 0:
         raise ValueError("no reference volumes to evaluate")
-
-    method_rows = {}
-    for name in [*names, *(c.name for c in checkpoints)]:
-        method_rows[name] = [r for r in result.rows if r["method"] == name]
-    result.summary = summarise_methods(method_rows)
-    for name, rows in method_rows.items():
-        sec = _mean_std(rows, "seconds")
-        if sec is not None:
-            result.summary[name]["seconds"] = sec[0]
-    if want_perc:
-        for name in [*method_rows, HR_NAME]:
-            rows = [r for r in result.rows if r["method"] == name]
-            result.perceptual[name] = summarise_perceptual(
-                [{k: r[k] for k in want_perc if k in r} for r in rows]
-            )
-    if segmentation:
-        keys = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES), *(f"jaccard_{c}" for c in CLASS_NAMES)]
-        for name, rows in method_rows.items():
-            result.segmentation[name] = {k: v for k in keys if (v := _mean_std(rows, k)) is not None}
+    _summarise(plan, result)
     result.settings["n_subjects"] = n_refs
     result.seconds = time.perf_counter() - start
     return result
 
 
+@dataclass
+class _EvalPlan:
+    """What every subject of one :func:`evaluate` call shares."""
+
+    names: list[str]
+    checkpoints: list[CheckpointMethod]
+    factors: list[float]
+    perceptual: list[str]
+    segmentation: bool
+    data_consistency: bool
+    panel_dir: str | os.PathLike[str] | None
+    say: Callable[[str], None]
+    inferers: dict[str, Any]
+
+    @property
+    def axis(self) -> int:
+        return slice_axis(self.factors)
+
+    @property
+    def methods(self) -> list[str]:
+        return [*self.names, *(c.name for c in self.checkpoints)]
+
+
+def _eval_settings(plan: _EvalPlan, options: InferenceOptions) -> dict[str, Any]:
+    return {
+        "factors": plan.factors,
+        "slice_axis": plan.axis,
+        "methods": plan.names,
+        "checkpoints": {c.name: {"path": c.path, "input_interpolation": c.input_interpolation} for c in plan.checkpoints},
+        "perceptual": plan.perceptual,
+        "segmentation": plan.segmentation,
+        "data_consistency": plan.data_consistency,
+        "patches": options.kwargs(),
+    }
+
+
+def _score_subject(plan: _EvalPlan, ref: Reference, result: EvalResult) -> None:
+    """Every method on one reference: rows with reference metrics, then no-reference metrics,
+    segmentation consistency and the panel."""
+    hr = np.asarray(ref.hr, dtype=np.float32)
+    # one intensity scale for every method's metrics, perceptual scores and panels
+    unit = ref.scale if ref.scale is not None else reference_scale(hr)
+    outputs = _method_outputs(plan, ref, hr, unit, result)
+    hr_unit = scale_to_unit(hr, hr, scale=unit)
+    perc_rows = _perceptual_rows(plan, ref.name, outputs, hr, hr_unit, unit, result) if plan.perceptual else {}
+    tissue = TissueModel.fit(hr) if plan.segmentation else None
+    hr_seg = tissue.segment(hr) if tissue is not None else None
+    for row in result.rows[-len(outputs) :]:
+        row.update({k: v for k, v in perc_rows.get(row["method"], {}).items()})
+        if hr_seg is not None:
+            row.update(segmentation_consistency(outputs[row["method"]], hr, model=tissue, hr_segmentation=hr_seg))
+    if plan.perceptual:
+        result.rows.append({"subject": ref.name, "method": HR_NAME, "kind": "reference", **perc_rows[HR_NAME]})
+    if plan.panel_dir is not None:
+        axis = plan.axis
+        path = Path(plan.panel_dir) / f"{_safe(ref.name)}.png"
+        images = {n: middle_slice(scale_to_unit(v, hr, scale=unit), axis) for n, v in outputs.items()}
+        images[HR_NAME] = middle_slice(hr_unit, axis)
+        save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
+        result.panels.append(str(path))
+
+
+def _method_outputs(plan: _EvalPlan, ref: Reference, hr: np.ndarray, unit: float, result: EvalResult) -> dict[str, np.ndarray]:
+    """``{method: SR volume}`` of one reference; one row with the reference metrics per method."""
+    from mdcsrn_lightning.inference.base import predict_volume
+
+    lr_cache: dict[str, np.ndarray] = {}
+
+    def lr_for(interp: str) -> np.ndarray:
+        if interp not in lr_cache:
+            lr_cache[interp] = ref.degraded(plan.factors, interp)
+        return lr_cache[interp]
+
+    outputs: dict[str, np.ndarray] = {}
+    for name in plan.methods:
+        t0 = time.perf_counter()
+        if name in BASELINES:
+            sr, kind = lr_for(BASELINES[name]), "interpolation"
+        else:
+            c = next(c for c in plan.checkpoints if c.name == name)
+            lr = ref.lr if ref.lr is not None else lr_for(c.input_interpolation)
+            # The network's rule: the LR's own scale (ref.scale is the metrics' alone).
+            scale = 1.0 if c.input_scale == "none" else input_scale(lr, ref.location or ref.name)
+            sr, kind = predict_volume(plan.inferers[name], lr, scale=scale), "checkpoint"
+            if plan.data_consistency:
+                sr = apply_data_consistency(sr, lr, plan.factors, c.input_interpolation)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"subject": ref.name, "method": name, "kind": kind, "seconds": seconds}
+        row.update(slice_metrics(sr, hr, axis=plan.axis, scale=unit))
+        result.rows.append(row)
+        outputs[name] = sr
+        plan.say(f"{ref.name}  {name:<20s} PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  ({seconds:.1f} s)")
+    return outputs
+
+
+def _perceptual_rows(plan: _EvalPlan, subject: str, outputs: Mapping[str, np.ndarray], hr: np.ndarray,
+                     hr_unit: np.ndarray, unit: float, result: EvalResult) -> dict[str, dict[str, Any]]:
+    """No-reference metrics of every output and of the HR ("Original Resolution" in the paper)."""
+    perc_slices = foreground_slices(hr_unit, axis=plan.axis, min_fg_fraction=PERCEPTUAL_FOREGROUND)
+    rows: dict[str, dict[str, Any]] = {}
+    # one scaled volume at a time (a generator, not a list: they are float64 copies)
+    scaled = ((n, scale_to_unit(v, hr, scale=unit)) for n, v in outputs.items())
+    for name, vol_unit in itertools.chain(scaled, [(HR_NAME, hr_unit)]):
+        pr = perceptual_scores(vol_unit, perc_slices, axis=plan.axis, metrics=plan.perceptual)
+        rows[name] = {**pr.scores, "perceptual_slices": pr.n_slices}
+        for text in pr.problems.values():
+            if text not in result.statements:
+                result.statements.append(text)
+        for metric, n in pr.skipped.items():
+            result.statements.append(
+                f"{metric.upper()}: {n} of {pr.n_slices} slices of {subject} / {name} could not be scored and were left out."
+            )
+    return rows
+
+
+def _summarise(plan: _EvalPlan, result: EvalResult) -> None:
+    """Means and spreads over subjects: reference metrics, seconds, perceptual, segmentation."""
+    method_rows = {name: [r for r in result.rows if r["method"] == name] for name in plan.methods}
+    result.summary = summarise_methods(method_rows)
+    for name, rows in method_rows.items():
+        sec = _mean_std(rows, "seconds")
+        if sec is not None:
+            result.summary[name]["seconds"] = sec[0]
+    if plan.perceptual:
+        for name in [*method_rows, HR_NAME]:
+            rows = [r for r in result.rows if r["method"] == name]
+            result.perceptual[name] = summarise_perceptual([{k: r[k] for k in plan.perceptual if k in r} for r in rows])
+    if plan.segmentation:
+        keys = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES), *(f"jaccard_{c}" for c in CLASS_NAMES)]
+        for name, rows in method_rows.items():
+            result.segmentation[name] = {k: v for k in keys if (v := _mean_std(rows, k)) is not None}
+
+
 # ---------------------------------------------------------------------- panels
-def _middle(volume: np.ndarray, axis: int) -> np.ndarray:
-    return np.take(volume, volume.shape[axis] // 2, axis=axis)
-
-
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
 

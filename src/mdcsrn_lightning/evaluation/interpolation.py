@@ -8,14 +8,9 @@ import numpy as np
 
 from mdcsrn_lightning.data.degradation import Interpolation, degrade
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
+from mdcsrn_lightning.evaluation.tables import BASELINES
 
-# The paper's names for each interpolation, as reported in tables.
-BASELINE_NAMES: dict[str, str] = {
-    "nearest": "nearest",
-    "linear": "trilinear",
-    "cubic": "tricubic",
-    "zero_filled": "zero_filled",
-}
+_NAME_OF = {interp: name for name, interp in BASELINES.items()}
 
 
 def interpolation_scores(
@@ -30,6 +25,6 @@ def interpolation_scores(
     ``scale``: as in :func:`slice_metrics` (``None``: the HR's own 99.9th percentile).
     """
     return {
-        BASELINE_NAMES[m]: slice_metrics(degrade(hr, factors=factors, interpolation=m), hr, axis=axis, scale=scale)
+        _NAME_OF[m]: slice_metrics(degrade(hr, factors=factors, interpolation=m), hr, axis=axis, scale=scale)
         for m in methods
     }

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from mdcsrn_lightning.atomic import atomic_path, write_text
-from mdcsrn_lightning.evaluation.tables import COLUMNS
+from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS
 
 __all__ = [
     "BASELINE_ORDER",
@@ -52,9 +52,8 @@ __all__ = [
     "read_run",
 ]
 
-# Interpolation baselines as every run's metrics.json names them (paper: NN = nearest,
-# bicubic ~ tricubic), in the order the tables list them.
-BASELINE_ORDER = ("nearest", "trilinear", "tricubic", "zero_filled")
+# Interpolation baselines in the order the tables list them (the one table: tables.py)
+BASELINE_ORDER = tuple(BASELINES)
 # (key, title, digits): the columns metrics.json holds (written through tables.summarise_methods)
 METRICS = COLUMNS
 # the validation curves read from the CSV logger's metrics.csv, with their axis labels

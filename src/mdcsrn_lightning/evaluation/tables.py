@@ -6,6 +6,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# The one baseline table: the paper's name of each interpolation baseline (as the tables and
+# every run's metrics.json name it, in the tables' order; paper: NN = nearest, bicubic ~
+# tricubic) -> the degradation's interpolation.
+BASELINES: dict[str, str] = {
+    "nearest": "nearest",
+    "trilinear": "linear",
+    "tricubic": "cubic",
+    "zero_filled": "zero_filled",
+}
+# other names accepted for a baseline
+BASELINE_ALIASES: dict[str, str] = {"linear": "trilinear", "cubic": "tricubic", "sinc": "zero_filled",
+                                    "zero-filled": "zero_filled"}
 COLUMNS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("nrmse", "NRMSE", 4))
 
 
