@@ -56,7 +56,7 @@ from mdcsrn_lightning.data.augment import (
 from mdcsrn_lightning.data.cache import CacheEntry, SubjectCache
 from mdcsrn_lightning.data.images import MemmapImage, MemmapReader, ScaledReader
 from mdcsrn_lightning.data.samplers import CropSampler, QueueEpochSampler, WeightedSubjectSampler
-from mdcsrn_lightning.data.sources import VolumeError, VolumeSource
+from mdcsrn_lightning.data.sources import VolumeSource
 from mdcsrn_lightning.data.split import (
     SPLIT_NAMES,
     SplitName,
