@@ -398,11 +398,6 @@ def _setup_part(dm: Any, cfg: dict[str, Any], calls: list[int]) -> dict[str, Any
 
 def _queue_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The queue rows of one N, in a fixed order (the flatness check compares rows by index)."""
-    rows = [{**r, "batches": int(spec["batches"])} for r in _row_plan(spec)]
-    return rows
-
-
-def _row_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for augment in spec["augments"]:
         for w in spec["workers"]:
@@ -417,7 +412,7 @@ def _row_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"path": "today", "augment": "paper", "sampler": "label", "workers": 0})
     if spec.get("cold", True):
         rows.append({"path": "new", "augment": "paper", "sampler": "uniform", "workers": 0, "cache": "cold"})
-    return rows
+    return [{**r, "batches": int(spec["batches"])} for r in rows]
 
 
 def _row_name(row: dict[str, Any]) -> str:

@@ -234,6 +234,10 @@ class SRDataModule(LightningDataModule):
         self.patch_size = patch
         self.flip_axes = aug_axes
         self.rotation_planes = planes
+        flips = aug_axes if augment != "none" else ()
+        self._augmenter: PatchAugment | None = (
+            PatchAugment(flips, planes if flips else [], self._realistic) if flips or self._realistic else None
+        )
         self._world_size = world_size
         self._rank = rank
 
@@ -378,13 +382,6 @@ class SRDataModule(LightningDataModule):
     def slice_axis(self) -> int:
         """Axis perpendicular to the most degraded plane (metrics are taken in its slices)."""
         return degradation.slice_axis(self.factors)
-
-    @property
-    def _augmenter(self) -> PatchAugment | None:
-        flips = self.flip_axes if self.augment != "none" else ()
-        if not flips and self._realistic is None:
-            return None
-        return PatchAugment(flips, self.rotation_planes if flips else [], self._realistic)
 
     def _require_setup(self) -> None:
         if not self._ready:
