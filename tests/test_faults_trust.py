@@ -135,8 +135,9 @@ def test_a_small_checkpoint_claiming_a_huge_generator_allocates_nothing(tmp_path
         try:
             main()
         finally:
-            # VmHWM: this process's own peak (ru_maxrss would start at the forking parent's RSS)
-            hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+            # this process's own peak (getrusage's ru_maxrss keeps the forked parent's peak across
+            # exec: a large pytest process would be counted)
+            hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
             print("MAXRSS_KB", hwm.split()[1], file=sys.stderr)
     """)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}

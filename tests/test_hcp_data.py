@@ -177,14 +177,18 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
         # the cached HR and LR (float32, .npy headers) and their metadata, per subject
         assert 8 * math.prod(TINY) < run["cache_bytes_per_subject"] < 8 * math.prod(TINY) + 4096
         assert run["subject_mb"] == pytest.approx(s_mb, abs=0.05)
-        rows = {(q["path"], q["augment"], q["sampler"], q.get("cache", "warm")): q for q in run["queue"]}
-        assert list(rows) == [
+        rows = {(q["path"], q["augment"], q["sampler"], q.get("cache", "warm"), q.get("device_step", True)): q
+                for q in run["queue"]}
+        assert [k[:4] for k in rows] == [
             ("raw", "none", "uniform", "warm"), ("raw", "none", "uniform", "cold"),
             ("new", "paper", "uniform", "warm"), ("today", "paper", "uniform", "warm"),
-            ("new", "realistic", "uniform", "warm"), ("today", "realistic", "uniform", "warm"),
+            ("new", "realistic", "uniform", "warm"), ("new", "realistic", "uniform", "warm"),
+            ("today", "realistic", "uniform", "warm"),
             ("new", "paper", "label", "warm"), ("today", "paper", "label", "warm"),
             ("new", "paper", "uniform", "cold"), ("monai", "paper", "uniform", "warm"),
         ]
+        assert ("new", "realistic", "uniform", "warm", False) in rows  # the loader alone (the GPU augments)
+        rows = {k[:4]: q for k, q in rows.items() if k[4]}
         for q in run["queue"]:
             assert q["patches_per_s"] > 0 and q["supply_over_gpu_estimate"] == pytest.approx(q["patches_per_s"] / gpu)
         assert all(q["cache_reused"] for q in run["queue"] if q["path"] in ("new", "today"))  # no degradation again
@@ -197,7 +201,8 @@ def test_bench_data_task_measures_each_n_in_a_fresh_process(tmp_path: Path) -> N
         assert rows["monai", "paper", "uniform", "warm"]["subjects"] == min(2, run["split"]["train"])
         assert [c["what"] for c in run["rss_checks"]] == [
             "setup", "new paper uniform w=0", "today paper uniform w=0", "new realistic uniform w=0",
-            "today realistic uniform w=0", "new paper label w=0", "today paper label w=0", "new paper uniform w=0 cold",
+            "new realistic uniform w=0 loader only", "today realistic uniform w=0", "new paper label w=0",
+            "today paper label w=0", "new paper uniform w=0 cold",
         ]
         assert all(c["within"] for c in run["rss_checks"]), run["rss_checks"]
         assert not (work / f"n{n}" / "cache").exists()  # deleted after the run (keep_cache=False)

@@ -30,13 +30,14 @@ process's peak is at most
 
 * setup: ``base + L`` with ``L = 8 S``, one subject's working set (the raw read, the
   float32 HR, the complex k-space of the two degraded axes, the interpolated LR);
-* queue, new path: ``base + Q + (2 w + 1) S`` (mapped pages of the subjects being cut count
-  as resident), ``+ S`` with ``augment=realistic`` (the batched augmentation's buffers);
-* queue, today's path: ``base + Q + S + L`` with ``w = 0`` (``L = 16 S`` for ``realistic``:
-  SimpleITK resampling in float64 before the degradation);
+* a queue row, new path: ``start + Q + (2 w + 1) S`` (mapped pages of the subjects being cut
+  count as resident), ``+ S`` with ``augment=realistic`` (the batched augmentation's buffers);
+* a queue row, today's path: ``start + Q + S + L`` with ``w = 0`` (``L = 16 S`` for
+  ``realistic``: SimpleITK resampling in float64 before the degradation);
 
-where ``base`` is the RSS before ``setup()`` plus 32 MB of slack. None of these terms grows
-with ``N``. "Flat in N" (``rss_flat_in_n``): the peaks' spread over N stays below
+where ``base`` is the RSS before ``setup()`` and ``start`` the RSS when the row starts (what
+earlier rows of the same process left to the allocator is not the row's), each plus 32 MB of
+slack. None of these terms grows with ``N``. "Flat in N" (``rss_flat_in_n``): the peaks' spread over N stays below
 ``max(S, 32 MB)``: setup over every N, the queue rows over the N whose training set fills
 the queue (``train x samples_per_volume >= queue_length``).
 """
@@ -352,10 +353,10 @@ def measure_data(spec: dict[str, Any]) -> dict[str, Any]:
         if row.get("cache") == "cold":
             drop_page_cache([f for f in files] + [str(p) for p in Path(cfg["cache_dir"]).glob("*.fg-*.npy")])
         rows.append(_queue_row(cfg, row, calls))
-        if row["path"] != "raw" and "bound_extra" in rows[-1]:
-            q = rows[-1]
-            checks.append({"what": _row_name(q), "peak_mb": q["main_peak_rss_mb"],
-                           "bound_mb": round(base_mb + out["queue_patches_mb"] + q.pop("bound_extra") * out["subject_mb"], 1)})
+        q = rows[-1]
+        start_mb = q.pop("rss_before_mb") + SLACK_MB  # what earlier rows left allocated is not this row's
+        checks.append({"what": _row_name(q), "peak_mb": q["main_peak_rss_mb"],
+                       "bound_mb": round(start_mb + out["queue_patches_mb"] + q.pop("bound_extra") * out["subject_mb"], 1)})
     if spec.get("monai", True):
         rows.append(_monai_row(train, out, int(spec.get("monai_subjects", 8)), int(spec["batches"])))
     _ratios(rows)
@@ -397,15 +398,12 @@ def _setup_part(dm: Any, cfg: dict[str, Any], calls: list[int]) -> dict[str, Any
 
 def _queue_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The queue rows of one N, in a fixed order (the flatness check compares rows by index)."""
-    rows = [{**r, "batches": int(spec["batches"])} for r in _row_plan(spec)]
-    return rows
-
-
-def _row_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for augment in spec["augments"]:
         for w in spec["workers"]:
             rows.append({"path": "new", "augment": augment, "sampler": "uniform", "workers": int(w)})
+        if augment == "realistic":  # what the loader must supply when the GPU augments
+            rows.append({"path": "new", "augment": augment, "sampler": "uniform", "workers": 0, "device_step": False})
         if spec.get("today", True):
             rows.append({"path": "today", "augment": augment, "sampler": "uniform", "workers": 0})
     if "label" in spec.get("samplers", ["uniform", "label"]):
@@ -414,12 +412,13 @@ def _row_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"path": "today", "augment": "paper", "sampler": "label", "workers": 0})
     if spec.get("cold", True):
         rows.append({"path": "new", "augment": "paper", "sampler": "uniform", "workers": 0, "cache": "cold"})
-    return rows
+    return [{**r, "batches": int(spec["batches"])} for r in rows]
 
 
 def _row_name(row: dict[str, Any]) -> str:
     cold = " cold" if row.get("cache") == "cold" else ""
-    return f"{row['path']} {row['augment']} {row['sampler']} w={row['workers']}{cold}"
+    loader_only = " loader only" if row.get("device_step", True) is False else ""
+    return f"{row['path']} {row['augment']} {row['sampler']} w={row['workers']}{cold}{loader_only}"
 
 
 def _queue_row(cfg: dict[str, Any], row: dict[str, Any], calls: list[int]) -> dict[str, Any]:
@@ -443,8 +442,10 @@ def _queue_row(cfg: dict[str, Any], row: dict[str, Any], calls: list[int]) -> di
     batches = math.ceil(hp.queue_length / hp.batch_size) + 1 if today else int(row["batches"])
     gc.collect()
     reset_peak_rss()
+    level = rss_bytes()
     loader = legacy_loader(dm, row["augment"], row["workers"], c["augment_options"]) if today else dm.train_dataloader()
-    augment = None if today else dm.batch_augment
+    # the training device's work, run on the CPU here (not for a loader-only row: what a GPU's loader supplies)
+    augment = None if today or not row.get("device_step", True) else dm.batch_augment
     n = patches = 0
     first = None
     workers_peak = 0.0
@@ -452,7 +453,7 @@ def _queue_row(cfg: dict[str, Any], row: dict[str, Any], calls: list[int]) -> di
     while n < batches:
         for batch in loader:
             if augment is not None:
-                batch = augment(batch)  # the training device's work, on the CPU here
+                batch = augment(batch)
             n += 1
             patches += int(batch["hr"]["data"].shape[0])
             workers_peak = max(workers_peak, _children_peak_mb())
@@ -466,7 +467,7 @@ def _queue_row(cfg: dict[str, Any], row: dict[str, Any], calls: list[int]) -> di
     result = {
         **row, "cache_reused": reused, "batches": n, "patches": patches, "seconds": seconds,
         "first_batch_seconds": first, "patches_per_s": patches / seconds,
-        "main_peak_rss_mb": round(peak_rss_bytes() / MB, 1),
+        "main_peak_rss_mb": round(peak_rss_bytes() / MB, 1), "rss_before_mb": round(level / MB, 1),
         "worker_peak_rss_mb": round(workers_peak, 1) if row["workers"] else None,
         "bound_extra": (2 * row["workers"] + 1) + (0 if row["workers"] else load),
     }
@@ -542,7 +543,8 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
     over MONAI's (``paper``)."""
     def rate(path: str, augment: str, sampler: str) -> float | None:
         for r in rows:
-            if (r["path"], r["augment"], r["sampler"], r["workers"], r.get("cache", "warm")) == (path, augment, sampler, 0, "warm"):
+            key = (r["path"], r["augment"], r["sampler"], r["workers"], r.get("cache", "warm"), r.get("device_step", True))
+            if key == (path, augment, sampler, 0, "warm", True):
                 return r["patches_per_s"]
         return None
 

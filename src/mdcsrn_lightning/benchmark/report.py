@@ -255,10 +255,12 @@ def _data(r: dict[str, Any]) -> str:
         for i, q in enumerate(run["queue"]):
             lead = head if i == 0 else "| | | | |"
             name = f"{q['path']} {q['augment']} {q['sampler']} w={q['workers']}" + (" cold" if q.get("cache") == "cold" else "")
+            name += " loader only" if q.get("device_step", True) is False else ""
             bound = bounds.get(name)
             peak = q.get("main_peak_rss_mb")
             mem = "" if peak is None else f"{peak:.0f}" + (f" ({bound:.0f})" if bound is not None else "")
             what = q["path"] + (f" ({q['subjects']} subjects)" if q["path"] == "monai" else "")
+            what += " (loader only)" if q.get("device_step", True) is False else ""
             lines.append(
                 f"{lead} {what} | {q['augment']} | {q['sampler']} | {q['workers']} | {q.get('cache', 'warm')} | "
                 f"**{q['patches_per_s']:.1f}** | {_f(q.get('vs_today'), '.1f')} | {_f(q.get('vs_monai'), '.1f')} | "

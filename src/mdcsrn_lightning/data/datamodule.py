@@ -56,7 +56,7 @@ from mdcsrn_lightning.data.augment import (
 from mdcsrn_lightning.data.cache import CacheEntry, SubjectCache
 from mdcsrn_lightning.data.images import MemmapImage, MemmapReader, ScaledReader
 from mdcsrn_lightning.data.samplers import CropSampler, QueueEpochSampler, WeightedSubjectSampler
-from mdcsrn_lightning.data.sources import VolumeError, VolumeSource
+from mdcsrn_lightning.data.sources import VolumeSource
 from mdcsrn_lightning.data.split import (
     SPLIT_NAMES,
     SplitName,
@@ -84,6 +84,28 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _check_loader_ints(samples_per_volume: int, batch_size: int, queue_length: int, num_workers: int,
+                       val_batch_size: int) -> None:
+    _check_int(samples_per_volume, "samples_per_volume", 1)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(queue_length, "queue_length", 1)
+    if queue_length < samples_per_volume:
+        # TorchIO 1.2.1's queue crashes (islice with a negative count) when one subject's
+        # patches do not fit in it.
+        raise ValueError(f"queue_length ({queue_length}) must be >= samples_per_volume ({samples_per_volume})")
+    _check_int(num_workers, "num_workers", 0)
+    _check_int(val_batch_size, "val_batch_size", 1)
+
+
+def _check_share(world_size: int | None, rank: int | None) -> None:
+    if (world_size is None) != (rank is None):
+        raise ValueError(f"give both world_size and rank or neither, got world_size={world_size!r}, rank={rank!r}")
+    if world_size is not None:
+        _check_int(world_size, "world_size", 1)
+        if not (isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
 
 
 class SRDataModule(LightningDataModule):
@@ -177,17 +199,7 @@ class SRDataModule(LightningDataModule):
         if interpolation not in get_args(degradation.Interpolation):
             raise ValueError(f"interpolation must be one of {get_args(degradation.Interpolation)}, got {interpolation!r}")
         patch = _as_triple(patch_size, "patch_size")
-        _check_int(samples_per_volume, "samples_per_volume", 1)
-        _check_int(batch_size, "batch_size", 1)
-        _check_int(queue_length, "queue_length", 1)
-        if queue_length < samples_per_volume:
-            # TorchIO 1.2.1's queue crashes (islice with a negative count) when one subject's
-            # patches do not fit in it.
-            raise ValueError(
-                f"queue_length ({queue_length}) must be >= samples_per_volume ({samples_per_volume})"
-            )
-        _check_int(num_workers, "num_workers", 0)
-        _check_int(val_batch_size, "val_batch_size", 1)
+        _check_loader_ints(samples_per_volume, batch_size, queue_length, num_workers, val_batch_size)
         check_fractions(split_fractions)
         if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
             raise ValueError(f"split_seed must be an int, got {split_seed!r}")
@@ -210,12 +222,7 @@ class SRDataModule(LightningDataModule):
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
         aug_axes, planes = _augment_planes(augment_axes, fs, patch, augment)
-        if (world_size is None) != (rank is None):
-            raise ValueError(f"give both world_size and rank or neither, got world_size={world_size!r}, rank={rank!r}")
-        if world_size is not None:
-            _check_int(world_size, "world_size", 1)
-            if not (isinstance(rank, int) and 0 <= rank < world_size):
-                raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        _check_share(world_size, rank)
 
         self.save_hyperparameters(logger=False, ignore=["source"])
         # The normalisation rule, saved with the checkpoint (inference and eval read it back).
@@ -227,6 +234,10 @@ class SRDataModule(LightningDataModule):
         self.patch_size = patch
         self.flip_axes = aug_axes
         self.rotation_planes = planes
+        flips = aug_axes if augment != "none" else ()
+        self._augmenter: PatchAugment | None = (
+            PatchAugment(flips, planes if flips else [], self._realistic) if flips or self._realistic else None
+        )
         self._world_size = world_size
         self._rank = rank
 
@@ -371,13 +382,6 @@ class SRDataModule(LightningDataModule):
     def slice_axis(self) -> int:
         """Axis perpendicular to the most degraded plane (metrics are taken in its slices)."""
         return degradation.slice_axis(self.factors)
-
-    @property
-    def _augmenter(self) -> PatchAugment | None:
-        flips = self.flip_axes if self.augment != "none" else ()
-        if not flips and self._realistic is None:
-            return None
-        return PatchAugment(flips, self.rotation_planes if flips else [], self._realistic)
 
     def _require_setup(self) -> None:
         if not self._ready:
