@@ -296,7 +296,7 @@ def test_bad_options_name_the_key(options: dict, match: str) -> None:
 
 
 def test_bad_geometry_and_inputs() -> None:
-    with pytest.raises(ValueError, match="patch_size must be 3 ints"):
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1 or 3 ints"):
         BatchedRealistic(None, (2, 2, 1), "linear", (P, P), M)
     with pytest.raises(ValueError, match="margin must be an int >= 0"):
         BatchedRealistic(None, (2, 2, 1), "linear", (P, P, P), -1)

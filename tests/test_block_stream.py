@@ -1,6 +1,6 @@
 """Exact whole-volume inference by one dense-block graph over staggered slabs
-(`inference/block_stream.py`): equal to one plain whole-volume forward pass, with the eager
-torch runner (always) and OpenVINO (in the `test` extra: a missing runtime fails)."""
+(`inference/block_stream.py`): equal to one plain whole-volume forward pass, with the graph run
+eagerly (always) and by OpenVINO (in the `test` extra: a missing runtime fails)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def make_net(*args: object, seed: int = 0, strong: bool = False, **kwargs: objec
     return net.eval()
 
 
+def eager(net: torch.nn.Module, slab: int) -> BlockStreamingMDCSRN:
+    """The block schedule with the graph run eagerly (float64 checks; no user option reaches it)."""
+    return BlockStreamingMDCSRN(net, slab, runner=B.DenseBlockGraph(net.blocks[0]))
+
+
 def plain(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return reference_like(net)(x)
@@ -59,7 +64,7 @@ def test_torch_runner_equals_one_plain_pass_in_float64(
     # float64: the schedule, masks, crops and weight slices must be exact, not just close
     net = make_net(blocks, units, 4, recon, global_residual=residual, strong=True).double()
     x = torch.rand(2, 1, depth, 7, 6, dtype=torch.float64)
-    out = BlockStreamingMDCSRN(net, slab, "torch")(x)
+    out = eager(net, slab)(x)
     assert out.dtype == torch.float64 and out.shape == x.shape
     torch.testing.assert_close(out, plain(net, x), rtol=1e-10, atol=1e-10)
 
@@ -72,7 +77,7 @@ def test_openvino_runner_equals_one_plain_pass() -> None:
             torch.nn.init.normal_(net.final_conv.weight, 0, 0.3)
         x = torch.rand(1, 1, 13, 9, 8)
         expected = plain(net, x)
-        run = BlockStreamingMDCSRN(net, 4, "openvino")
+        run = BlockStreamingMDCSRN(net, 4)
         out = run(x)
         assert float((out - expected).abs().max()) < 1e-5 * max(1.0, float(expected.abs().max()))
         assert float(expected.abs().max()) > 0.1
@@ -90,7 +95,7 @@ def test_reference_generator_and_progress() -> None:
     vol = np.random.default_rng(0).random((10, 8, 7)).astype(np.float32)
     with torch.no_grad():
         whole = net(torch.from_numpy(vol)[None, None])[0, 0].numpy()
-    run = BlockStreamingMDCSRN(ref, 3, "torch")
+    run = eager(ref, 3)
     seen: list[int] = []
     out = run(torch.from_numpy(vol)[None, None], seen.append)[0, 0].numpy()
     assert np.abs(out - whole).max() < 1e-5
@@ -100,11 +105,11 @@ def test_reference_generator_and_progress() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="mDCSRN"):
-        BlockStreamingMDCSRN(torch.nn.Conv3d(1, 1, 3), 4, "torch")
+        BlockStreamingMDCSRN(torch.nn.Conv3d(1, 1, 3), 4)
     with pytest.raises(ValueError, match="slab"):
-        BlockStreamingMDCSRN(make_net(1, 1, 4), 0, "torch")
-    with pytest.raises(ValueError, match="engine"):
-        BlockStreamingMDCSRN(make_net(1, 1, 4), 4, "onnxruntime")  # type: ignore[arg-type]
+        BlockStreamingMDCSRN(make_net(1, 1, 4), 0)
+    with pytest.raises(ValueError, match="float32"):
+        BlockStreamingMDCSRN(make_net(1, 1, 4), 4)(torch.rand(1, 1, 5, 4, 4, dtype=torch.float64))
     with pytest.raises(InferenceError, match="engine=torch, openvino or auto"):
         build_inferer(make_net(1, 1, 4), InferenceOptions(stream=True, engine="compile", device="cpu"))
 
@@ -114,7 +119,7 @@ def test_auto_picks_openvino_or_falls_back_with_one_line(monkeypatch: pytest.Mon
     lines: list[str] = []
     if engines.engine_available("openvino"):
         run = build_inferer(net, InferenceOptions(stream=True, engine="auto", device="cpu"), log=lines.append).runner
-        assert isinstance(run, BlockStreamingMDCSRN) and run.engine == "openvino" and run.slab == 16
+        assert isinstance(run, BlockStreamingMDCSRN) and run.name == "block-stream[openvino]" and run.slab == 16
         assert lines == []
     monkeypatch.setattr(engines, "engine_available", lambda name: name in ("torch", "compile"))
     run = build_inferer(net, InferenceOptions(stream=True, engine="auto", slab=5, device="cpu"), log=lines.append).runner

@@ -15,6 +15,7 @@ import torch
 from mdcsrn_lightning.cli import export as export_cli
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference import engines as E
+from mdcsrn_lightning.models.export import export
 from mdcsrn_lightning.inference.patches import super_resolve
 
 from .test_inference import ANATOMICAL, run_cli, tiny_net, write_tiny_checkpoint
@@ -62,7 +63,7 @@ def test_compile_engine_equals_eager() -> None:
 def test_export_and_load_keep_outputs_and_radius(tmp_path: Path, fmt: str, suffix: str) -> None:
     need("onnxruntime" if fmt == "onnx" else "openvino")
     net = tiny_net(seed=3)
-    path = E.export(net, tmp_path / f"model{suffix}", fmt)
+    path = export(net, tmp_path / f"model{suffix}", fmt)
     assert path.suffix == suffix and path.is_file()
     if fmt == "openvino":
         assert path.with_suffix(".bin").is_file()

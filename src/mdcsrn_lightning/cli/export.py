@@ -26,7 +26,8 @@ from mdcsrn_lightning.atomic import WriteError, atomic_files
 from mdcsrn_lightning.cli.infer import fail
 from mdcsrn_lightning.cli.overrides import one_line_override_errors
 from mdcsrn_lightning.config import config_dir
-from mdcsrn_lightning.inference.engines import EngineUnavailable, export, load_engine
+from mdcsrn_lightning.inference.engines import EngineUnavailable, load_engine
+from mdcsrn_lightning.models.export import export
 from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.inference.base import InferenceError
 

@@ -33,6 +33,7 @@ from torchio.transforms.augmentation import RandomTransform
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.intensity import input_scale
+from mdcsrn_lightning.sizes import triple
 
 __all__ = [
     "AUTO_ROI",
@@ -210,12 +211,9 @@ def realistic_roi(
         return None, int(margin), None
     if roi == "auto":
         return tuple(max(AUTO_ROI, p) for p in patch), int(margin), AUTO_ROI_MIN_RATIO  # type: ignore[return-value]
-    edges = [roi] * 3 if isinstance(roi, (int, np.integer)) and not isinstance(roi, bool) else roi
-    if isinstance(edges, str) or not isinstance(edges, Sequence) or len(edges) != 3 or any(
-        isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1 for e in edges
-    ):
+    if isinstance(roi, str):
         raise ValueError(f"augment_options.roi must be null, 'auto', an int >= 1 or 3 ints >= 1, got {roi!r}")
-    size = tuple(int(e) for e in edges)
+    size = triple(roi, "augment_options.roi")
     if any(r < p for r, p in zip(size, patch)):
         raise ValueError(f"augment_options.roi {list(size)} must be >= the patch size {list(patch)} on every axis")
     return size, int(margin), None  # type: ignore[return-value]

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.augment import AUTO_ROI, REALISTIC_DEFAULTS, ROI_OPTIONS
+from mdcsrn_lightning.sizes import triple
 
 __all__ = ["BatchedRealistic", "batched_flip_rot90", "degrade_batch"]
 
@@ -403,12 +404,10 @@ def _check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_geometry(patch_size: Sequence[int], margin: int) -> tuple[tuple[int, int, int], int]:
-    patch = tuple(patch_size)
-    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 for p in patch):
-        raise ValueError(f"patch_size must be 3 ints >= 1, got {patch_size!r}")
+    patch = triple(patch_size, "patch_size")
     if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
         raise ValueError(f"margin must be an int >= 0 (voxels), got {margin!r}")
-    return tuple(int(p) for p in patch), int(margin)  # type: ignore[return-value]
+    return patch, int(margin)
 
 
 class BatchedRealistic:

@@ -57,6 +57,7 @@ from mdcsrn_lightning.data.cache import CacheEntry, SubjectCache
 from mdcsrn_lightning.data.images import MemmapImage, MemmapReader, ScaledReader
 from mdcsrn_lightning.data.samplers import CropSampler, QueueEpochSampler, WeightedSubjectSampler
 from mdcsrn_lightning.data.sources import VolumeSource
+from mdcsrn_lightning.sizes import triple
 from mdcsrn_lightning.data.split import (
     SPLIT_NAMES,
     SplitName,
@@ -73,13 +74,6 @@ PatchSamplerName = Literal["uniform", "label"]
 
 
 # --------------------------------------------------------------------------- data module
-def _as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    vals = [value] * 3 if isinstance(value, int) else list(value)
-    if len(vals) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in vals):
-        raise ValueError(f"{name} must be an int >= 1 or 3 ints >= 1, got {value!r}")
-    return tuple(int(v) for v in vals)  # type: ignore[return-value]
-
-
 def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -198,7 +192,7 @@ class SRDataModule(LightningDataModule):
             raise ValueError(f"factors must be 3 finite numbers >= 1, got {factors!r}")
         if interpolation not in get_args(degradation.Interpolation):
             raise ValueError(f"interpolation must be one of {get_args(degradation.Interpolation)}, got {interpolation!r}")
-        patch = _as_triple(patch_size, "patch_size")
+        patch = triple(patch_size, "patch_size")
         _check_loader_ints(samples_per_volume, batch_size, queue_length, num_workers, val_batch_size)
         check_fractions(split_fractions)
         if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):

@@ -1,68 +1,27 @@
-"""Exact whole-volume mDCSRN inference at engine speed: one compiled dense-block graph run
-over slabs of the volume with a small halo.
-
-:mod:`.streaming` computes the exact whole-volume pass layer by layer in eager torch (every
-3x3x3 conv, BatchNorm and ELU a separate call, each moving whole planes through memory).
-The engines of :mod:`.engines` (OpenVINO above all) fuse those layers and run faster,
-but on fixed tensors: fed patches, they are exact only with ``margin = radius`` (33 for
-b8u4), which multiplies the work (a core of ``c`` needs ``(c + 66)^3`` input voxels). This
-module keeps the engine's speed and the streamed pass's exactness by cutting finer:
-
-* **One graph per dense block, one graph for all blocks.** A block of ``u`` units sees
-  ``u`` voxels of context per side, not the network's radius. :class:`DenseBlockGraph`
-  takes the block input on ``t + 2u`` slices of the first axis and returns the block's
-  output (its input and unit outputs) on the ``t`` central slices. Its weights are inputs
-  (:func:`block_parameters`, BatchNorm folded), so every block runs through the same
-  compiled model: OpenVINO keeps a working memory per compiled model, one per block would
-  not fit, and weights given at run time run as fast as constants (docs/performance.md).
-  The 3x3x3 convs are *valid* along the first axis (each unit trims one slice per side),
-  so the halo costs ``~(t + u - 1) / t``.
-* **Volume faces through a mask, so every slab has the same shape.** The whole-volume pass
-  pads every conv's input with zeros at the volume faces. The graph multiplies each
-  unit's conv input by a per-slice mask (1 inside the volume, 0 outside): that padding
-  exactly. Slabs that stick out of the volume are fed zeros there, and their
-  out-of-volume outputs are dropped. One shape per volume: one compilation.
-* **Slabs staggered by block.** Block ``j`` computes slices ``[k t - j u, (k + 1) t - j u)``
-  in wave ``k``: the compressor that feeds it is then complete on the slices it reads as
-  soon as block ``j - 1`` has done wave ``k``, and each compressor keeps only
-  ``~ t + (j + 2) u`` slices of partial sums: memory independent of the depth.
-
-In torch: the stem conv (on each block-1 slab), the 1x1x1 contributions of each block's
-output to the later compressors and the reconstruction (split per piece by
-:func:`~mdcsrn_lightning.models.mdcsrn.split_weights`: no concatenation of the levels; one
-matmul, 8 slices at a time), their
-sums, the "-r" reconstruction's BN -> ELU -> 3x3x3 conv (streamed) and the global
-residual. The result is the plain whole-volume pass up to float32 rounding (tests: < 1e-5
-against one plain forward pass; float64 with the torch engine: < 1e-10).
-
-Engines: ``openvino`` (``pip install "mdcsrn-lightning[openvino]"``), what
-:func:`.build.build_inferer` picks for ``stream=true`` on the CPU; ``torch`` runs the same
-graph eagerly, for the tests' checks of the schedule only (slower than :mod:`.streaming`,
-so no user option reaches it). Measured figures: ``docs/performance.md`` ("Whole volumes
-without seams").
-
-Pure torch plus the optional runtime; no Lightning, Hydra or files.
+"""Exact whole-volume mDCSRN inference at engine speed: one compiled dense-block graph
+(:class:`DenseBlockGraph`, weights as inputs) run by OpenVINO over slabs of the first axis,
+volume faces through a mask, slabs staggered by block; the stem, the 1x1x1 contributions,
+their sums and the "-r" reconstruction in torch. How and why: ``docs/inference.md``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdcsrn_lightning.inference.engines import OpenVinoEngine
 from mdcsrn_lightning.inference.slabs import SlabWindow, bn_eval, conv3_slab, folded_bn
+from mdcsrn_lightning.models.export import convert_openvino
 from mdcsrn_lightning.models.mdcsrn import check_mdcsrn, split_weights
 
-__all__ = ["BLOCK_ENGINES", "BlockEngine", "BlockStreamingMDCSRN", "DenseBlockGraph", "block_parameters"]
+__all__ = ["BlockStreamingMDCSRN", "DenseBlockGraph", "block_parameters"]
 
-BlockEngine = Literal["torch", "openvino"]
-BLOCK_ENGINES: tuple[str, ...] = ("torch", "openvino")
+BlockRunner = Callable[..., Tensor]  # (x, mask, *params) -> the block's output on the slab
 
 
 def _folded_bn(bn: nn.BatchNorm3d) -> tuple[Tensor, Tensor]:
@@ -140,70 +99,6 @@ class DenseBlockGraph(nn.Module):
         return torch.cat([crop(first, t, self.units) for first, t in pieces], 1)
 
 
-# --------------------------------------------------------------------------- runners
-class _TorchRunner:
-    def __init__(self, graph: DenseBlockGraph) -> None:
-        self.graph = graph
-
-    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
-        with torch.inference_mode():
-            return self.graph(x, mask, *params)
-
-
-class _OpenVinoRunner:
-    """The graph converted to OpenVINO once per slab length (traced on a small example) and
-    compiled per input shape (float32 precision hint; LRU of 2 shapes). One compiled model
-    for all blocks: OpenVINO keeps a working memory per compiled model,
-    so one per block would not fit."""
-
-    def __init__(self, graph: DenseBlockGraph, params: list[Tensor], threads: int | None = None) -> None:
-        from mdcsrn_lightning.inference.engines import EngineUnavailable, engine_available
-
-        if not engine_available("openvino"):
-            raise EngineUnavailable("engine=openvino needs: pip install 'mdcsrn-lightning[openvino]'")
-        import openvino as ov
-
-        self.core = ov.Core()
-        self.graph = graph
-        self.param_shapes = [list(p.shape) for p in params]
-        self.config = {
-            "INFERENCE_PRECISION_HINT": "f32",  # CPUs with AMX default to bf16
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": max(1, int(threads or torch.get_num_threads())),
-        }
-        self._models: dict[int, Any] = {}  # slab length -> converted model
-        self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
-
-    def _model(self, params: list[Tensor], n: int) -> Any:
-        # The slab length n is baked into the traced slices; H and W are reshaped later.
-        if n not in self._models:
-            import openvino as ov
-
-            example = (torch.zeros(1, self.graph.in_channels, n, 3, 3), torch.ones(1, 1, n, 1, 1), *params)
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                self._models[n] = ov.convert_model(self.graph, example_input=example)
-        return self._models[n]
-
-    def _compiled_for(self, shape: tuple[int, ...], params: list[Tensor]) -> Any:
-        if shape in self._compiled:
-            self._compiled.move_to_end(shape)
-            return self._compiled[shape]
-        model = self._model(params, shape[2]).clone()
-        shapes = [list(shape), [1, 1, shape[2], 1, 1], *self.param_shapes]
-        model.reshape({port: s for port, s in zip(model.inputs, shapes)})  # static: the fast kernels
-        compiled = self.core.compile_model(model, "CPU", self.config)
-        self._compiled[shape] = compiled
-        if len(self._compiled) > 2:
-            self._compiled.popitem(last=False)
-        return compiled
-
-    def __call__(self, x: Tensor, mask: Tensor, params: list[Tensor]) -> Tensor:
-        compiled = self._compiled_for(tuple(x.shape), params)
-        out = compiled([x.numpy(), mask.numpy(), *(p.numpy() for p in params)])[compiled.outputs[0]]
-        return torch.from_numpy(out)
-
-
 # --------------------------------------------------------------------------- sums
 class _Ring:
     """Slices ``[lo, hi)`` of a (B, C, D, H, W) sum in a ring of ``capacity`` slices: the
@@ -278,25 +173,20 @@ class BlockStreamingMDCSRN:
         slab: output slices per block graph call (``t``). Larger: less halo recompute
             (``~(t + u) / t``) and fewer calls, more memory (``~ H W (t + 2u)`` times the
             block's working channels, plus the compressors' partial sums).
-        engine: ``torch`` (eager) or ``openvino`` (CPU).
+        runner: ``(x, mask, *params) -> output`` of the block graph; default: the graph in
+            OpenVINO (CPU, float32). The tests pass :attr:`graph` itself to check the schedule
+            in float64.
 
-    The graph is converted once and compiled once per input shape (cached), so calling it
-    on several volumes of one shape pays the compilation once. Pure torch apart from the
-    graph: the stem conv, the 1x1x1 contributions of each block's output to the later
-    compressors and the reconstruction (a matmul, a few slices at a time), their sums and
-    the "-r" reconstruction's 3x3x3 conv.
+    The graph is converted once and compiled once per slab shape (cached), so volumes of
+    one shape pay the compilation once.
     """
 
-    def __init__(self, net: nn.Module, slab: int = 16, engine: BlockEngine = "openvino") -> None:
+    def __init__(self, net: nn.Module, slab: int = 16, runner: BlockRunner | None = None) -> None:
         check_mdcsrn(net, "block streaming")
         if isinstance(slab, bool) or not isinstance(slab, int) or slab < 1:
             raise ValueError(f"slab must be an integer >= 1, got {slab!r}")
-        if engine not in BLOCK_ENGINES:
-            raise ValueError(f"engine must be one of {BLOCK_ENGINES}, got {engine!r}")
         self.net = net.eval()
         self.slab = slab
-        self.engine = engine
-        self.name = f"block-stream[{engine}]"
         blocks = list(net.blocks)  # type: ignore[arg-type]
         layouts = {_layout(b) for b in blocks}
         if len(layouts) != 1:
@@ -306,14 +196,19 @@ class BlockStreamingMDCSRN:
         self.weights, self.consumer_rows = self._contribution_weights()
         first = next(iter(net.parameters()), None)  # type: ignore[union-attr]
         self.device = first.device if first is not None else torch.device("cpu")
-        if engine == "openvino" and self.device.type != "cpu":
-            raise ValueError("engine=openvino runs on the CPU; move the network to the CPU or use engine=torch")
-        self.runner: Callable[[Tensor, Tensor, list[Tensor]], Tensor] = (
-            _OpenVinoRunner(self.graph, self.params[0]) if engine == "openvino" else _TorchRunner(self.graph)
-        )
+        self.runner = runner or self._openvino()
+        self.name = f"block-stream[{'openvino' if runner is None else 'custom'}]"
         #: of the last call: block graph calls and the output slices they computed
         self.calls = 0
         self.computed_slices = 0
+
+    def _openvino(self) -> OpenVinoEngine:
+        """The graph traced for this slab length (H and W are reshaped per volume)."""
+        if self.device.type != "cpu":
+            raise ValueError("block streaming runs OpenVINO on the CPU; move the network to the CPU")
+        n = self.slab + 2 * self.graph.halo
+        example = (torch.zeros(1, self.graph.in_channels, n, 3, 3), torch.ones(1, 1, n, 1, 1), *self.params[0])
+        return OpenVinoEngine(convert_openvino(self.graph, example), cache=2)
 
     def _contribution_weights(self) -> tuple[list[Tensor], list[list[int]]]:
         """Per block: the (R, 2k + u k) weight taking its output o_i to every later consumer
@@ -350,8 +245,8 @@ class BlockStreamingMDCSRN:
     def __call__(self, x: Tensor, progress: Callable[[int], None] | None = None) -> Tensor:
         if x.ndim != 5:
             raise ValueError(f"expected (B, C, D, H, W), got {tuple(x.shape)}")
-        if x.dtype != torch.float32 and self.engine != "torch":
-            raise ValueError(f"engine={self.engine} runs in float32, got {x.dtype}")
+        if x.dtype != torch.float32 and isinstance(self.runner, OpenVinoEngine):
+            raise ValueError(f"block streaming on OpenVINO runs in float32, got {x.dtype}")
         net, t, h = self.net, self.slab, self.graph.halo
         batch, _, depth, height, width = x.shape
         nblocks = len(self.params)
@@ -392,7 +287,7 @@ class BlockStreamingMDCSRN:
                     windows[j - 1].read(lo, hi, slab_in[:, :, lo - a : hi - a])
                 mask = torch.zeros(1, 1, b - a, 1, 1, dtype=x.dtype, device=x.device)
                 mask[:, :, lo - a : hi - a] = 1
-                pieces = self.runner(slab_in if j else slab_in.contiguous(), mask, params[j])
+                pieces = self.runner(slab_in if j else slab_in.contiguous(), mask, *params[j])
                 del slab_in
                 if j > 0:  # block j reads compressor j-1 from its next slab's halo on
                     windows[j - 1].drop_below(s + t - h)

@@ -1,24 +1,5 @@
-"""The one place where the inference strategy and engine are chosen: :func:`build_inferer`.
-
-=============================  ==========  =================================================
-options                        device      inferer
-=============================  ==========  =================================================
-``stream=false``, any engine   any         :class:`~.patches.PatchInferer`: the network
-                                           (``torch``) or an engine built from it once
-                                           (:func:`~.engines.build_engine`)
-``stream=true engine=torch``   any         exact, eager slab streaming (:mod:`.streaming`)
-``stream=true`` on CUDA        cuda        the same (every engine: the eager pass is the
-                                           GPU path)
-``stream=true engine=openvino`` cpu        exact block streaming on OpenVINO
-                                           (:mod:`.block_stream`)
-``stream=true engine=auto``    cpu         OpenVINO block streaming where installed, else
-                                           the eager pass (one info line)
-=============================  ==========  =================================================
-
-``stream=true`` with ``compile`` or ``onnxruntime`` on the CPU, with ``bn_mode=train``, or
-``openvino`` off the CPU is refused. ``engine=auto`` with ``bn_mode=train`` runs the
-patches on the network itself (only eager torch has batch statistics).
-"""
+"""The one place where the inference strategy and engine are chosen: :func:`build_inferer`
+(which options give which inferer on which device: ``docs/inference.md``)."""
 
 from __future__ import annotations
 
@@ -46,7 +27,10 @@ def _info(message: str) -> None:
 def build_inferer(
     net: nn.Module, options: InferenceOptions | None = None, *, log: Callable[[str], None] = _info
 ) -> Inferer:
-    """The inferer that ``options`` ask for, running ``net`` (see the module docstring).
+    """The inferer that ``options`` ask for, running ``net``: patches
+    (:class:`~.patches.PatchInferer`, the network or an engine built from it once) or, with
+    ``stream=true``, the exact whole-volume pass (eager slab streaming: any device;
+    OpenVINO block streaming: CPU; ``auto``: OpenVINO where installed, else eager).
 
     Built once per model: engines are exported and compiled here, not per volume.
 
@@ -101,6 +85,6 @@ def _exact_runner(net: nn.Module, options: InferenceOptions, device: torch.devic
         net = net.to(device)
         if engine == "torch":
             return StreamingMDCSRN(net, slab)
-        return BlockStreamingMDCSRN(net, slab, "openvino")
+        return BlockStreamingMDCSRN(net, slab)
     except (TypeError, ValueError) as exc:  # not an mDCSRN, blocks of several layouts
         raise InferenceError(f"stream=true: {exc}") from None

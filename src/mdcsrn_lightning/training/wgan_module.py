@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from mdcsrn_lightning.checkpoints import load_generator
+from mdcsrn_lightning.sizes import triple
 from mdcsrn_lightning.training.base import SRModule
 from mdcsrn_lightning.training.gan_schedule import GanSchedule, next_update
 from mdcsrn_lightning.training.gradient_penalty import gradient_penalty
@@ -71,13 +72,6 @@ def kept_buffers(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-
-
-def _as_size(value: int | Sequence[int]) -> tuple[int, int, int]:
-    sizes = [value] * 3 if isinstance(value, int) else list(value)
-    if len(sizes) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
-        raise ValueError(f"em_patch_size must be an int >= 1 or 3 ints >= 1, got {value!r}")
-    return tuple(sizes)  # type: ignore[return-value]
 
 
 class WGANGPModule(SRModule):
@@ -154,7 +148,7 @@ class WGANGPModule(SRModule):
             burst_steps=burst_steps,
         )
         self.max_generator_steps = int(max_generator_steps)
-        self.em_patch_size = _as_size(em_patch_size)
+        self.em_patch_size = triple(em_patch_size, "em_patch_size")
         self.em_crops = int(em_crops)
         # the schedule state: updates done so far (saved in / restored from checkpoints)
         self.critic_steps = 0
