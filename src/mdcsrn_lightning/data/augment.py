@@ -211,9 +211,10 @@ def realistic_roi(
         return None, int(margin), None
     if roi == "auto":
         return tuple(max(AUTO_ROI, p) for p in patch), int(margin), AUTO_ROI_MIN_RATIO  # type: ignore[return-value]
-    if isinstance(roi, str):
-        raise ValueError(f"augment_options.roi must be null, 'auto', an int >= 1 or 3 ints >= 1, got {roi!r}")
-    size = triple(roi, "augment_options.roi")
+    try:
+        size = triple(roi, "augment_options.roi")  # "auto" handled above: any string is refused
+    except ValueError:
+        raise ValueError(f"augment_options.roi must be null, 'auto', an int >= 1 or 3 ints >= 1, got {roi!r}") from None
     if any(r < p for r, p in zip(size, patch)):
         raise ValueError(f"augment_options.roi {list(size)} must be >= the patch size {list(patch)} on every axis")
     return size, int(margin), None  # type: ignore[return-value]

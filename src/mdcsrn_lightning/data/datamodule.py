@@ -74,6 +74,36 @@ PatchSamplerName = Literal["uniform", "label"]
 
 
 # --------------------------------------------------------------------------- data module
+def _check_factors(factors: Sequence[float], interpolation: str) -> tuple[float, float, float]:
+    try:
+        fs = tuple(float(f) for f in factors)
+    except TypeError:
+        raise ValueError(f"factors must be 3 numbers >= 1, got {factors!r}") from None
+    if len(fs) != 3 or any(not math.isfinite(f) or f < 1.0 for f in fs):
+        raise ValueError(f"factors must be 3 finite numbers >= 1, got {factors!r}")
+    if interpolation not in get_args(degradation.Interpolation):
+        raise ValueError(f"interpolation must be one of {get_args(degradation.Interpolation)}, got {interpolation!r}")
+    return fs  # type: ignore[return-value]
+
+
+def _check_choices(normalize: str, sampler: str, augment: bool | str, augment_options: Mapping[str, Any] | None,
+                   augment_on: str) -> AugmentName:
+    """The named options checked; ``augment`` as a name (``True``: the paper's flips/rotations)."""
+    for name, value, allowed in (("normalize", normalize, Normalize), ("sampler", sampler, PatchSamplerName),
+                                 ("augment_on", augment_on, AugmentOn)):
+        if value not in get_args(allowed):
+            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {value!r}")
+    if isinstance(augment, bool):  # the former switch
+        augment = "paper" if augment else "none"
+    if augment not in get_args(AugmentName):
+        raise ValueError(f"augment must be one of {get_args(AugmentName)} (or a bool), got {augment!r}")
+    if augment == "realistic" and normalize == "none":
+        raise ValueError("augment='realistic' divides HR and LR by input_scale(LR); it needs normalize='percentile'")
+    if augment_options and augment != "realistic":
+        raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
+    return augment  # type: ignore[return-value]
+
+
 def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -184,33 +214,13 @@ class SRDataModule(LightningDataModule):
         super().__init__()
         if not isinstance(source, VolumeSource):
             raise ValueError(f"source must be a VolumeSource (GlobSource, EmbeddedMNI152Source, ...), got {source!r}")
-        try:
-            fs = tuple(float(f) for f in factors)
-        except TypeError:
-            raise ValueError(f"factors must be 3 numbers >= 1, got {factors!r}") from None
-        if len(fs) != 3 or any(not math.isfinite(f) or f < 1.0 for f in fs):
-            raise ValueError(f"factors must be 3 finite numbers >= 1, got {factors!r}")
-        if interpolation not in get_args(degradation.Interpolation):
-            raise ValueError(f"interpolation must be one of {get_args(degradation.Interpolation)}, got {interpolation!r}")
+        fs = _check_factors(factors, interpolation)
         patch = triple(patch_size, "patch_size")
         _check_loader_ints(samples_per_volume, batch_size, queue_length, num_workers, val_batch_size)
         check_fractions(split_fractions)
         if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
             raise ValueError(f"split_seed must be an int, got {split_seed!r}")
-        if normalize not in get_args(Normalize):
-            raise ValueError(f"normalize must be one of {get_args(Normalize)}, got {normalize!r}")
-        if sampler not in get_args(PatchSamplerName):
-            raise ValueError(f"sampler must be one of {get_args(PatchSamplerName)}, got {sampler!r}")
-        if isinstance(augment, bool):  # the former switch: true = the paper's flips/rotations
-            augment = "paper" if augment else "none"
-        if augment not in get_args(AugmentName):
-            raise ValueError(f"augment must be one of {get_args(AugmentName)} (or a bool), got {augment!r}")
-        if augment == "realistic" and normalize == "none":
-            raise ValueError("augment='realistic' divides HR and LR by input_scale(LR); it needs normalize='percentile'")
-        if augment_options and augment != "realistic":
-            raise ValueError(f"augment_options are for augment='realistic', got augment={augment!r}")
-        if augment_on not in get_args(AugmentOn):
-            raise ValueError(f"augment_on must be one of {get_args(AugmentOn)}, got {augment_on!r}")
+        augment = _check_choices(normalize, sampler, augment, augment_options, augment_on)
         # Built here so that a bad option fails at construction, not at the first batch.
         self._realistic = _batched_realistic(augment_options, fs, interpolation, patch) if augment == "realistic" else None
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):

@@ -1,9 +1,5 @@
-"""What both exact whole-volume passes (:mod:`.streaming`, :mod:`.block_stream`) share: the
-layers on slabs of the first spatial axis, the slab window, and the inferer that runs a
-slab runner over a volume.
-
-Pure torch.
-"""
+"""What both exact whole-volume passes (:mod:`.streaming`, :mod:`.block_stream`) share: layers
+on slabs of the first axis, the slab window, and the inferer running a slab runner."""
 
 from __future__ import annotations
 

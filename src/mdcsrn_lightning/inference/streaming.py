@@ -1,41 +1,8 @@
-"""Exact whole-volume mDCSRN inference with bounded memory: slab streaming + split 1x1 convs.
-
-The plain forward pass of b8u4 over a 181x217x181 scan needs one 600-channel
-concatenation of the whole volume (17 GB in float32) before the reconstruction, and more
-for the compressors. Cutting the volume into patches avoids that but changes the result
-near patch faces unless every patch keeps ``receptive_field_radius()`` voxels of context
-(33 for b8u4), which multiplies the work. This module computes **the same numbers as one
-whole-volume forward pass** (up to float32 rounding, ~1e-6), with peak memory that does
-not grow with the volume's depth and never holds a concatenation wider than 4k channels.
-
-Two ideas, both exact:
-
-1. **Linear layers over a concatenation need no concatenation.** The compressors, the
-   direct-combination reconstruction (and the "-r" bottleneck) and each dense unit's
-   1x1x1 bottleneck are 1x1x1 convs of ``cat(a, b, ...)``: the sum of the convs of the
-   slices (:func:`~mdcsrn_lightning.models.mdcsrn.split_weights`, the rule
-   :func:`~mdcsrn_lightning.models.mdcsrn.lean_forward` uses too). BatchNorm (eval: per
-   channel) and ELU (per element) act on each slice separately. So every feature map (the stem, each block's input, each
-   unit's k-channel output) *pushes* its contribution into an accumulator per consumer as
-   soon as it exists, and is dropped when no 3x3x3 conv needs it any more. One stream's
-   contributions to all its consumers are one conv (their weight slices stacked).
-2. **Streaming along the first spatial axis.** Every 3x3x3 conv has zero padding 1, so
-   output slices ``[z0, z1)`` need input slices ``[z0-1, z1+1)`` (zeros outside the
-   volume, applied to the conv's own input, exactly as the whole-volume pass pads every
-   layer). Each feature map is produced ``slab`` slices at a time on demand; a slice is
-   kept only while a later conv still needs it. Memory is then about
-   ``H * W * (sum over layers of their channels times their lag)``: independent of ``D``.
-   ``slab=None`` computes every layer over the whole depth at once (the "lean"
-   whole-volume pass: only idea 1).
-
-No overlap, no recomputation, no seams: each voxel of each layer is computed once.
-Measured time and memory: ``docs/performance.md`` ("Whole volumes without seams").
-
-BatchNorm must use its running statistics (eval mode; ``bn_mode="train"`` has batch
-statistics that depend on the whole batch, so it cannot be streamed).
-
-Pure torch; works for :class:`~mdcsrn_lightning.models.mdcsrn.MDCSRN` and
-:class:`~mdcsrn_lightning.models.reference.ReferenceMDCSRN` (same module layout).
+"""Exact whole-volume mDCSRN inference with bounded memory, in eager torch (the GPU path):
+every feature map streamed ``slab`` slices at a time along the first axis, and every 1x1x1
+conv of a concatenation computed as a sum over its pieces, so no concatenation of the levels
+is ever held. Equals one whole-volume forward pass (eval-mode BatchNorm) up to float32
+rounding; how: ``docs/inference.md``.
 """
 
 from __future__ import annotations
@@ -357,5 +324,5 @@ class StreamingMDCSRN:
 
 
 def stream_forward(net: nn.Module, x: Tensor, slab: int | None = 16) -> Tensor:
-    """``net``'s eval forward pass of ``x`` (B, C, D, H, W), streamed (see the module docstring)."""
+    """``net``'s eval forward pass of ``x`` (B, C, D, H, W), streamed."""
     return StreamingMDCSRN(net, slab)(x)
