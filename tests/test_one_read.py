@@ -89,3 +89,16 @@ def test_a_resume_reads_the_checkpoint_once_before_lightning(train_cfg, reads) -
     train(train_cfg("trainer.max_epochs=2", "test=false", f"ckpt_path={last}", run="second"))
     # ours (the checks, by path) and Lightning's restore (an open file object)
     assert reads["torch"].count(str(last)) == 1 and len(reads["torch"]) == 2, reads["torch"]
+
+
+@pytest.mark.slow
+def test_a_gan_run_reads_its_init_checkpoint_once(train_cfg, reads) -> None:
+    from .test_wgan_module import TINY_D
+
+    first = train_cfg("trainer.max_epochs=1", "test=false")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    reads["torch"].clear()
+    train(train_cfg("loss=wgan_gp", *TINY_D, f"module.init_ckpt={last}", "module.critic_warmup_steps=1",
+                    "trainer.max_epochs=1", "test=false", run="gan"))
+    assert reads["torch"] == [str(last)]
