@@ -22,7 +22,7 @@ from mdcsrn_lightning.data.sources import GlobSource
 
 # the margin study is a developer's script, not part of the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from roi_margin import margin_errors, region_offset  # noqa: E402
+from roi_margin import margin_errors, region_offset
 
 
 def _head(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -9,6 +9,10 @@ settings hold even on a shared, noisy machine. Memory is measured apart (``memor
 other settings), ``inprocess`` reports the RSS increase during one call (CPU: peak reset
 through ``/proc/self/clear_refs``), ``none`` skips it. On CUDA, memory is
 ``torch.cuda.max_memory_allocated`` in the process.
+
+Every inference run is an inferer of :func:`~mdcsrn_lightning.inference.build.build_inferer`,
+built from the :class:`~mdcsrn_lightning.inference.options.InferenceOptions` of its row
+(:mod:`.settings`); measured figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -299,23 +303,7 @@ def queue_task(
     dm.setup("fit")
     setup_s = time.perf_counter() - start
     log(f"queue: data module ready in {setup_s:.1f} s")
-    delivered = 0
-    first_batch_s = None
-    epoch = 0
-    start = time.perf_counter()
-    n = 0
-    while n < batches:
-        dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
-        for batch in dm.train_dataloader():
-            batch = dm.on_after_batch_transfer(batch, 0)  # augment_on=device: the device's step, on the CPU here
-            delivered += int(batch["lr"]["data"].shape[0])
-            n += 1
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - start
-            if n >= batches:
-                break
-        epoch += 1
-    seconds = time.perf_counter() - start
+    n, delivered, first_batch_s, seconds = _deliver(dm, batches)
     hp = dm.hparams
     batch_size = int(hp.batch_size)
     patch = int(dm.patch_size[0])
@@ -351,6 +339,28 @@ def queue_task(
         "consume": consume,
         "ratio_vs_fastest_step": queue["patches_per_s"] / fastest["patches_per_s"] if fastest else None,
     }
+
+
+def _deliver(dm: Any, batches: int) -> tuple[int, int, float | None, float]:
+    """Draw ``batches`` training batches from ``dm`` (epochs as needed): batches, patches,
+    seconds to the first batch, seconds in all."""
+    delivered = 0
+    first_batch_s = None
+    epoch = 0
+    start = time.perf_counter()
+    n = 0
+    while n < batches:
+        dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
+        for batch in dm.train_dataloader():
+            batch = dm.on_after_batch_transfer(batch, 0)  # augment_on=device: the device's step, on the CPU here
+            delivered += int(batch["lr"]["data"].shape[0])
+            n += 1
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - start
+            if n >= batches:
+                break
+        epoch += 1
+    return n, delivered, first_batch_s, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- volume
@@ -460,7 +470,7 @@ def _volume_options(
         rows["engine_patches"] = (InferenceOptions(engine="openvino", patch_size=patch, margin="auto", device=device),
                                   {"patch_size": patch})
     if patches_check:
-        patch = [min(int(n), int(math.ceil((int(n) + 2 * radius) / 2))) for n in shape]
+        patch = [min(int(n), math.ceil((int(n) + 2 * radius) / 2)) for n in shape]
         rows["patches"] = (InferenceOptions(engine="torch", patch_size=patch, margin="auto", device=device),
                            {"patch_size": patch, "margin": radius})
     return rows
