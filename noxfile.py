@@ -54,8 +54,9 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def gpu(session: nox.Session) -> None:
     """The GPU check (`python -m mdcsrn_lightning.benchmark.gpu_check`): bf16-mixed, torch.compile and
-    1-device DDP fits, the inference engines, b4u4/b8u4 on a 320x320x256 volume and training steps
-    at batch 6 of 40^3; one markdown table, under 10 minutes on one recent GPU. Arguments after
+    1-device DDP fits, the inference engines and the exact streamed pass, b4u4/b8u4 on a 320x320x256
+    volume (every inference run an inferer of `build_inferer(net, InferenceOptions(...))`) and
+    training steps at batch 6 of 40^3; one markdown table (its budget: docs/performance.md). Arguments after
     `--` go to the check (e.g. `nox -s gpu -- --table gpu.md --repeats 3`). Without a CUDA GPU the
     session is skipped with the reason (not a failure); `-- --device cpu --tiny` dry-runs it."""
     install(session)

@@ -90,6 +90,49 @@ def test_infer_task_compares_engines_with_the_reference() -> None:
     assert table.count("\n| ") >= 5 and "% of GEMM peak" in table
 
 
+def test_every_bench_engine_name_is_one_set_of_inference_options() -> None:
+    from mdcsrn_lightning.benchmark.settings import INFER_SETTINGS, infer_options
+
+    size = [6, 7, 8]
+    for name in INFER_SETTINGS:
+        network, options = infer_options(name, size, "cpu", slab=3)
+        assert network in ("plain", "reference", "channels_last") and options.device == "cpu", name
+        if options.stream:
+            assert (options.engine, options.slab) == ("torch", 3), name
+        else:  # one patch covering the input: one forward pass of the network
+            assert (options.patch_size, options.margin) == (size, 0), name
+    assert infer_options("stream:5", size, "cpu")[1].slab == 5
+    assert infer_options("stream:whole", size, "cpu")[1].slab == 6
+    assert infer_options("stream", size, "cpu", slab=None)[1].slab == 6
+    assert infer_options("bf16", size, "cpu")[1].precision == "bf16"
+    assert infer_options("openvino", size, "cpu")[1].engine == "openvino"
+    assert infer_options("reference", size, "cpu")[0] == "reference"
+    with pytest.raises(ValueError, match="unknown inference setting 'block:openvino'"):
+        infer_options("block:openvino", size, "cpu")
+
+
+def test_the_benchmark_builds_inference_only_through_build_inferer() -> None:
+    """No benchmark module imports a strategy or engine module of inference/ itself."""
+    import ast
+    from pathlib import Path
+
+    import mdcsrn_lightning.benchmark as bench_pkg
+
+    allowed = {"mdcsrn_lightning.inference.build", "mdcsrn_lightning.inference.options",
+               "mdcsrn_lightning.inference.base", "mdcsrn_lightning.inference.patches"}  # patches: resolve_device
+    found = {}
+    for path in Path(bench_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mdcsrn_lightning.inference"):
+                names = {a.name for a in node.names}
+                if node.module not in allowed or (node.module.endswith("patches") and names != {"resolve_device"}):
+                    found[path.name] = (node.module, sorted(names))
+            elif isinstance(node, ast.Import) and any(a.name.startswith("mdcsrn_lightning.inference") for a in node.names):
+                found[path.name] = [a.name for a in node.names]
+    assert not found, found
+    assert not (Path(bench_pkg.__file__).parent / "runners.py").exists()
+
+
 def test_train_task_times_each_option_against_the_reference() -> None:
     result = train_task(
         TINY_MODEL, settings=["reference", "torch", "channels_last", "memory_efficient"], batches=[[2, 8]],
@@ -168,6 +211,13 @@ def test_volume_task_streams_exactly_and_checks_itself(tmp_path) -> None:
         row = result[key]
         assert row["crops_max_abs_diff"] < 1e-5 and row["max_abs_diff_vs_stream"] < 1e-5, key
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["speedup_vs_stream"] > 0
+    # every row is described by the InferenceOptions its fresh process built the inferer from
+    opts = {key: result[key]["options"] for key in ("stream", "block", "engine_patches", "patches")}
+    assert (opts["stream"]["stream"], opts["stream"]["engine"], opts["stream"]["slab"]) == (True, "torch", 4)
+    assert (opts["block"]["stream"], opts["block"]["engine"], opts["block"]["slab"]) == (True, "openvino", 5)
+    assert (opts["engine_patches"]["engine"], opts["engine_patches"]["margin"]) == ("openvino", "auto")
+    assert opts["patches"]["margin"] == "auto" and opts["patches"]["patch_size"] == result["patches"]["patch_size"]
+    assert all(result[key]["inferer"] for key in opts)
     table = markdown(result)
     assert "streamed whole volume" in table and "block-streamed, openvino (slab 5)" in table
     assert "patches 12x12x12, margin=auto, openvino" in table

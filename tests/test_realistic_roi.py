@@ -4,6 +4,7 @@ alignment, options."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,12 +14,15 @@ import scipy.ndimage
 import torch
 import torchio as tio
 
-from mdcsrn_lightning.benchmark.roi_margin import margin_errors, region_offset
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.augment import DegradeSample, RandomRegion, realistic_hr_transform, realistic_roi
 from mdcsrn_lightning.data.datamodule import SRDataModule
 from mdcsrn_lightning.data.intensity import input_scale
 from mdcsrn_lightning.data.sources import GlobSource
+
+# the margin study is a developer's script, not part of the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from roi_margin import margin_errors, region_offset
 
 
 def _head(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from mdcsrn_lightning.benchmark.measure import MB, conv_macs_per_voxel, peak_rss_bytes, reset_peak_rss, rss_bytes, run_probe
-from mdcsrn_lightning.benchmark.runners import build_net, make_train_step
+from mdcsrn_lightning.benchmark.settings import build_net, make_train_step
 
 __all__ = ["data_task", "measure_data", "subset_root"]
 

@@ -7,14 +7,16 @@ times them at the paper's sizes, then prints ONE markdown table (check | status 
 * ``fit bf16-mixed``, ``fit torch.compile``, ``fit DDP 1 device``: short ``mdcsrn-train``
   runs (the quickstart data with a b4u4 k12 model; each in a fresh process, as a user runs
   it): finite loss after every step asked for;
-* ``engine <name>``: every inference engine of :mod:`mdcsrn_lightning.inference.engines`
-  (and bf16 autocast, channels_last_3d) on one 64^3 block of b8u4 against the plain reference
-  generator; the CPU-only runtimes (ONNX Runtime, OpenVINO) are reported as skipped on CUDA;
-* ``stream exact``: the streamed whole-volume pass equals the plain forward pass (float32,
-  TF32 off) on that block;
+* ``engine <name>``: every inference engine of
+  :class:`~mdcsrn_lightning.inference.options.InferenceOptions` (and bf16 autocast,
+  channels_last_3d) on one 64^3 block of b8u4 against the plain reference generator, each an
+  inferer of :func:`~mdcsrn_lightning.inference.build.build_inferer`; the CPU-only runtimes
+  (ONNX Runtime, OpenVINO) are reported as skipped on CUDA;
+* ``stream exact``: the streamed whole-volume pass (``stream=true engine=torch``) equals the
+  plain forward pass (float32, TF32 off) on that block;
 * ``volume <model> ...``: b4u4 and b8u4 on one 320x320x256 volume, the paper's 70^3 patches
-  with a margin of 3 (fp32 and bf16; the paper: 12.54 s and 27.86 s on a GTX 1080 Ti) and the
-  exact streamed pass (``mdcsrn-infer stream=true``);
+  with a margin of 3 (fp32 and bf16; the fp32 row's figure puts the paper's GTX 1080 Ti time
+  beside it, see docs/performance.md) and the exact streamed pass (``mdcsrn-infer stream=true``);
 * ``train step <model> ...``: one Adam step at the paper's batch (6 of 40^3), eager
   reference, fp32, channels_last, bf16 autocast, channels_last+bf16, timed in alternating
   rounds (:func:`mdcsrn_lightning.benchmark.tasks.train_task`).
@@ -49,7 +51,7 @@ import torch
 
 from mdcsrn_lightning.benchmark.curves import read_curve
 from mdcsrn_lightning.benchmark.measure import PeakMemory, alternate, summarize
-from mdcsrn_lightning.benchmark.runners import build_net
+from mdcsrn_lightning.benchmark.settings import ENGINE_NAMES, build_net
 from mdcsrn_lightning.benchmark.tasks import infer_task, train_task
 
 __all__ = ["CHECKS", "SKIPPED", "Row", "Sizes", "gpu_unavailable_reason", "main", "markdown_table", "run_checks"]
@@ -250,10 +252,8 @@ def _true_float32() -> Iterator[None]:
 
 
 def _engine_rows(sizes: Sizes, dev: torch.device, log: Log) -> list[Row]:
-    from mdcsrn_lightning.inference.engines import ENGINES
-
     name = sizes.engine_model
-    settings = ["reference", *ENGINES, "channels_last", "bf16"]
+    settings = ["reference", *ENGINE_NAMES, "channels_last", "bf16"]
     size = [sizes.block] * 3
     with _true_float32():
         result = infer_task(sizes.models[name], engines=settings, size=size, repeats=sizes.repeats, warmup=1,
@@ -277,15 +277,18 @@ def _engine_rows(sizes: Sizes, dev: torch.device, log: Log) -> list[Row]:
 
 
 def _stream_row(sizes: Sizes, dev: torch.device) -> Row:
-    from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
+    from mdcsrn_lightning.inference.build import build_inferer
+    from mdcsrn_lightning.inference.options import InferenceOptions
 
     name = sizes.engine_model
     net = build_net(sizes.models[name], seed=0).eval().to(dev)
     x = torch.rand(1, 1, sizes.block, sizes.block, sizes.block, generator=torch.Generator().manual_seed(5)).to(dev)
-    with _true_float32(), torch.inference_mode():
-        plain = net(x)
-        streamed = StreamingMDCSRN(net, slab=max(1, sizes.block // 4))(x)
-    diff = float((plain - streamed).abs().max())
+    options = InferenceOptions(stream=True, engine="torch", slab=max(1, sizes.block // 4), device=str(dev))
+    with _true_float32():
+        with torch.inference_mode():
+            plain = net(x)[0, 0].float().cpu().numpy()
+        streamed = build_inferer(net, options)(x[0, 0])
+    diff = float(np.abs(plain - streamed).max())
     figure = f"max abs diff {diff:.1e} vs the plain forward pass ({name}, {sizes.block}³, float32 without TF32; limit 1e-5)"
     return Row(f"stream exact ({name})", "ok" if diff <= 1e-5 else "FAIL", figure, {"max_abs_diff": diff})
 

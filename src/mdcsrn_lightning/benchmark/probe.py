@@ -20,30 +20,16 @@ import numpy as np
 import torch
 
 from mdcsrn_lightning.benchmark.measure import MB, PeakMemory, peak_rss_bytes, rss_bytes
-from mdcsrn_lightning.benchmark.runners import build_net, make_infer_runner, make_input, make_train_step
+from mdcsrn_lightning.benchmark.settings import build_net, infer_inferer, make_input, make_train_step, run_volumes
 
 
-def _volume_inferer(net: Any, spec: dict[str, Any], device: Any) -> Any:
-    """The inferer of a ``bench.task=volume`` setting, built by
-    :func:`~mdcsrn_lightning.inference.build.build_inferer` (``patches_stream`` is a check, not
-    a strategy: ``margin="auto"`` patches each run by the eager streamed pass)."""
+def _volume_inferer(net: Any, spec: dict[str, Any]) -> Any:
+    """The inferer of a ``bench.task=volume`` row: :func:`~mdcsrn_lightning.inference.build.build_inferer`
+    on the options the spec carries (``spec["options"]``, the fields of an ``InferenceOptions``)."""
     from mdcsrn_lightning.inference.build import build_inferer
     from mdcsrn_lightning.inference.options import InferenceOptions
-    from mdcsrn_lightning.inference.patches import PatchInferer
-    from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
 
-    mode, slab, dev = spec["setting"], int(spec.get("slab", 16)), str(device)
-    patches = {"patch_size": spec.get("patch_size", 70), "margin": "auto", "device": dev}
-    if mode == "patches_stream":
-        return PatchInferer(StreamingMDCSRN(net.to(device), slab), InferenceOptions(**patches))
-    options = {
-        "stream": InferenceOptions(stream=True, engine="torch", slab=slab, device=dev),
-        "block:openvino": InferenceOptions(stream=True, engine="openvino", slab=int(spec.get("block_slab", 16)), device=dev),
-        "patches_openvino": InferenceOptions(engine="openvino", **patches),
-    }.get(mode)
-    if options is None:
-        raise ValueError(f"unknown volume setting {mode!r}; choose stream, block:openvino, patches_openvino or patches_stream")
-    return build_inferer(net, options)
+    return build_inferer(net, InferenceOptions(**spec["options"]))
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
@@ -56,15 +42,17 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 
         return measure_data(spec)
     start_rss = rss_bytes()
+    inferer_name: dict[str, str] = {}  # infer and volume: the inferer's own label
     if task == "infer":
         net = build_net(spec["model"], int(spec["seed"]))
-        x = make_input(net, spec["batch"], spec["size"], spec["seed"], device)
-        run = make_infer_runner(spec["setting"], net, device, spec.get("slab"))
+        x = make_input(spec["batch"], spec["size"], spec["seed"])
+        inferer = infer_inferer(spec["setting"], net, spec["size"], device, spec.get("slab"))
         for _ in range(int(spec.get("warmup", 1))):
-            run(x)
+            run_volumes(inferer, x)
+        inferer_name["inferer"] = inferer.name
 
         def call() -> Any:
-            return run(x)
+            return run_volumes(inferer, x)
 
     elif task == "train":
         step = make_train_step(spec["setting"], spec["model"], int(spec["batch"]), int(spec["patch"]), device, int(spec["seed"]))
@@ -72,8 +60,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
             step()
         call = step
     elif task == "volume":
-        inferer = _volume_inferer(build_net(spec["model"], int(spec["seed"])).eval(), spec, device)
+        inferer = _volume_inferer(build_net(spec["model"], int(spec["seed"])).eval(), spec)
         volume = np.load(spec["input"], mmap_mode="r")
+        inferer_name["inferer"] = inferer.name
 
         def call() -> Any:  # the first call compiles (OpenVINO): timed, as a user would wait
             return inferer(np.asarray(volume))
@@ -89,6 +78,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         np.save(spec["output"], output)
     out = {
         "setting": spec["setting"],
+        **inferer_name,
         "seconds": seconds,
         "rss_at_start_mb": round(start_rss / MB, 1),
         **mem.as_dict(),

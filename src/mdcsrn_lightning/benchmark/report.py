@@ -202,7 +202,7 @@ def _volume(r: dict[str, Any]) -> str:
         row = r.get(key)
         if not row:
             continue
-        name = label.format(engine=str(row.get("setting", "")).split(":")[-1], slab=row.get("block_slab"),
+        name = label.format(engine=row.get("options", {}).get("engine", "?"), slab=row.get("block_slab"),
                             size="x".join(map(str, row.get("patch_size", []))))
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error']} | | | |")

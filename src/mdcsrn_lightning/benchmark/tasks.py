@@ -9,6 +9,10 @@ settings hold even on a shared, noisy machine. Memory is measured apart (``memor
 other settings), ``inprocess`` reports the RSS increase during one call (CPU: peak reset
 through ``/proc/self/clear_refs``), ``none`` skips it. On CUDA, memory is
 ``torch.cuda.max_memory_allocated`` in the process.
+
+Every inference run is an inferer of :func:`~mdcsrn_lightning.inference.build.build_inferer`,
+built from the :class:`~mdcsrn_lightning.inference.options.InferenceOptions` of its row
+(:mod:`.settings`); measured figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ from mdcsrn_lightning.benchmark.measure import (
     run_probe,
     summarize,
 )
-from mdcsrn_lightning.benchmark.runners import Unavailable, build_net, make_infer_runner, make_input, make_train_step
+from mdcsrn_lightning.benchmark.settings import (
+    Unavailable,
+    build_net,
+    infer_inferer,
+    make_input,
+    make_train_step,
+    options_dict,
+    options_label,
+    run_volumes,
+)
+from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.models import count_parameters
 
 __all__ = ["infer_task", "queue_task", "train_task", "volume_task"]
@@ -80,85 +94,120 @@ def infer_task(
     gemm_size: int = 2048,
     log: Log = _stderr,
 ) -> dict[str, Any]:
-    """Eval forward of one ``batch x C x size`` input by each engine, side by side."""
+    """``batch`` volumes of ``size`` super-resolved by each setting, side by side.
+
+    Each setting (:data:`~.settings.INFER_SETTINGS`) is an inferer made by
+    :func:`~mdcsrn_lightning.inference.build.build_inferer` (:func:`~.settings.infer_options`:
+    patch settings run each volume as one patch, i.e. one forward pass); each is checked
+    against the plain reference generator's output."""
     from mdcsrn_lightning.inference.patches import resolve_device  # not at import: it loads TorchIO
 
     dev = resolve_device(device)
     net = build_net(model_cfg, seed).eval().to(dev)
     size = [int(s) for s in size]
-    x = make_input(net, batch, size, seed, dev)
-    voxels = x.numel() // x.shape[1]
+    x = make_input(batch, size, seed)
+    result = _infer_header(net, x, size, dev)
+    macs = conv_macs_per_voxel(net) * result["voxels"]
+    inferers, outputs, rows = _ready_inferers(engines, net, x, size, dev, slab, warmup, log)
+    reference = outputs.get("reference")
+    if reference is None:
+        reference = run_volumes(infer_inferer("reference", net, size, dev), x)
+    times, gemm_peak, result["gemm"] = _timed_rounds(inferers, x, int(repeats), int(gemm_size), dev, log)
+    spec = {"task": "infer", "model": model_cfg, "seed": seed, "size": size, "batch": int(batch),
+            "device": str(dev), "threads": torch.get_num_threads(), "slab": slab}
+    for name, inferer in inferers.items():
+        row = rows[name]
+        row.update(_infer_figures(times, name, 2 * macs, gemm_peak, result["voxels"]))
+        row["max_abs_diff"] = float(np.abs(outputs[name] - reference).max())
+        row.update(_memory(memory, {**spec, "setting": name}, dev, lambda i=inferer: run_volumes(i, x), log))
+    result["engines"] = rows
+    _best_engine(result)
+    return result
+
+
+def _infer_header(net: torch.nn.Module, x: torch.Tensor, size: list[int], dev: torch.device) -> dict[str, Any]:
+    """The infer result's fields that do not depend on a setting."""
+    voxels = x.numel()
     macs = conv_macs_per_voxel(net) * voxels
-    result: dict[str, Any] = {
+    return {
         "task": "infer",
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "size": size,
-        "batch": int(batch),
+        "batch": int(x.shape[0]),
         "voxels": voxels,
         "conv_gmacs": round(macs / 1e9, 3),
         "conv_gflop": round(2 * macs / 1e9, 3),
     }
 
-    runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    outputs: dict[str, torch.Tensor] = {}
+
+def _ready_inferers(
+    engines: Sequence[str], net: torch.nn.Module, x: torch.Tensor, size: list[int], dev: torch.device,
+    slab: int | None, warmup: int, log: Log,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Each setting's inferer, built and warmed up (the first call's output kept), or a
+    ``skipped`` row with the reason."""
+    inferers: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name in engines:
         start = time.perf_counter()
         try:
-            run = make_infer_runner(name, net, dev, slab)
-            outputs[name] = run(x).float().cpu()
+            inferer = infer_inferer(name, net, size, dev, slab)
+            outputs[name] = run_volumes(inferer, x)
             for _ in range(max(0, int(warmup) - 1)):
-                run(x)
+                run_volumes(inferer, x)
         except Unavailable as exc:
             rows[name] = {"skipped": str(exc)}
             log(f"{name}: skipped ({exc})")
             continue
-        runners[name] = run
+        inferers[name] = inferer
         rows[name] = {"setup_seconds": round(time.perf_counter() - start, 2)}
-        log(f"{name}: ready in {rows[name]['setup_seconds']} s")
-    reference = outputs.get("reference")
-    if reference is None:
-        reference = make_infer_runner("reference", net, dev)(x).float().cpu()
+        log(f"{name}: ready in {rows[name]['setup_seconds']} s ({inferer.name})")
+    return inferers, outputs, rows
 
+
+def _timed_rounds(
+    inferers: dict[str, Any], x: torch.Tensor, repeats: int, gemm_size: int, dev: torch.device, log: Log
+) -> tuple[dict[str, list[float]], float, dict[str, Any]]:
+    """Seconds of each inferer in alternating rounds (a GEMM-peak probe before each round), the
+    GEMM peak and its summary."""
     gemm: list[float] = []
 
     def probe_gemm(_: int) -> None:
         gemm.append(gemm_gflops(gemm_size, device=dev))
 
-    times = alternate({n: (lambda r=r: r(x)) for n, r in runners.items()}, int(repeats), probe_gemm, dev, log)
-    gemm_peak = max(gemm) if gemm else gemm_gflops(gemm_size, device=dev)
-    gemm_median = statistics.median(gemm) if gemm else gemm_peak
-    result["gemm"] = {"n": gemm_size, "gflops_peak": round(gemm_peak, 1), "gflops_median": round(gemm_median, 1)}
+    times = alternate({n: (lambda i=i: run_volumes(i, x)) for n, i in inferers.items()}, repeats, probe_gemm, dev, log)
+    peak = max(gemm) if gemm else gemm_gflops(gemm_size, device=dev)
+    median = statistics.median(gemm) if gemm else peak
+    return times, peak, {"n": gemm_size, "gflops_peak": round(peak, 1), "gflops_median": round(median, 1)}
+
+
+def _infer_figures(times: dict[str, list[float]], name: str, flop: int, gemm_peak: float, voxels: int) -> dict[str, Any]:
+    """Timing, throughput, share of the GEMM peak and speed-up vs the reference of ``name``."""
+    row: dict[str, Any] = dict(summarize(times[name]))
+    med, best = row["seconds_median"], row["seconds_min"]
+    row["mvox_per_s"] = voxels / med / 1e6
+    row["gflops"] = flop / med / 1e9
+    row["gflops_best"] = flop / best / 1e9
+    row["peak_share"] = row["gflops"] / gemm_peak
+    row["peak_share_best"] = row["gflops_best"] / gemm_peak
     ref_times = times.get("reference")
-    for name, run in runners.items():
-        row = rows[name]
-        row.update(summarize(times[name]))
-        med, best = row["seconds_median"], row["seconds_min"]
-        row["mvox_per_s"] = voxels / med / 1e6
-        row["gflops"] = 2 * macs / med / 1e9
-        row["gflops_best"] = 2 * macs / best / 1e9
-        row["peak_share"] = row["gflops"] / gemm_peak
-        row["peak_share_best"] = row["gflops_best"] / gemm_peak
-        if ref_times:
-            row["speedup_vs_reference"] = statistics.median(ref_times) / med
-            row["speedup_vs_reference_best"] = min(ref_times) / best
-        row["max_abs_diff"] = float((outputs[name] - reference).abs().max())
-        spec = {
-            "task": "infer", "setting": name, "model": model_cfg, "seed": seed, "size": size,
-            "batch": int(batch), "device": str(dev), "threads": torch.get_num_threads(), "slab": slab,
-        }
-        row.update(_memory(memory, spec, dev, lambda run=run: run(x), log))
-    result["engines"] = rows
-    timed = {n: r for n, r in rows.items() if "seconds_median" in r}
+    if ref_times:
+        row["speedup_vs_reference"] = statistics.median(ref_times) / med
+        row["speedup_vs_reference_best"] = min(ref_times) / best
+    return row
+
+
+def _best_engine(result: dict[str, Any]) -> None:
+    """The top-level figures: the fastest setting's (per-setting ones are under ``engines``)."""
+    timed = {n: r for n, r in result["engines"].items() if "seconds_median" in r}
     if timed:
         best_name = min(timed, key=lambda n: timed[n]["seconds_median"])
         result["best_engine"] = best_name
-        # top-level figures: the best engine's (per-engine ones are under "engines")
         result["seconds_median"] = timed[best_name]["seconds_median"]
         result["seconds_min"] = timed[best_name]["seconds_min"]
-        result["voxels_per_second"] = voxels / timed[best_name]["seconds_median"]
-    return result
+        result["voxels_per_second"] = result["voxels"] / timed[best_name]["seconds_median"]
 
 
 # --------------------------------------------------------------------------- train
@@ -254,23 +303,7 @@ def queue_task(
     dm.setup("fit")
     setup_s = time.perf_counter() - start
     log(f"queue: data module ready in {setup_s:.1f} s")
-    delivered = 0
-    first_batch_s = None
-    epoch = 0
-    start = time.perf_counter()
-    n = 0
-    while n < batches:
-        dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
-        for batch in dm.train_dataloader():
-            batch = dm.on_after_batch_transfer(batch, 0)  # augment_on=device: the device's step, on the CPU here
-            delivered += int(batch["lr"]["data"].shape[0])
-            n += 1
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - start
-            if n >= batches:
-                break
-        epoch += 1
-    seconds = time.perf_counter() - start
+    n, delivered, first_batch_s, seconds = _deliver(dm, batches)
     hp = dm.hparams
     batch_size = int(hp.batch_size)
     patch = int(dm.patch_size[0])
@@ -306,6 +339,28 @@ def queue_task(
         "consume": consume,
         "ratio_vs_fastest_step": queue["patches_per_s"] / fastest["patches_per_s"] if fastest else None,
     }
+
+
+def _deliver(dm: Any, batches: int) -> tuple[int, int, float | None, float]:
+    """Draw ``batches`` training batches from ``dm`` (epochs as needed): batches, patches,
+    seconds to the first batch, seconds in all."""
+    delivered = 0
+    first_batch_s = None
+    epoch = 0
+    start = time.perf_counter()
+    n = 0
+    while n < batches:
+        dm.set_epoch(epoch) if hasattr(dm, "set_epoch") else None
+        for batch in dm.train_dataloader():
+            batch = dm.on_after_batch_transfer(batch, 0)  # augment_on=device: the device's step, on the CPU here
+            delivered += int(batch["lr"]["data"].shape[0])
+            n += 1
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - start
+            if n >= batches:
+                break
+        epoch += 1
+    return n, delivered, first_batch_s, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- volume
@@ -347,23 +402,23 @@ def volume_task(
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Exact whole-volume passes side by side, each in a fresh process (seconds including
-    any compilation, peak RSS): the eager streamed pass (``stream``), the block-streamed
-    pass run by ``block_engine`` (``block``: ``openvino``;
-    :mod:`~mdcsrn_lightning.inference.block_stream`, ``block_slab`` slices per call; ``None``
-    skips it; every run is built by :func:`~mdcsrn_lightning.inference.build.build_inferer`) and, with ``engine_patches`` (a patch
-    size), patch inference with ``margin="auto"`` fed to the OpenVINO engine
-    (``engine_patches``; the other exact design). Checks of each output:
+    any compilation, peak RSS). Every run is an inferer made by
+    :func:`~mdcsrn_lightning.inference.build.build_inferer` from the options of its row
+    (:func:`_volume_options`): the eager streamed pass (``stream``: ``stream=true
+    engine=torch``, ``slab``), the block-streamed pass (``block``: ``stream=true
+    engine=<block_engine>``, ``block_slab`` slices per call; ``None`` skips it) and, with
+    ``engine_patches`` (a patch size), patch inference with ``margin="auto"`` fed to the
+    OpenVINO engine (``engine_patches``; the other exact design). Checks of each output:
 
     * ``crops``: the plain reference net on ``crop^3`` sub-volumes at two corners and the
       centre; inside each crop, voxels at least ``receptive_field_radius()`` from every
       face that lies inside the volume see exactly what the whole-volume pass sees, so
       there the two must agree (max abs difference reported);
-    * ``patches``: patch inference with ``margin="auto"`` over the whole volume (patches
-      that span two axes and overlap along the first, each run by the streaming pass)
+    * ``patches``: eager patch inference with ``margin="auto"`` over the whole volume (patches
+      of about half the volume plus the margin along each axis, overlapping along all three)
       against the streamed whole-volume output.
     """
     from mdcsrn_lightning.inference.patches import resolve_device
-    from mdcsrn_lightning.models.reference import ReferenceMDCSRN
 
     dev = resolve_device(device)
     folder = Path(workdir or tempfile.mkdtemp(prefix="mdcsrn-bench-volume-"))
@@ -371,86 +426,133 @@ def volume_task(
     volume = _mni_volume(shape, factors)
     np.save(folder / "input.npy", volume)
     net = build_net(model_cfg, seed).eval()
-    radius = int(net.receptive_field_radius())  # type: ignore[operator]
+    result = _volume_header(net, volume, dev, slab)
+    radius = result["receptive_field_radius"]
+    base = {"task": "volume", "model": model_cfg, "seed": seed, "device": str(dev),
+            "threads": torch.get_num_threads(), "input": str(folder / "input.npy"), "slab": slab}
+    rows = _volume_options(volume.shape, radius, str(dev), slab, block_engine, block_slab, engine_patches, patches_check)
+    log(f"volume {list(volume.shape)}: streamed whole-volume pass (fresh process)")
+    stream = _volume_probe(base, rows.pop("stream"), folder / "stream.npy")
+    result["stream"] = stream
+    if "error" in stream:
+        return result
+    macs = conv_macs_per_voxel(net) * volume.size
+    stream["mvox_per_s"] = volume.size / stream["seconds"] / 1e6
+    stream["gflops"] = 2 * macs / stream["seconds"] / 1e9
+    out = np.load(folder / "stream.npy")
+    crops = _Crops(net, volume, crop, radius, log)
+    result["crops"] = crops.check(out, "stream")
+    result["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in result["crops"])
+    patches = rows.pop("patches", None)
+    for key, (options, extra) in rows.items():
+        log(f"volume: {options_label(options)} (fresh process)")
+        result[key] = _other_pass(base, (options, extra), folder / f"{key}.npy", stream, out, crops.check)
+    if patches is not None:
+        log(f"patch inference, margin=auto ({radius}), patches {patches[1]['patch_size']} (fresh process)")
+        result["patches"] = _patches_pass(base, patches, folder / "patches.npy", out)
+    return result
+
+
+_Row = tuple[InferenceOptions, dict[str, Any]]
+
+
+def _volume_options(
+    shape: Sequence[int], radius: int, device: str, slab: int, block_engine: str | None, block_slab: int,
+    engine_patches: Sequence[int] | None, patches_check: bool,
+) -> dict[str, _Row]:
+    """The volume task's rows: each one's options and the fields its result row repeats."""
+    rows: dict[str, _Row] = {"stream": (InferenceOptions(stream=True, engine="torch", slab=int(slab), device=device), {})}
+    if block_engine:
+        options = InferenceOptions(stream=True, engine=block_engine, slab=int(block_slab), device=device)  # type: ignore[arg-type]
+        rows["block"] = (options, {"block_slab": int(block_slab)})
+    if engine_patches:
+        patch = [int(p) for p in engine_patches]
+        rows["engine_patches"] = (InferenceOptions(engine="openvino", patch_size=patch, margin="auto", device=device),
+                                  {"patch_size": patch})
+    if patches_check:
+        patch = [min(int(n), math.ceil((int(n) + 2 * radius) / 2)) for n in shape]
+        rows["patches"] = (InferenceOptions(engine="torch", patch_size=patch, margin="auto", device=device),
+                           {"patch_size": patch, "margin": radius})
+    return rows
+
+
+def _volume_header(net: torch.nn.Module, volume: np.ndarray, dev: torch.device, slab: int) -> dict[str, Any]:
+    """The volume result's fields that do not depend on a pass."""
     macs = conv_macs_per_voxel(net) * volume.size
     plain_bytes = 4 * volume.size * (net.reconstruction[0].in_channels)  # type: ignore[index]
-    result: dict[str, Any] = {
+    return {
         "task": "volume",
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "shape": list(volume.shape),
         "params": count_parameters(net),
-        "receptive_field_radius": radius,
+        "receptive_field_radius": int(net.receptive_field_radius()),  # type: ignore[operator]
         "slab": slab,
         "conv_gflop": round(2 * macs / 1e9, 1),
         "plain_reconstruction_input_gb": round(plain_bytes / 1e9, 1),
     }
-    base = {"task": "volume", "model": model_cfg, "seed": seed, "device": str(dev),
-            "threads": torch.get_num_threads(), "input": str(folder / "input.npy"), "slab": slab}
-    log(f"volume {list(volume.shape)}: streamed whole-volume pass (fresh process)")
-    stream = run_probe({**base, "setting": "stream", "output": str(folder / "stream.npy")})
-    result["stream"] = stream
-    if "error" in stream:
-        return result
-    stream["mvox_per_s"] = volume.size / stream["seconds"] / 1e6
-    stream["gflops"] = 2 * macs / stream["seconds"] / 1e9
-    out = np.load(folder / "stream.npy")
 
-    # crops: plain reference forward passes on sub-volumes
-    ref = ReferenceMDCSRN.from_mdcsrn(net).eval()
-    starts = [(0, 0, 0), tuple((n - crop) // 2 for n in volume.shape), tuple(n - crop for n in volume.shape)]
-    plains = []
-    for st in starts:
-        sl = tuple(slice(s, s + crop) for s in st)
-        with torch.inference_mode():
-            plain = ref(torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None])[0, 0].numpy()
-        inner = []
-        for s, n in zip(st, volume.shape):
-            lo = 0 if s == 0 else radius
-            hi = crop if s + crop == n else crop - radius
-            inner.append(slice(lo, hi))
-        plains.append((st, sl, tuple(inner), plain))
 
-    def crop_checks(output: np.ndarray, name: str) -> list[dict[str, Any]]:
-        checks = []
-        for st, sl, inner_t, plain in plains:
-            diff = float(np.abs(plain[inner_t] - output[sl][inner_t]).max())
-            checks.append({"crop_start": list(st), "crop": crop, "exact_region": [[i.start, i.stop] for i in inner_t], "max_abs_diff": diff})
-            log(f"{name}: crop at {st}: max abs diff {diff:.2e}")
-        return checks
-
-    checks = crop_checks(out, "stream")
-    result["crops"] = checks
-    result["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
-
-    others = []
-    if block_engine:
-        others.append(("block", {"setting": f"block:{block_engine}", "block_slab": int(block_slab)}))
-    if engine_patches:
-        others.append(("engine_patches", {"setting": "patches_openvino", "patch_size": [int(p) for p in engine_patches]}))
-    for key, extra in others:
-        log(f"volume: {extra['setting']} (fresh process)")
-        row = run_probe({**base, **extra, "output": str(folder / f"{key}.npy")})
-        result[key] = row
-        if "error" in row:
-            continue
-        row.update({k: v for k, v in extra.items() if k != "setting"})
-        other = np.load(folder / f"{key}.npy")
-        row["mvox_per_s"] = volume.size / row["seconds"] / 1e6
-        row["speedup_vs_stream"] = stream["seconds"] / row["seconds"]
-        row["crops"] = crop_checks(other, key)
-        row["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in row["crops"])
-        row["max_abs_diff_vs_stream"] = float(np.abs(other - out).max())
-
-    if patches_check:
-        depth = int(volume.shape[0])
-        patch0 = min(depth, int(math.ceil((depth + 2 * radius) / 2)))
-        patch_size = [patch0, int(volume.shape[1]), int(volume.shape[2])]
-        log(f"patch inference, margin=auto ({radius}), patches {patch_size} (fresh process)")
-        patches = run_probe({**base, "setting": "patches_stream", "patch_size": patch_size, "output": str(folder / "patches.npy")})
-        if "error" not in patches:
-            patches["patch_size"] = patch_size
-            patches["margin"] = radius
-            patches["max_abs_diff_vs_stream"] = float(np.abs(np.load(folder / "patches.npy") - out).max())
-        result["patches"] = patches
+def _volume_probe(base: dict[str, Any], row: _Row, output: Path) -> dict[str, Any]:
+    """One pass in a fresh process: the inferer that ``row``'s options give, its output saved to ``output``."""
+    options = row[0]
+    result = run_probe({**base, "setting": options_label(options), "options": options_dict(options), "output": str(output)})
+    if "error" not in result:
+        result["options"] = options_dict(options)
     return result
+
+
+def _other_pass(
+    base: dict[str, Any], row: _Row, output: Path, stream: dict[str, Any], streamed: np.ndarray,
+    crop_checks: Callable[[np.ndarray, str], list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """A pass beside the streamed one: its time and its checks against the crops and the stream."""
+    result = _volume_probe(base, row, output)
+    if "error" in result:
+        return result
+    result.update(row[1])
+    other = np.load(output)
+    result["mvox_per_s"] = other.size / result["seconds"] / 1e6
+    result["speedup_vs_stream"] = stream["seconds"] / result["seconds"]
+    result["crops"] = crop_checks(other, output.stem)
+    result["crops_max_abs_diff"] = max(c["max_abs_diff"] for c in result["crops"])
+    result["max_abs_diff_vs_stream"] = float(np.abs(other - streamed).max())
+    return result
+
+
+def _patches_pass(base: dict[str, Any], row: _Row, output: Path, streamed: np.ndarray) -> dict[str, Any]:
+    """margin=auto patches over the whole volume, checked against the streamed output."""
+    result = _volume_probe(base, row, output)
+    if "error" not in result:
+        result.update(row[1])
+        result["max_abs_diff_vs_stream"] = float(np.abs(np.load(output) - streamed).max())
+    return result
+
+
+class _Crops:
+    """The plain reference net on ``crop^3`` sub-volumes at two corners and the centre, and the
+    region of each crop where a whole-volume pass must agree with it."""
+
+    def __init__(self, net: torch.nn.Module, volume: np.ndarray, crop: int, radius: int, log: Log) -> None:
+        from mdcsrn_lightning.models.reference import ReferenceMDCSRN
+
+        ref = ReferenceMDCSRN.from_mdcsrn(net).eval()
+        self.crop, self.log = crop, log
+        starts = [(0, 0, 0), tuple((n - crop) // 2 for n in volume.shape), tuple(n - crop for n in volume.shape)]
+        self.plains = []
+        for st in starts:
+            sl = tuple(slice(s, s + crop) for s in st)
+            with torch.inference_mode():
+                plain = ref(torch.from_numpy(np.ascontiguousarray(volume[sl]))[None, None])[0, 0].numpy()
+            inner = tuple(slice(0 if s == 0 else radius, crop if s + crop == n else crop - radius)
+                          for s, n in zip(st, volume.shape))
+            self.plains.append((st, sl, inner, plain))
+
+    def check(self, output: np.ndarray, name: str) -> list[dict[str, Any]]:
+        checks = []
+        for st, sl, inner, plain in self.plains:
+            diff = float(np.abs(plain[inner] - output[sl][inner]).max())
+            checks.append({"crop_start": list(st), "crop": self.crop, "exact_region": [[i.start, i.stop] for i in inner],
+                           "max_abs_diff": diff})
+            self.log(f"{name}: crop at {st}: max abs diff {diff:.2e}")
+        return checks

@@ -6,7 +6,10 @@ compared with the same voxels of the whole volume's degradation, for several mar
 ``m``: the largest and the RMS difference over the region, relative to the whole LR's
 99.9th percentile, the worst over ``boxes`` random regions (the same centres for every m).
 
-    python -m mdcsrn_lightning.benchmark.roi_margin <volume.nii.gz> --roi 96 --margins 0 8 16 24 32
+    python scripts/roi_margin.py <volume.nii.gz> --roi 96 --margins 0 8 16 24 32
+
+A developer's measurement (its results: docs/performance.md), not part of the installed
+package; it imports the package, so run it where ``mdcsrn_lightning`` is installed.
 """
 
 from __future__ import annotations
