@@ -1,0 +1,65 @@
+"""``mdcsrn-infer``'s call path goes down the layers and never back: along every call stack of
+a run, each of the package's files is entered once (a file below never calls back into a
+file above it). Traced with ``sys.setprofile``, not assumed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+import mdcsrn_lightning
+from mdcsrn_lightning.cli import infer as infer_cli
+
+from .test_inference import ANATOMICAL, run_cli, write_tiny_checkpoint
+
+PACKAGE = str(Path(mdcsrn_lightning.__file__).parent)
+
+
+def _package_files(frame: FrameType | None) -> list[str]:
+    """The package files on ``frame``'s stack, outermost first, repeats of one file in a row merged."""
+    files: list[str] = []
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(PACKAGE) and (not files or files[-1] != name):
+            files.append(name)
+        frame = frame.f_back
+    return files[::-1]
+
+
+def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[set, set]:
+    """``(re-entered stacks, files seen)`` over one ``mdcsrn-infer`` run with ``args``."""
+    bad: set[tuple[str, ...]] = set()
+    seen: set[str] = set()
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event != "call" or not frame.f_code.co_filename.startswith(PACKAGE):
+            return
+        stack = _package_files(frame)
+        seen.update(stack)
+        if len(set(stack)) != len(stack):
+            bad.add(tuple(Path(f).relative_to(PACKAGE).as_posix() for f in stack))
+
+    sys.setprofile(profile)
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, infer_cli, *args)
+    finally:
+        sys.setprofile(None)
+    assert code == 0, err
+    return bad, {Path(f).relative_to(PACKAGE).as_posix() for f in seen}
+
+
+@pytest.mark.parametrize("strategy", [["patches.size=16"], ["stream=true", "engine=torch", "slab=4"]])
+def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
+    bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",
+                           "progress=false", "device=cpu", *strategy, monkeypatch=monkeypatch, capsys=capsys)
+    assert not bad, sorted(bad)[:3]
+    # the path the README describes
+    for f in ("cli/infer.py", "inference/files.py", "checkpoints.py", "inference/build.py", "inference/base.py",
+              "inference/nifti_io.py", "data/volume_io.py"):
+        assert f in seen, f
+    assert ("inference/streaming.py" in seen) == ("stream=true" in strategy)
