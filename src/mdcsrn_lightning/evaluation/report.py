@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +33,9 @@ from typing import Any
 
 import yaml
 
-from mdcsrn_lightning.atomic import atomic_path, write_text
-from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS
+from mdcsrn_lightning.atomic import write_text
+from mdcsrn_lightning.evaluation.panels import pyplot, safe_name, save_figure
+from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS, format_mean_std
 
 __all__ = [
     "BASELINE_ORDER",
@@ -231,13 +231,8 @@ def format_seconds(s: float | None) -> str:
 def format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> str:
     if scores is None or key not in scores:
         return "—"
-    text = f"{scores[key]:.{digits}f}"
     std = scores.get(f"{key}_std")
-    return text if std is None else f"{text} ± {std:.{digits}f}"
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
+    return f"{scores[key]:.{digits}f}" if std is None else format_mean_std((scores[key], std), digits)
 
 
 # ------------------------------------------------------------------------ reading runs
@@ -474,21 +469,6 @@ def _model_rows(report: Report) -> list[tuple[str, Row]]:
     ]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return path
-
-
 def _draw_curves(ax: Any, curves: list[tuple[str, Any]], ylabel: str) -> None:
     """One line per ``(label, [(step, value), ...])`` against training step."""
     for label, curve in curves:
@@ -505,12 +485,12 @@ def plot_val_psnr(report: Report, path: Path) -> Path | None:
     curves = [(label, row.run.curve) for label, row in _model_rows(report) if row.run and row.run.curve]
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         _draw_curves(ax, curves, "validation PSNR (dB)")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -521,14 +501,14 @@ def plot_val_curves(report: Report, path: Path) -> Path | None:
     keys = [k for k in CURVE_KEYS if any(row.run and row.run.curves.get(k) for _, row in _model_rows(report))]
     if not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.2), squeeze=False)
     try:
         for ax, key in zip(axes[0], keys):
             curves = [(label, row.run.curves[key]) for label, row in _model_rows(report) if row.run and row.run.curves.get(key)]
             _draw_curves(ax, curves, CURVE_KEYS[key])
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -539,7 +519,7 @@ def collect_panels(report: Report, out_dir: Path) -> dict[str, Path]:
     for label, row in _model_rows(report):
         if row.run is None or row.run.panel is None:
             continue
-        target = out_dir / "panels" / f"{_safe_name(row.run.table)}__{_safe_name(row.name)}.png"
+        target = out_dir / "panels" / f"{safe_name(row.run.table, 'run')}__{safe_name(row.name, 'run')}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(row.run.panel, target)
         panels[label] = target
@@ -550,7 +530,7 @@ def compose_panels(panels: Mapping[str, Path], path: Path) -> Path | None:
     """The slice panels of all runs stacked into one figure, titled by row."""
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     images = {label: plt.imread(str(p)) for label, p in panels.items()}
     width = max(im.shape[1] for im in images.values()) / 100
     heights = [im.shape[0] / 100 + 0.3 for im in images.values()]
@@ -562,6 +542,6 @@ def compose_panels(panels: Mapping[str, Path], path: Path) -> Path | None:
             ax.set_title(label, fontsize=10, loc="left")
             ax.axis("off")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
