@@ -51,7 +51,6 @@ __all__ = [
     "load_volume",
     "max_voxels",
     "read_header",
-    "read_volume",
     "set_max_voxels",
     "volume_stem",
     "volume_token",
@@ -490,10 +489,3 @@ def load_volume(source: str | os.PathLike[str] | VolumeHeader, error: type[Volum
     except VolumeError as exc:
         raise error(str(exc)) from None
     return LoadedVolume(data=data, image=image, path=path, shape=shape, voxel_sizes=sizes)
-
-
-def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a volume file (or DICOM series folder) as ``((X, Y, Z) float32, (4, 4) float64 affine)``
-    (training sources)."""
-    volume = load_volume(path)
-    return volume.data, volume.affine
