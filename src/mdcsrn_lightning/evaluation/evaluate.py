@@ -30,8 +30,6 @@ One reference's path: HR ``(X, Y, Z)`` -> k-space degradation (once per interpol
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -71,6 +69,7 @@ from mdcsrn_lightning.evaluation.segmentation import (
 from mdcsrn_lightning.evaluation.tables import (
     BASELINE_ALIASES,
     BASELINES,
+    csv_text,
     format_mean_std,
     markdown_table,
     mean_std,
@@ -85,6 +84,7 @@ __all__ = [
     "Reference",
     "checkpoint_methods",
     "evaluate",
+    "jsonable",
     "references_from_files",
     "references_from_source",
     "write_outputs",
@@ -534,18 +534,6 @@ def markdown_report(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in keys})
-    return buf.getvalue()
-
-
 def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
     """One flat row per method: ``<metric>`` (mean) and ``<metric>_std`` for every metric."""
     rows = []
@@ -559,11 +547,11 @@ def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None
@@ -582,8 +570,8 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "json": out / "results.json",
     }
     write_text(paths["report"], markdown_report(result) + "\n")
-    write_text(paths["per_subject_csv"], _csv(result.rows))
-    write_text(paths["summary_csv"], _csv(summary_rows(result)))
+    write_text(paths["per_subject_csv"], csv_text(result.rows))
+    write_text(paths["summary_csv"], csv_text(summary_rows(result)))
     payload = {
         "means": result.means(),
         "summary": result.summary,
@@ -599,5 +587,5 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "settings": result.settings,
         "seconds": result.seconds,
     }
-    write_text(paths["json"], json.dumps(_jsonable(payload), indent=2) + "\n")
+    write_text(paths["json"], json.dumps(jsonable(payload), indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}

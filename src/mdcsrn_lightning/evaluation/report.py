@@ -22,7 +22,6 @@ differ between the table's runs, else by its folder name.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import shutil
@@ -35,7 +34,7 @@ import yaml
 
 from mdcsrn_lightning.atomic import write_text
 from mdcsrn_lightning.evaluation.panels import pyplot, safe_name, save_figure
-from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS, format_mean_std
+from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS, csv_text, format_mean_std
 
 __all__ = [
     "BASELINE_ORDER",
@@ -156,11 +155,9 @@ class Report:
 
     def csv(self) -> str:
         """One line per row of every table, numbers unformatted."""
-        buf = io.StringIO()
         score_keys = [*(k for key, _, _ in METRICS for k in (key, f"{key}_std")), "n_subjects"]
         columns = ["table", "row", "kind", *score_keys, "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir"]
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
+        lines: list[dict[str, Any]] = []
         for table in self.tables:
             for row in table.rows:
                 line: dict[str, Any] = {"table": table.name, "row": row.name, "kind": row.kind}
@@ -175,8 +172,8 @@ class Report:
                     line["split"] = row.run.split or ""
                     line["volume_shape"] = "x".join(map(str, row.run.volume_shape or []))
                     line["run_dir"] = str(row.run.path)
-                writer.writerow(line)
-        return buf.getvalue()
+                lines.append(line)
+        return csv_text(lines, columns)
 
     def write(self, out_dir: Path, figures: bool = True, html: bool = False) -> dict[str, Path]:
         """Write ``report.md``, ``report.csv`` and (``figures``) ``val_psnr.png``,
