@@ -26,7 +26,7 @@ import torchio as tio
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.augment import DegradeSample, RandomRegion
-from mdcsrn_lightning.data.sources import read_volume
+from mdcsrn_lightning.data.sources import load_volume
 
 __all__ = ["margin_errors", "region_offset"]
 
@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--boxes", type=int, default=4)
     ap.add_argument("--unaligned", action="store_true", help="boxes on any voxel, not on the LR grid")
     args = ap.parse_args(argv)
-    hr, affine = read_volume(args.volume)
+    loaded = load_volume(args.volume)
+    hr, affine = loaded.data, loaded.affine
     hr = np.asarray(hr, dtype=np.float32)
     start = time.perf_counter()
     lr = degradation.degrade(hr)

@@ -31,7 +31,7 @@ from mdcsrn_lightning.cli import eval as eval_cli
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.cli import train as train_cli
 from mdcsrn_lightning.cli.train import train
-from mdcsrn_lightning.data.sources import GlobSource, read_volume
+from mdcsrn_lightning.data.sources import GlobSource
 from mdcsrn_lightning.data.volume_io import VolumeError, load_volume
 from mdcsrn_lightning.inference import nifti_io
 from mdcsrn_lightning.inference.files import collect_inputs
@@ -299,7 +299,7 @@ def test_zero_or_negative_voxel_sizes_are_refused(tmp_path: Path, zooms, monkeyp
     raw[80:92] = np.asarray(zooms, "<f4").tobytes()  # pixdim[1:4]; nibabel's writer would "fix" them
     path.write_bytes(bytes(raw))
     with pytest.raises(VolumeError, match=rf"^{path}: voxel sizes .* must be positive numbers$"):
-        read_volume(path)
+        load_volume(path)
     ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={path}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}")
     assert code == 2 and "must be positive numbers" in _one_line(err, "mdcsrn-infer")
@@ -310,7 +310,8 @@ def test_mgz_is_read_alike_by_training_and_inference(tmp_path: Path) -> None:
     affine = np.diag([2.0, 1.5, 1.0, 1.0])
     path = tmp_path / "scan.mgz"
     nib.save(nib.MGHImage(data, affine), str(path))
-    train_data, train_affine = read_volume(path)
+    loaded = load_volume(path)
+    train_data, train_affine = loaded.data, loaded.affine
     infer_volume = load_volume(path, error=nifti_io.NiftiError)
     assert np.array_equal(train_data, data) and np.array_equal(infer_volume.data, data)
     assert np.allclose(train_affine, affine) and infer_volume.voxel_sizes == (2.0, 1.5, 1.0)

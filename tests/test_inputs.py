@@ -20,7 +20,7 @@ from mdcsrn_lightning.data.bids import BidsSource, parse_bids_name
 from mdcsrn_lightning.data.mix import MixSource
 from mdcsrn_lightning.data.sources import GlobSource, VolumeError
 from mdcsrn_lightning.data.split import SplitError, load_or_create_split, read_split, split_counts, write_split
-from mdcsrn_lightning.data.volume_io import is_dicom_series, load_volume, read_volume
+from mdcsrn_lightning.data.volume_io import is_dicom_series, load_volume
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.files import collect_inputs, plan_outputs
 
@@ -120,7 +120,8 @@ def test_dicom_series_is_read_with_the_nifti_geometry(dicom) -> None:
     assert volume.voxel_sizes == pytest.approx((0.9, 1.1, 2.0), abs=1e-5)
     assert int(volume.image.header["qform_code"]) == int(volume.image.header["sform_code"]) == 1
     # the training sources' reader is the same reader
-    train_data, train_affine = read_volume(folder)
+    loaded = load_volume(folder)
+    train_data, train_affine = loaded.data, loaded.affine
     assert np.array_equal(train_data, volume.data) and np.array_equal(train_affine, volume.affine)
 
 

@@ -16,7 +16,7 @@ from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, w
 
 
 
-def read_volume(path: Path) -> LoadedVolume:
+def _load(path: Path) -> LoadedVolume:
     """What mdcsrn-infer reads an input with: the one reader, raising NiftiError."""
     return load_volume(path, error=NiftiError)
 
@@ -52,7 +52,7 @@ def _assert_same_geometry(a: Path, b: Path) -> None:
 
 
 def test_roundtrip_keeps_geometry_of_real_file(tmp_path: Path) -> None:
-    vol = read_volume(ANATOMICAL)
+    vol = _load(ANATOMICAL)
     assert vol.data.shape == (33, 41, 25) and vol.data.dtype == np.float32
     out = write_like(tmp_path / "sr.nii.gz", vol.data * 1.5, vol)
     _assert_same_geometry(ANATOMICAL, out)
@@ -64,7 +64,7 @@ def test_roundtrip_keeps_geometry_of_real_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("qcode,scode", [(0, 2), (1, 4), (2, 0)])
 def test_qform_sform_codes_and_oblique_affine_kept(tmp_path: Path, qcode: int, scode: int) -> None:
     src = _oblique_image(tmp_path / "in.nii.gz", qcode=qcode, scode=scode)
-    vol = read_volume(src)
+    vol = _load(src)
     out = write_like(tmp_path / "out.nii", vol.data, vol)
     _assert_same_geometry(src, out)
     h = nib.load(str(out)).header
@@ -79,7 +79,7 @@ def test_scaled_integer_input_is_read_as_real_intensities(tmp_path: Path) -> Non
     proxy = nib.load(str(tmp_path / "scaled.nii")).dataobj  # nibabel applies the scaling here
     slope, inter = float(proxy.slope), float(proxy.inter)
     assert (slope, inter) != (1.0, 0.0)
-    vol = read_volume(tmp_path / "scaled.nii")
+    vol = _load(tmp_path / "scaled.nii")
     np.testing.assert_allclose(vol.data, values, atol=abs(slope))
     out = write_like(tmp_path / "out.nii", vol.data, vol)
     out_proxy = nib.load(str(out)).dataobj
@@ -90,7 +90,7 @@ def test_scaled_integer_input_is_read_as_real_intensities(tmp_path: Path) -> Non
 def test_single_volume_4d_is_read_3d_and_written_back_4d(tmp_path: Path) -> None:
     data = np.random.default_rng(0).random((5, 6, 4, 1)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "one.nii.gz"))
-    vol = read_volume(tmp_path / "one.nii.gz")
+    vol = _load(tmp_path / "one.nii.gz")
     assert vol.data.shape == (5, 6, 4)
     out = write_like(tmp_path / "sr.nii.gz", vol.data, vol)
     assert nib.load(str(out)).shape == (5, 6, 4, 1)
@@ -111,7 +111,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path: Path, make, pr
     path = tmp_path / "bad.nii.gz"
     make(path)
     with pytest.raises(NiftiError) as info:
-        read_volume(path)
+        _load(path)
     message = str(info.value)
     assert message.startswith(str(path)) and problem in message and "\n" not in message
     assert isinstance(info.value, VolumeError)
@@ -119,14 +119,14 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path: Path, make, pr
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
     with pytest.raises(NiftiError, match="no such file"):
-        read_volume(tmp_path / "nope.nii.gz")
+        _load(tmp_path / "nope.nii.gz")
     with pytest.raises(NiftiError, match="folder"):
-        read_volume(tmp_path)
+        _load(tmp_path)
 
 
 def test_existing_output_needs_overwrite_and_input_is_never_replaced(tmp_path: Path) -> None:
     src = _oblique_image(tmp_path / "in.nii.gz")
-    vol = read_volume(src)
+    vol = _load(src)
     out = tmp_path / "out.nii.gz"
     write_like(out, vol.data, vol)
     before = out.read_bytes()
@@ -148,7 +148,7 @@ def test_existing_output_needs_overwrite_and_input_is_never_replaced(tmp_path: P
 
 def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _oblique_image(tmp_path / "in.nii.gz")
-    vol = read_volume(src)
+    vol = _load(src)
 
     def broken_save(image, filename):  # writes half a file, then dies
         Path(filename).write_bytes(b"\x00" * 100)
@@ -162,7 +162,7 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_nan_result_and_wrong_shape_are_refused(tmp_path: Path) -> None:
-    vol = read_volume(_oblique_image(tmp_path / "in.nii.gz"))
+    vol = _load(_oblique_image(tmp_path / "in.nii.gz"))
     with pytest.raises(NiftiError, match="NaN"):
         write_like(tmp_path / "a.nii.gz", np.full(vol.data.shape, np.nan), vol)
     with pytest.raises(NiftiError, match="shape"):

@@ -102,3 +102,46 @@ def test_a_gan_run_reads_its_init_checkpoint_once(train_cfg, reads) -> None:
     train(train_cfg("loss=wgan_gp", *TINY_D, f"module.init_ckpt={last}", "module.critic_warmup_steps=1",
                     "trainer.max_epochs=1", "test=false", run="gan"))
     assert reads["torch"] == [str(last)]
+
+
+def test_infer_holds_checked_inputs_within_its_memory_budget(tmp_path: Path, monkeypatch) -> None:
+    """A folder beyond the memory budget: the inputs that fit are read once and held, the rest
+    read to check, dropped and read again; never more than the budget's volumes plus one are held,
+    and a bad last input still means nothing is written."""
+    import gc
+    import weakref
+
+    from mdcsrn_lightning.inference import files
+    from mdcsrn_lightning.inference.options import InferenceOptions
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt", datamodule_hyper_parameters={"factors": [2, 2, 1]})
+    inputs = _scans(tmp_path / "scans")  # three 12x10x8 float32 volumes: 3840 bytes each
+    one_volume = 12 * 10 * 8 * 4
+    reads: dict[str, int] = {}
+    live: set[int] = set()
+    most_live = [0]
+    load = files.load_volume
+
+    def counted(source, *args, **kwargs):  # type: ignore[no-untyped-def]
+        gc.collect()
+        volume = load(source, *args, **kwargs)
+        reads[volume.path.name] = reads.get(volume.path.name, 0) + 1
+        live.add(id(volume))
+        weakref.finalize(volume, live.discard, id(volume))
+        most_live[0] = max(most_live[0], len(live))
+        return volume
+
+    monkeypatch.setattr(files, "load_volume", counted)
+    options = InferenceOptions(patch_size=8, device="cpu")
+    done = files.predict(tmp_path / "scans", tmp_path / "sr", ckpt, options=options, memory_budget=one_volume)
+    assert [Path(d.output).name for d in done] == [p.name for p in inputs]
+    assert reads == {"a.nii.gz": 1, "b.nii.gz": 2, "c.nii.gz": 2}  # a held; b and c beyond the budget
+    assert most_live[0] == 2  # the held one and the one being read, never all three
+
+    # the same folder with a bad last input: nothing written, though b and c were dropped
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 8), np.float32), np.eye(4)), str(inputs[2]))
+    reads.clear()
+    with pytest.raises(ValueError, match="c.nii.gz: the volume is all zero"):
+        files.predict(tmp_path / "scans", tmp_path / "sr2", ckpt, options=options, memory_budget=one_volume)
+    assert reads == {"a.nii.gz": 1, "b.nii.gz": 1, "c.nii.gz": 1}  # c failed its check: nothing read again
+    assert not (tmp_path / "sr2").exists() or not any((tmp_path / "sr2").iterdir())

@@ -14,7 +14,7 @@ from mdcsrn_lightning.data.sources import (
     GlobSource,
     VolumeError,
     check_patch_fits,
-    read_volume,
+    load_volume,
 )
 
 
@@ -79,14 +79,15 @@ def test_empty_glob_names_root_and_pattern(tmp_path: Path) -> None:
 def test_bad_volume_messages_name_the_file(tmp_path: Path, data: np.ndarray, message: str) -> None:
     path = _save(tmp_path / "bad.nii.gz", data)
     with pytest.raises(VolumeError, match=rf"^{path}: {message}"):
-        read_volume(path)
+        load_volume(path)
     with pytest.raises(VolumeError, match=rf"^{path}: "):
         GlobSource(str(tmp_path)).load("bad")
 
 
 def test_4d_with_one_volume_is_squeezed(tmp_path: Path) -> None:
     data = _vol(shape=(24, 24, 24, 1))
-    out, affine = read_volume(_save(tmp_path / "one.nii.gz", data))
+    loaded = load_volume(_save(tmp_path / "one.nii.gz", data))
+    out, affine = loaded.data, loaded.affine
     assert out.shape == (24, 24, 24) and np.array_equal(out, data[..., 0]) and affine.shape == (4, 4)
 
 
@@ -94,9 +95,9 @@ def test_not_nifti_and_missing_file(tmp_path: Path) -> None:
     fake = tmp_path / "fake.nii.gz"
     fake.write_text("this is not a NIfTI file\n")
     with pytest.raises(VolumeError, match=rf"^{fake}: not readable as NIfTI \("):
-        read_volume(fake)
+        load_volume(fake)
     with pytest.raises(VolumeError, match=rf"^{tmp_path / 'gone.nii'}: no such file$"):
-        read_volume(tmp_path / "gone.nii")
+        load_volume(tmp_path / "gone.nii")
 
 
 def test_patch_fit_message_names_shape_and_patch() -> None:

@@ -73,10 +73,11 @@ def _template(name: TemplateName, data_dir: str | None) -> tuple[torch.Tensor, n
     """``((1, 1, X, Y, Z) float32 scaled to its 99.9th percentile = 1, (4, 4) affine)``."""
     from mdcsrn_lightning.data.fetch import data_path
     from mdcsrn_lightning.data.sources import mni152_template_path
-    from mdcsrn_lightning.data.volume_io import read_volume
+    from mdcsrn_lightning.data.volume_io import load_volume
 
     path = mni152_template_path() if name == "mni152" else str(data_path(name, data_dir))
-    data, affine = read_volume(path)
+    loaded = load_volume(path)
+    data, affine = loaded.data, loaded.affine
     data = data / np.float32(np.percentile(data, 99.9))
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None], affine
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from mdcsrn_lightning.data.augment import DegradeSample, RandomRegion, RandomRot90, realistic_hr_transform, realistic_roi
 from mdcsrn_lightning.data.images import ScaledReader
-from mdcsrn_lightning.data.volume_io import read_volume
+from mdcsrn_lightning.data.volume_io import load_volume
 
 __all__ = ["legacy_loader"]
 
@@ -30,7 +30,8 @@ class _NiftiReader:
         self.scale = float(scale)
 
     def __call__(self, path: str) -> tuple[torch.Tensor, np.ndarray]:
-        data, affine = read_volume(path)
+        loaded = load_volume(path)
+        data, affine = loaded.data, loaded.affine
         return torch.from_numpy(np.divide(data, self.scale, dtype=np.float32))[None], affine
 
 

@@ -30,9 +30,9 @@ from mdcsrn_lightning.config import config_dir
 from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.volume_io import set_max_voxels
 from mdcsrn_lightning.evaluation.evaluate import (
-    _jsonable,
     checkpoint_methods,
     evaluate,
+    jsonable,
     markdown_report,
     references_from_files,
     references_from_source,
@@ -137,7 +137,7 @@ def main(cfg: DictConfig) -> None:
     except (KeyboardInterrupt, Terminated) as exc:
         interrupted(exc, PROG)
     sys.stdout.flush()
-    print(json.dumps(_jsonable(means)))
+    print(json.dumps(jsonable(means)))
 
 
 if __name__ == "__main__":

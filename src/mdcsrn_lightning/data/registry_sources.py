@@ -18,7 +18,7 @@ import numpy as np
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.fetch import LOCAL_FILES, REGISTRY_FILES, data_path
-from mdcsrn_lightning.data.sources import SubjectVolumes, VolumeSource, _file_token, read_volume
+from mdcsrn_lightning.data.sources import SubjectVolumes, VolumeSource, _file_token, load_volume
 from mdcsrn_lightning.data.split import SPLIT_NAMES
 
 __all__ = ["FileSource", "LOW_RES_ONLY", "foreground_extent", "slab_edges"]
@@ -127,7 +127,8 @@ class FileSource(VolumeSource):
 
     def _read(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         if self._volume is None or self._volume[0] != key:
-            data, affine = read_volume(self.path(key))
+            loaded = load_volume(self.path(key))
+            data, affine = loaded.data, loaded.affine
             self._volume = (key, data, affine)
         return self._volume[1], self._volume[2]
 

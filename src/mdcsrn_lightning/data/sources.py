@@ -37,7 +37,7 @@ from mdcsrn_lightning.data.volume_io import (
     VolumeError,
     header_voxel_sizes,
     is_dicom_series,
-    read_volume,
+    load_volume,
     volume_stem,
     volume_token,
 )
@@ -51,7 +51,7 @@ __all__ = [
     "VolumeSource",
     "check_patch_fits",
     "mni152_template_path",
-    "read_volume",
+    "load_volume",
 ]
 
 MNI152_FILENAME = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -280,11 +280,13 @@ class GlobSource(VolumeSource):
 
     def load(self, subject_id: str) -> SubjectVolumes:
         path = self._path(subject_id)
-        hr, affine = read_volume(path)
+        loaded = load_volume(path)
+        hr, affine = loaded.data, loaded.affine
         lr = None
         lr_file = self.lr_path(subject_id)
         if lr_file is not None:
-            lr, lr_affine = read_volume(lr_file)
+            lr_loaded = load_volume(lr_file)
+            lr, lr_affine = lr_loaded.data, lr_loaded.affine
             if lr.shape != hr.shape:
                 raise VolumeError(
                     f"{lr_file}: LR grid shape {lr.shape} does not match the HR grid {hr.shape} of {path}"
@@ -336,7 +338,8 @@ def mni152_template_path() -> str:
 
 @lru_cache(maxsize=2)
 def _template(resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    data, affine = read_volume(mni152_template_path())
+    loaded = load_volume(mni152_template_path())
+    data, affine = loaded.data, loaded.affine
     if resolution == 2:
         # Exactly what nilearn.datasets.load_mni152_template(resolution=2) returns (up to
         # its rescale to [0, 1]): its cubic resampling onto the 2 mm grid that shares the

@@ -35,7 +35,7 @@ import torchio as tio
 
 from mdcsrn_lightning.data.augment import RandomRicianNoise
 from mdcsrn_lightning.data.fetch import data_path
-from mdcsrn_lightning.data.sources import SubjectVolumes, VolumeSource, _file_token, read_volume
+from mdcsrn_lightning.data.sources import SubjectVolumes, VolumeSource, _file_token, load_volume
 
 __all__ = ["LabelMapName", "SyntheticSource", "label_map"]
 
@@ -71,8 +71,9 @@ def label_map(name: LabelMapName, data_dir: str | None = None) -> tuple[tio.Labe
         raise ValueError(f"label map must be one of {get_args(LabelMapName)}, got {name!r}")
     paths = _files(name, data_dir)
     if name == "cerebra":
-        labels, affine = read_volume(paths[0])
-        t1, _ = read_volume(paths[1])
+        loaded = load_volume(paths[0])
+        labels, affine = loaded.data, loaded.affine
+        t1 = load_volume(paths[1]).data
         t1 = t1 / float(np.percentile(t1, 99.9))
         lab = np.rint(labels).astype(np.int64)
         n = int(lab.max()) + 1
@@ -102,9 +103,10 @@ def label_map(name: LabelMapName, data_dir: str | None = None) -> tuple[tio.Labe
         pv = tio.LabelMap(tensor=torch.from_numpy(np.moveaxis(data, 3, 0).copy()), affine=affine)
         pv = tio.Resample(1.0, label_interpolation="linear")(pv)
         return pv, list(_TPM_T1), True
-    gm, affine = read_volume(paths[0])
-    wm, _ = read_volume(paths[1])
-    t1, _ = read_volume(paths[2])
+    loaded = load_volume(paths[0])
+    gm, affine = loaded.data, loaded.affine
+    wm = load_volume(paths[1]).data
+    t1 = load_volume(paths[2]).data
     # the converted maps are stored on a 0..255-like scale: probabilities in [0, 1]
     top = max(float(gm.max()), float(wm.max()), 1.0)
     gm, wm = gm / top, wm / top

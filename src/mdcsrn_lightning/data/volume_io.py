@@ -39,6 +39,8 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "LoadedVolume",
     "VolumeError",
+    "VolumeHeader",
+    "available_memory",
     "check_array",
     "check_not_constant",
     "check_voxel_sizes",
@@ -48,7 +50,7 @@ __all__ = [
     "is_volume_path",
     "load_volume",
     "max_voxels",
-    "read_volume",
+    "read_header",
     "set_max_voxels",
     "volume_stem",
     "volume_token",
@@ -80,14 +82,18 @@ def volume_stem(path: str | os.PathLike[str]) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
+def _check_dims(shape: tuple[int, ...], location: str) -> None:
+    """Refuse a shape that is not 3D, or 4D+ holding one volume (trailing sizes 1)."""
+    if len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:])):
+        return
+    if len(shape) == 4:
+        raise VolumeError(f"{location}: 4D with {shape[3]} volumes (shape {shape}); expected one 3D volume")
+    raise VolumeError(f"{location}: not 3D (shape {shape}); expected one 3D volume (X, Y, Z)")
+
+
 def _squeeze_to_3d(data: np.ndarray, location: str) -> np.ndarray:
-    if data.ndim == 3:
-        return data
-    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
-        return data.reshape(data.shape[:3])
-    if data.ndim == 4:
-        raise VolumeError(f"{location}: 4D with {data.shape[3]} volumes (shape {data.shape}); expected one 3D volume")
-    raise VolumeError(f"{location}: not 3D (shape {data.shape}); expected one 3D volume (X, Y, Z)")
+    _check_dims(tuple(data.shape), location)
+    return data if data.ndim == 3 else data.reshape(data.shape[:3])
 
 
 def check_array(data: Any, location: str) -> np.ndarray:
@@ -119,7 +125,7 @@ BYTES_PER_VOXEL = 32
 _max_voxels: int | None = None  # None: from the available memory (set_max_voxels)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of memory available now (``MemAvailable``; physical memory where that is unknown)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
@@ -155,7 +161,7 @@ def set_max_voxels(limit: int | str | None) -> None:
 
 def max_voxels() -> int:
     """The largest volume (in voxels) a file may claim: ``max_voxels=``, else available memory / 32 bytes."""
-    return _max_voxels if _max_voxels is not None else max(1, _available_memory() // BYTES_PER_VOXEL)
+    return _max_voxels if _max_voxels is not None else max(1, available_memory() // BYTES_PER_VOXEL)
 
 
 def check_volume_size(shape: tuple[int, ...], location: str) -> None:
@@ -210,6 +216,22 @@ class LoadedVolume:
         """``(4, 4)`` float64 voxel -> world matrix (identity when the file has none)."""
         affine = getattr(self.image, "affine", None)
         return np.asarray(np.eye(4) if affine is None else affine, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a volume's header tells before any voxel data is read (:func:`read_header`).
+
+    Attributes:
+        path: the volume file or DICOM series folder.
+        shape: the claimed data shape (a DICOM series: first slice's matrix x slice count).
+        image: the nibabel image, its data not yet read (``None`` for a DICOM series folder,
+            which :func:`load_volume` reads whole).
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    image: Any = None
 
 
 @contextmanager
@@ -276,12 +298,13 @@ def _check_slice_spacing(positions: list[np.ndarray], normal: np.ndarray, locati
         )
 
 
-def _check_series_size(files: list[str], location: str, error: type[VolumeError]) -> None:
-    """The series' claimed size (first slice's matrix x slice count) against :func:`max_voxels`."""
+def _check_series_size(files: list[str], location: str, error: type[VolumeError]) -> tuple[int, ...] | None:
+    """The series' claimed shape (first slice's matrix x slice count), checked against
+    :func:`max_voxels` (``None``: the first slice's header is unreadable)."""
     import SimpleITK as sitk
 
     if not files:
-        return
+        return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
     try:
@@ -289,11 +312,26 @@ def _check_series_size(files: list[str], location: str, error: type[VolumeError]
             reader.ReadImageInformation()
         size = tuple(int(s) for s in reader.GetSize())
     except RuntimeError:
-        return  # the series reader names what is wrong with the file
+        return None  # the series reader names what is wrong with the file
+    shape = (size[0], size[1], len(files) * (size[2] if len(size) > 2 else 1))
     try:
-        check_volume_size((size[0], size[1], len(files) * (size[2] if len(size) > 2 else 1)), location)
+        check_volume_size(shape, location)
     except VolumeError as exc:
         raise error(str(exc)) from None
+    return shape
+
+
+def _dicom_files(path: Path, error: type[VolumeError]) -> list[str]:
+    """The files of the one DICOM series in folder ``path``, sorted by GDCM."""
+    import SimpleITK as sitk
+
+    ids = dicom_series_ids(path)
+    if not ids:
+        raise error(f"{path}: is a folder holding no DICOM series (give a volume file or a DICOM series folder)")
+    if len(ids) > 1:
+        raise error(f"{path}: holds {len(ids)} DICOM series; give the folder of one series")
+    with _quiet_itk():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
 
 
 def _load_dicom(path: Path, error: type[VolumeError]) -> LoadedVolume:
@@ -303,15 +341,9 @@ def _load_dicom(path: Path, error: type[VolumeError]) -> LoadedVolume:
     from torchio.data.io import sitk_to_nib
 
     location = str(path)
-    ids = dicom_series_ids(path)
-    if not ids:
-        raise error(f"{location}: is a folder holding no DICOM series (give a volume file or a DICOM series folder)")
-    if len(ids) > 1:
-        raise error(f"{location}: holds {len(ids)} DICOM series; give the folder of one series")
-    reader = sitk.ImageSeriesReader()
-    with _quiet_itk():
-        files = list(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+    files = _dicom_files(path, error)
     _check_series_size(files, location, error)
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -410,13 +442,36 @@ def header_voxel_sizes(path: str | os.PathLike[str], error: type[VolumeError] = 
         raise error(str(exc)) from None
 
 
-def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> LoadedVolume:
-    """Read and check one volume file or DICOM series folder (see the module docstring); raises
-    ``error`` (a :class:`VolumeError`)."""
+def read_header(path: str | os.PathLike[str], error: type[VolumeError] = VolumeError) -> VolumeHeader:
+    """Check what a volume's header claims, without reading its voxel data: readable, 3D (or
+    4D holding one volume), within :func:`max_voxels`, positive voxel sizes (a NIfTI/MGH/Analyze
+    file); one DICOM series within :func:`max_voxels` (a folder; its voxel sizes come from the
+    slice positions, checked by :func:`load_volume`). Raises ``error`` (a :class:`VolumeError`)."""
     path = Path(path)
     if path.is_dir():
-        return _load_dicom(path, error)
+        files = _dicom_files(path, error)
+        return VolumeHeader(path=path, shape=_check_series_size(files, str(path), error) or (0, 0, 0))
     image = _open(path, error)
+    location = str(path)
+    try:
+        shape = tuple(int(s) for s in image.shape)
+        check_volume_size(shape, location)  # the header's claim, before decompressing
+        _check_dims(shape, location)
+        check_voxel_sizes(_stored_voxel_sizes(image), location)
+    except VolumeError as exc:
+        raise error(str(exc)) from None
+    return VolumeHeader(path=path, shape=shape, image=image)
+
+
+def load_volume(source: str | os.PathLike[str] | VolumeHeader, error: type[VolumeError] = VolumeError) -> LoadedVolume:
+    """Read and check one volume file or DICOM series folder (see the module docstring); raises
+    ``error`` (a :class:`VolumeError`). ``source``: a path, or a :func:`read_header` of it
+    (the file is then not opened again: only its voxel data is read)."""
+    header = source if isinstance(source, VolumeHeader) else None
+    path = header.path if header is not None else Path(source)  # type: ignore[arg-type]
+    if path.is_dir():
+        return _load_dicom(path, error)
+    image = header.image if header is not None else _open(path, error)
     location = str(path)
     try:
         check_volume_size(tuple(image.shape), location)  # the header's claim, before decompressing
@@ -434,10 +489,3 @@ def load_volume(path: str | os.PathLike[str], error: type[VolumeError] = VolumeE
     except VolumeError as exc:
         raise error(str(exc)) from None
     return LoadedVolume(data=data, image=image, path=path, shape=shape, voxel_sizes=sizes)
-
-
-def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a volume file (or DICOM series folder) as ``((X, Y, Z) float32, (4, 4) float64 affine)``
-    (training sources)."""
-    volume = load_volume(path)
-    return volume.data, volume.affine

@@ -30,8 +30,6 @@ One reference's path: HR ``(X, Y, Z)`` -> k-space degradation (once per interpol
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -45,7 +43,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from mdcsrn_lightning.atomic import atomic_path, write_text
+from mdcsrn_lightning.atomic import write_text
 from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.data.degradation import data_consistency as apply_data_consistency
 from mdcsrn_lightning.data.degradation import degrade, slice_axis
@@ -56,7 +54,7 @@ from mdcsrn_lightning.evaluation.metrics import (
     scale_to_unit,
     slice_metrics,
 )
-from mdcsrn_lightning.evaluation.panels import middle_slice
+from mdcsrn_lightning.evaluation.panels import middle_slice, safe_name, save_panel
 from mdcsrn_lightning.evaluation.perceptual import (
     available_metrics,
     perceptual_scores,
@@ -68,7 +66,15 @@ from mdcsrn_lightning.evaluation.segmentation import (
     TissueModel,
     segmentation_consistency,
 )
-from mdcsrn_lightning.evaluation.tables import BASELINE_ALIASES, BASELINES, markdown_table, summarise_methods
+from mdcsrn_lightning.evaluation.tables import (
+    BASELINE_ALIASES,
+    BASELINES,
+    csv_text,
+    format_mean_std,
+    markdown_table,
+    mean_std,
+    summarise_methods,
+)
 from mdcsrn_lightning.inference.options import InferenceOptions
 
 __all__ = [
@@ -78,6 +84,7 @@ __all__ = [
     "Reference",
     "checkpoint_methods",
     "evaluate",
+    "jsonable",
     "references_from_files",
     "references_from_source",
     "write_outputs",
@@ -287,13 +294,6 @@ class EvalResult:
         return {m: {k: s[k] for k in ("psnr", "ssim", "nrmse")} for m, s in self.summary.items()}
 
 
-def _mean_std(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[float, float] | None:
-    vals = np.array([float(r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(float(r[key]))])
-    if len(vals) == 0:
-        return None
-    return float(vals.mean()), float(vals.std())
-
-
 def evaluate(
     references: Iterable[Reference],
     methods: Sequence[str] = ("nearest", "trilinear", "tricubic", "zero_filled"),
@@ -335,19 +335,10 @@ def evaluate(
         data_consistency=bool(data_consistency), panel_dir=panel_dir, say=log or (lambda _msg: None),
         inferers={c.name: build_inferer(c.net, options) for c in checkpoints},  # engines built once
     )
-    result = EvalResult(settings=_eval_settings(plan, options))
-    result.statements += [f"{c.name}: trained with factors {c.trained_factors} but evaluated at {plan.factors}."
-                          for c in checkpoints
-                          if c.trained_factors is not None and [float(f) for f in c.trained_factors] != plan.factors]
+    result = EvalResult(settings=_eval_settings(plan, options), statements=_factor_statements(plan))
     start = time.perf_counter()
-    n_refs = 0
-    for ref in _slice_checked(references, plan.axis):
-        n_refs += 1
-        _score_subject(plan, ref, result)
-    if n_refs == 0:
-        raise ValueError("no reference volumes to evaluate")
+    result.settings["n_subjects"] = _score_subjects(plan, references, result)
     _summarise(plan, result)
-    result.settings["n_subjects"] = n_refs
     result.seconds = time.perf_counter() - start
     return result
 
@@ -388,6 +379,24 @@ def _eval_settings(plan: _EvalPlan, options: InferenceOptions) -> dict[str, Any]
     }
 
 
+def _factor_statements(plan: _EvalPlan) -> list[str]:
+    """A statement for each checkpoint evaluated at factors other than its training ones."""
+    return [f"{c.name}: trained with factors {c.trained_factors} but evaluated at {plan.factors}."
+            for c in plan.checkpoints
+            if c.trained_factors is not None and [float(f) for f in c.trained_factors] != plan.factors]
+
+
+def _score_subjects(plan: _EvalPlan, references: Iterable[Reference], result: EvalResult) -> int:
+    """Every reference scored in turn (:func:`_score_subject`); returns how many there were."""
+    n_refs = 0
+    for ref in _slice_checked(references, plan.axis):
+        n_refs += 1
+        _score_subject(plan, ref, result)
+    if n_refs == 0:
+        raise ValueError("no reference volumes to evaluate")
+    return n_refs
+
+
 def _score_subject(plan: _EvalPlan, ref: Reference, result: EvalResult) -> None:
     """Every method on one reference: rows with reference metrics, then no-reference metrics,
     segmentation consistency and the panel."""
@@ -407,10 +416,10 @@ def _score_subject(plan: _EvalPlan, ref: Reference, result: EvalResult) -> None:
         result.rows.append({"subject": ref.name, "method": HR_NAME, "kind": "reference", **perc_rows[HR_NAME]})
     if plan.panel_dir is not None:
         axis = plan.axis
-        path = Path(plan.panel_dir) / f"{_safe(ref.name)}.png"
+        path = Path(plan.panel_dir) / f"{safe_name(ref.name, 'subject')}.png"
         images = {n: middle_slice(scale_to_unit(v, hr, scale=unit), axis) for n, v in outputs.items()}
         images[HR_NAME] = middle_slice(hr_unit, axis)
-        save_method_panel(path, images, reference=HR_NAME, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
+        save_panel(path, images, reference=HR_NAME, error_row=True, title=f"{ref.name} (slice {hr.shape[axis] // 2} along axis {axis})")
         result.panels.append(str(path))
 
 
@@ -472,7 +481,7 @@ def _summarise(plan: _EvalPlan, result: EvalResult) -> None:
     method_rows = {name: [r for r in result.rows if r["method"] == name] for name in plan.methods}
     result.summary = summarise_methods(method_rows)
     for name, rows in method_rows.items():
-        sec = _mean_std(rows, "seconds")
+        sec = mean_std(rows, "seconds", missing_ok=True)
         if sec is not None:
             result.summary[name]["seconds"] = sec[0]
     if plan.perceptual:
@@ -482,69 +491,10 @@ def _summarise(plan: _EvalPlan, result: EvalResult) -> None:
     if plan.segmentation:
         keys = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES), *(f"jaccard_{c}" for c in CLASS_NAMES)]
         for name, rows in method_rows.items():
-            result.segmentation[name] = {k: v for k in keys if (v := _mean_std(rows, k)) is not None}
-
-
-# ---------------------------------------------------------------------- panels
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
-
-
-def save_method_panel(
-    path: str | os.PathLike[str],
-    images: Mapping[str, np.ndarray],
-    *,
-    reference: str = HR_NAME,
-    title: str | None = None,
-) -> Path:
-    """Two rows: every image on the ``[0, 1]`` grey scale, and ``|image - reference|`` below it.
-
-    All error maps share one colour scale (the 99.5th percentile of all of them), so they
-    can be compared with each other. Written atomically (temporary file, then rename).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ref = images[reference]
-    errors = {n: np.abs(img - ref) for n, img in images.items() if n != reference}
-    vmax = max(float(np.percentile(np.stack(list(errors.values())), 99.5)), 1e-6) if errors else 1.0
-    cols = len(images)
-    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6), squeeze=False)
-    for j, (name, img) in enumerate(images.items()):
-        ax = axes[0, j]
-        ax.imshow(np.rot90(img), cmap="gray", vmin=0.0, vmax=1.0)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-        ax = axes[1, j]
-        ax.axis("off")
-        if name in errors:
-            im = ax.imshow(np.rot90(errors[name]), cmap="magma", vmin=0.0, vmax=vmax)
-            ax.set_title(f"|{name} - {reference}|", fontsize=8)
-    if errors:
-        # In the free slot under the reference (or beside the last map) so the maps keep their size.
-        free = [j for j, n in enumerate(images) if n not in errors]
-        fig.colorbar(im, ax=axes[1, free[0] if free else -1], fraction=0.5, label="abs. error (HR scale)")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
-    return path
+            result.segmentation[name] = {k: v for k in keys if (v := mean_std(rows, k, missing_ok=True)) is not None}
 
 
 # ---------------------------------------------------------------------- reports
-def _fmt(pair: tuple[float, float] | None, digits: int) -> str:
-    if pair is None:
-        return "n/a"
-    mean, std = pair
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown_report(result: EvalResult) -> str:
     """The three tables (reference, perceptual, segmentation) and the statements, as markdown."""
     n = result.settings.get("n_subjects", 0)
@@ -566,7 +516,7 @@ def markdown_report(result: EvalResult) -> str:
             "|---" * (len(wanted) + 1) + "|",
         ]
         for name, stats in result.perceptual.items():
-            cells = [_fmt(stats.get(m), 2) if m in stats else "not computed" for m in wanted]
+            cells = [format_mean_std(stats.get(m), 2) if m in stats else "not computed" for m in wanted]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if result.segmentation:
         cols = ["dice", "jaccard", *(f"dice_{c}" for c in CLASS_NAMES)]
@@ -578,22 +528,10 @@ def markdown_report(result: EvalResult) -> str:
             "|---" * (len(cols) + 1) + "|",
         ]
         for name, stats in result.segmentation.items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(stats.get(c), 4) for c in cols) + " |")
+            lines.append(f"| {name} | " + " | ".join(format_mean_std(stats.get(c), 4) for c in cols) + " |")
     if result.statements:
         lines += ["", "Notes:"] + [f"- {s}" for s in result.statements]
     return "\n".join(lines)
-
-
-def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in keys})
-    return buf.getvalue()
 
 
 def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
@@ -609,11 +547,11 @@ def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
     return rows
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None
@@ -632,8 +570,8 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "json": out / "results.json",
     }
     write_text(paths["report"], markdown_report(result) + "\n")
-    write_text(paths["per_subject_csv"], _csv(result.rows))
-    write_text(paths["summary_csv"], _csv(summary_rows(result)))
+    write_text(paths["per_subject_csv"], csv_text(result.rows))
+    write_text(paths["summary_csv"], csv_text(summary_rows(result)))
     payload = {
         "means": result.means(),
         "summary": result.summary,
@@ -649,5 +587,5 @@ def write_outputs(result: EvalResult, output_dir: str | os.PathLike[str]) -> dic
         "settings": result.settings,
         "seconds": result.seconds,
     }
-    write_text(paths["json"], json.dumps(_jsonable(payload), indent=2) + "\n")
+    write_text(paths["json"], json.dumps(jsonable(payload), indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}

@@ -7,14 +7,38 @@ detail, :func:`zoom_window`) so that it does not depend on any model's output.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mdcsrn_lightning.atomic import atomic_path
 
-__all__ = ["inset_bounds", "middle_slice", "save_panel", "zoom_window"]
+__all__ = ["inset_bounds", "middle_slice", "pyplot", "safe_name", "save_figure", "save_panel", "zoom_window"]
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only ``Agg`` backend (imported late: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Save ``fig`` to a temporary name and move it into place (a reader never sees half a PNG)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return Path(path)
+
+
+def safe_name(text: str, fallback: str = "panel") -> str:
+    """``text`` as a file name: runs of characters other than ``A-Za-z0-9._+-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or fallback
 
 
 def middle_slice(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -67,58 +91,82 @@ def save_panel(
     *,
     reference: str | None = None,
     error_of: str | None = None,
+    error_row: bool = False,
     title: str | None = None,
     zoom: bool = True,
 ) -> Path:
-    """Write 2D images side by side (grey, [0, 1] window), plus |error_of - reference|.
+    """Write 2D images side by side (grey, [0, 1] window), plus their errors against ``reference``.
 
     Args:
         images: ``{column title: (X, Y) slice}``, all of one shape, in display order.
-        reference: the column the error is measured against (and the zoom chosen on).
-        error_of: the column whose absolute error is added as the last column.
+        reference: the column errors are measured against (and the zoom chosen on).
+        error_of: the column whose absolute error is added as the last column (its own
+            colour scale).
+        error_row: a second row with ``|image - reference|`` under every other column, all
+            on one colour scale (the 99.5th percentile of all of them, with a colour bar in
+            the free slot under the reference) so that they compare with each other.
         zoom: frame one region (:func:`zoom_window` of the reference, else of the first
             image) in every column and show it enlarged in the image corner farthest from it
             (:func:`inset_bounds`).
 
-    The file is written to a temporary name and moved into place, so a reader never
-    sees half a PNG.
+    Written with :func:`save_figure` (atomically).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
+    if (error_of is not None or error_row) and reference is None:
+        raise ValueError("save_panel: error_of and error_row need a reference column")
     panels = {name: np.rot90(np.asarray(image, dtype=np.float32)) for name, image in images.items()}
-    if error_of is not None and reference is not None:
-        panels[f"|{error_of} - {reference}|"] = np.abs(panels[error_of] - panels[reference])
+    errors = {n: np.abs(v - panels[reference]) for n, v in panels.items() if n != reference} if error_row else {}
+    if error_of is not None:
+        panels[f"|{error_of} - {reference}|"] = np.abs(panels[error_of] - panels[reference])  # type: ignore[index]
     window = None
     if zoom and panels:
-        basis = panels[reference] if reference is not None else next(iter(panels.values()))
-        window = zoom_window(basis)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+        window = zoom_window(panels[reference] if reference is not None else next(iter(panels.values())))
+    plt = pyplot()
+    rows = 2 if error_row else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(3.2 * len(panels), 3.6 * rows), squeeze=False)
     for ax, (name, image) in zip(axes[0], panels.items()):
-        is_error = name.startswith("|")
-        vmax = max(float(np.percentile(image, 99.5)), 1e-6) if is_error else 1.0
-        style = {"cmap": "magma" if is_error else "gray", "vmin": 0.0, "vmax": vmax, "interpolation": "nearest"}
-        ax.imshow(image, **style)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-        if window is not None:
-            r, c, h, w = window
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), w, h, fill=False, edgecolor="#ffcc00", linewidth=1.0))
-            inset = ax.inset_axes(inset_bounds(window, image.shape))
-            inset.imshow(image[r : r + h, c : c + w], **style)
-            inset.set_xticks([])
-            inset.set_yticks([])
-            for spine in inset.spines.values():
-                spine.set_edgecolor("#ffcc00")
+        _show(ax, name, image, window, error_vmax=_own_scale(image) if name.startswith("|") else None)
+    if errors:
+        shared = _own_scale(np.stack(list(errors.values())))
+        for ax, name in zip(axes[1], panels):
+            ax.axis("off")
+            if name in errors:
+                shown = _show(ax, f"|{name} - {reference}|", errors[name], window, error_vmax=shared)
+        free = [ax for ax, name in zip(axes[1], panels) if name not in errors]
+        holder = free[0] if free else axes[1, -1]
+        fig.colorbar(shown, cax=holder.inset_axes((0.45, 0.05, 0.1, 0.9)), label="abs. error (reference scale)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
-    return Path(path)
+
+
+def _own_scale(errors: np.ndarray) -> float:
+    """The top of an error map's colour scale: its 99.5th percentile (at least 1e-6)."""
+    return max(float(np.percentile(errors, 99.5)), 1e-6)
+
+
+def _show(ax: Any, name: str, image: np.ndarray, window: tuple[int, int, int, int] | None,
+          error_vmax: float | None = None) -> Any:
+    """One column: ``image`` (grey on [0, 1], or an error map on ``[0, error_vmax]``), titled
+    ``name``, with the framed ``window`` and its enlarged inset; returns the drawn image."""
+    from matplotlib.patches import Rectangle
+
+    is_error = error_vmax is not None
+    style = {"cmap": "magma" if is_error else "gray", "vmin": 0.0, "vmax": error_vmax if is_error else 1.0,
+             "interpolation": "nearest"}
+    shown = ax.imshow(image, **style)
+    ax.set_title(name, fontsize=9)
+    ax.axis("off")
+    if window is not None:
+        r, c, h, w = window
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), w, h, fill=False, edgecolor="#ffcc00", linewidth=1.0))
+        inset = ax.inset_axes(inset_bounds(window, image.shape))
+        inset.imshow(image[r : r + h, c : c + w], **style)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for spine in inset.spines.values():
+            spine.set_edgecolor("#ffcc00")
+    return shown

@@ -22,10 +22,8 @@ differ between the table's runs, else by its folder name.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
-import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +32,9 @@ from typing import Any
 
 import yaml
 
-from mdcsrn_lightning.atomic import atomic_path, write_text
-from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS
+from mdcsrn_lightning.atomic import write_text
+from mdcsrn_lightning.evaluation.panels import pyplot, safe_name, save_figure
+from mdcsrn_lightning.evaluation.tables import BASELINES, COLUMNS, csv_text, format_mean_std
 
 __all__ = [
     "BASELINE_ORDER",
@@ -156,11 +155,9 @@ class Report:
 
     def csv(self) -> str:
         """One line per row of every table, numbers unformatted."""
-        buf = io.StringIO()
         score_keys = [*(k for key, _, _ in METRICS for k in (key, f"{key}_std")), "n_subjects"]
         columns = ["table", "row", "kind", *score_keys, "params", "params_M", "seconds_per_volume", "split", "volume_shape", "run_dir"]
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
+        lines: list[dict[str, Any]] = []
         for table in self.tables:
             for row in table.rows:
                 line: dict[str, Any] = {"table": table.name, "row": row.name, "kind": row.kind}
@@ -175,8 +172,8 @@ class Report:
                     line["split"] = row.run.split or ""
                     line["volume_shape"] = "x".join(map(str, row.run.volume_shape or []))
                     line["run_dir"] = str(row.run.path)
-                writer.writerow(line)
-        return buf.getvalue()
+                lines.append(line)
+        return csv_text(lines, columns)
 
     def write(self, out_dir: Path, figures: bool = True, html: bool = False) -> dict[str, Path]:
         """Write ``report.md``, ``report.csv`` and (``figures``) ``val_psnr.png``,
@@ -231,13 +228,8 @@ def format_seconds(s: float | None) -> str:
 def format_score(scores: Mapping[str, float] | None, key: str, digits: int) -> str:
     if scores is None or key not in scores:
         return "—"
-    text = f"{scores[key]:.{digits}f}"
     std = scores.get(f"{key}_std")
-    return text if std is None else f"{text} ± {std:.{digits}f}"
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
+    return f"{scores[key]:.{digits}f}" if std is None else format_mean_std((scores[key], std), digits)
 
 
 # ------------------------------------------------------------------------ reading runs
@@ -474,21 +466,6 @@ def _model_rows(report: Report) -> list[tuple[str, Row]]:
     ]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return path
-
-
 def _draw_curves(ax: Any, curves: list[tuple[str, Any]], ylabel: str) -> None:
     """One line per ``(label, [(step, value), ...])`` against training step."""
     for label, curve in curves:
@@ -505,12 +482,12 @@ def plot_val_psnr(report: Report, path: Path) -> Path | None:
     curves = [(label, row.run.curve) for label, row in _model_rows(report) if row.run and row.run.curve]
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         _draw_curves(ax, curves, "validation PSNR (dB)")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -521,14 +498,14 @@ def plot_val_curves(report: Report, path: Path) -> Path | None:
     keys = [k for k in CURVE_KEYS if any(row.run and row.run.curves.get(k) for _, row in _model_rows(report))]
     if not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.2), squeeze=False)
     try:
         for ax, key in zip(axes[0], keys):
             curves = [(label, row.run.curves[key]) for label, row in _model_rows(report) if row.run and row.run.curves.get(key)]
             _draw_curves(ax, curves, CURVE_KEYS[key])
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -539,7 +516,7 @@ def collect_panels(report: Report, out_dir: Path) -> dict[str, Path]:
     for label, row in _model_rows(report):
         if row.run is None or row.run.panel is None:
             continue
-        target = out_dir / "panels" / f"{_safe_name(row.run.table)}__{_safe_name(row.name)}.png"
+        target = out_dir / "panels" / f"{safe_name(row.run.table, 'run')}__{safe_name(row.name, 'run')}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(row.run.panel, target)
         panels[label] = target
@@ -550,7 +527,7 @@ def compose_panels(panels: Mapping[str, Path], path: Path) -> Path | None:
     """The slice panels of all runs stacked into one figure, titled by row."""
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     images = {label: plt.imread(str(p)) for label, p in panels.items()}
     width = max(im.shape[1] for im in images.values()) / 100
     heights = [im.shape[0] / 100 + 0.3 for im in images.values()]
@@ -562,6 +539,6 @@ def compose_panels(panels: Mapping[str, Path], path: Path) -> Path | None:
             ax.set_title(label, fontsize=10, loc="left")
             ax.axis("off")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)

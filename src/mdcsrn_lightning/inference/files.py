@@ -3,8 +3,9 @@ out, with a trained model read from its checkpoint once.
 
 ``mdcsrn-infer``'s path through :func:`predict`: the checkpoint is read once
 (:func:`~mdcsrn_lightning.checkpoints.load_trained_model`), the inputs collected
-(:func:`collect_inputs`) and their outputs planned (:func:`plan_outputs`), every input read
-once and checked (:mod:`.nifti_io`), the inferer built once (:func:`.build.build_inferer`),
+(:func:`collect_inputs`) and their outputs planned (:func:`plan_outputs`), every input's
+header and every output path checked, every input's data read and checked (held in memory
+within a budget, :func:`predict`), the inferer built once (:func:`.build.build_inferer`),
 then per input: on the fine grid (as it is; or brought there from a coarse matrix,
 ``upsample=``; or, for experiments, an HR degraded first, ``degrade=True``) -> divided by its
 own 99.9th percentile -> the inferer -> multiplied back -> optionally k-space data
@@ -18,8 +19,9 @@ own scan".
 Every problem is an :class:`~.base.InferenceError` (or :class:`~.nifti_io.NiftiError`,
 :class:`~mdcsrn_lightning.checkpoints.CheckpointError`) with one line ``"<file>: <problem>"``.
 Everything that can be checked is checked before the first file is written: the
-checkpoint, every input, every output path. The checked inputs are kept in memory until
-each is written (each file is read once).
+checkpoint, every input, every output path. Checked inputs are kept in memory until each is
+written while they fit a memory budget (then each file is read once); inputs beyond it are
+read twice, once to check and once to predict (:func:`predict`).
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
 from mdcsrn_lightning.data.volume_io import (
     LoadedVolume,
+    VolumeHeader,
+    available_memory,
     check_not_constant,
     dicom_series_ids,
     is_dicom_series,
     is_volume_path,
     load_volume,
+    read_header,
     volume_stem,
 )
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume
@@ -56,6 +61,7 @@ from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
 
 __all__ = [
+    "MEMORY_BUDGET",
     "FileSettings",
     "Prediction",
     "collect_inputs",
@@ -63,10 +69,15 @@ __all__ = [
     "predict",
     "predict_file",
     "resolve_data_consistency",
+    "resolve_memory_budget",
     "resolve_upsample",
 ]
 
 _GLOB_CHARS = set("*?[")
+
+# Bytes of checked input data :func:`predict` may hold between the checks and the writes
+# (``None``: :func:`resolve_memory_budget`'s default, min(4 GiB, a quarter of the available memory)).
+MEMORY_BUDGET: int | None = None
 
 
 @dataclass
@@ -272,20 +283,59 @@ def file_settings(
     )
 
 
-def _checked_input(src: Path, dst: Path, settings: FileSettings, protect: tuple[Path, ...], normalize: bool) -> LoadedVolume:
-    """``src`` read (its only read) and checked, and ``dst`` checked, before anything is written:
-    readable, 3D, finite, positive voxel sizes, not constant, a scale to divide by."""
-    volume = load_volume(src, error=NiftiError)
-    check_not_constant(volume.data, str(src))
-    if normalize:
-        input_scale(volume.data, str(src))  # an all-zero or negative volume: fail now
-    check_output_path(dst, overwrite=settings.overwrite, protect=protect)
+def resolve_memory_budget(budget: int | None = None) -> int:
+    """Bytes of checked inputs :func:`predict` keeps in memory: ``budget``, else
+    :data:`MEMORY_BUDGET`, else min(4 GiB, a quarter of ``MemAvailable``)."""
+    if budget is None:
+        budget = MEMORY_BUDGET
+    if budget is None:
+        return min(4 * 1024**3, available_memory() // 4)
+    return max(0, int(budget))
+
+
+def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings) -> None:
     if settings.upsample is not None:
         try:
-            fine_shape(volume.data.shape, settings.upsample, settings.upsample_shape)
+            fine_shape(tuple(shape), settings.upsample, settings.upsample_shape)
         except ValueError as exc:
             raise InferenceError(f"{src}: {exc}") from None
+
+
+def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple[Path, ...]) -> VolumeHeader:
+    """What can be checked without reading ``src``'s voxel data (its header: readable, 3D,
+    size, voxel sizes, the upsampled shape), and ``dst``."""
+    header = read_header(src, error=NiftiError)
+    check_output_path(dst, overwrite=settings.overwrite, protect=protect)
+    if header.image is not None:  # a DICOM series' shape is known once it is read
+        _check_fine_shape(src, header.shape[:3], settings)
+    return header
+
+
+def _checked_data(header: VolumeHeader, settings: FileSettings, normalize: bool) -> LoadedVolume:
+    """``header``'s voxel data read and checked: finite, not constant, a scale to divide by."""
+    volume = load_volume(header, error=NiftiError)
+    check_not_constant(volume.data, str(header.path))
+    if normalize:
+        input_scale(volume.data, str(header.path))  # an all-zero or negative volume: fail now
+    _check_fine_shape(header.path, volume.data.shape, settings)
     return volume
+
+
+def _checked_inputs(headers: Sequence[VolumeHeader], settings: FileSettings, normalize: bool,
+                    budget: int) -> list[LoadedVolume | None]:
+    """Every input's data read and checked, in order. The checked volumes are kept while
+    their total stays within ``budget`` bytes; from the first that would exceed it on, each is
+    checked and dropped (``None``: read again for its prediction)."""
+    held: list[LoadedVolume | None] = []
+    total, full = 0, False
+    for header in headers:
+        volume = _checked_data(header, settings, normalize)
+        full = full or total + volume.data.nbytes > budget
+        if not full:
+            total += volume.data.nbytes
+        held.append(None if full else volume)
+        del volume  # a dropped volume is freed before the next is read
+    return held
 
 
 # ------------------------------------------------------------------------ files
@@ -353,6 +403,7 @@ def predict(
     data_consistency: bool | Literal["auto"] = False,
     overwrite: bool = False,
     on_done: Callable[[Prediction], None] | None = None,
+    memory_budget: int | None = None,
 ) -> list[Prediction]:
     """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
     (inputs: :func:`collect_inputs`).
@@ -363,8 +414,17 @@ def predict(
     ``data_consistency``: :func:`resolve_data_consistency`.
 
     Checks first, writes after: the checkpoint is read, the options are checked against
-    it, every input is read and checked and every output path is checked before the
-    first file is written, so a bad input anywhere means nothing is written.
+    it, then every input's header (readable, 3D, size, voxel sizes) and every output path
+    are checked, then every input's data is read and checked (finite, not constant, a
+    scale to divide by), all before the first file is written, so a bad input anywhere
+    means nothing is written.
+
+    Memory stays bounded: checked volumes are kept for their prediction while their total
+    stays within ``memory_budget`` bytes (``None``: :func:`resolve_memory_budget`, min(4 GiB, a
+    quarter of the available memory)), so those files are read once. From the first input
+    that would exceed it on, each input is read to check it, dropped, and read again for
+    its prediction (read twice, checked both times).
+
     ``on_done(prediction)`` is called after each file. A failure while writing (disk
     full) leaves the outputs already written, complete, and no partial file.
     """
@@ -377,7 +437,8 @@ def predict(
     inputs, is_collection = collect_inputs(input)
     outputs = plan_outputs(inputs, output, is_collection)
     normalize = model.data.get("normalize") != "none"
-    volumes = [_checked_input(src, dst, settings, tuple(inputs), normalize) for src, dst in zip(inputs, outputs)]
+    headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]
+    held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
     for folder in {dst.parent for dst in outputs}:
         remove_stale_temps(folder)  # left by a killed run
     try:  # after the input checks, so that a bad request gives one line and no warning
@@ -386,8 +447,11 @@ def predict(
         raise InferenceError(str(exc)) from None
     inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
     results = []
-    for dst in outputs:
-        result = predict_file(volumes.pop(0), dst, inferer, settings)  # popped: freed once written
+    for i, (header, dst) in enumerate(zip(headers, outputs)):
+        volume = held[i] if held[i] is not None else _checked_data(header, settings, normalize)
+        held[i] = None  # freed once written
+        result = predict_file(volume, dst, inferer, settings)
+        del volume
         result.extra["checkpoint"] = str(model.path)
         results.append(result)
         if on_done is not None:
