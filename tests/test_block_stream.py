@@ -20,7 +20,7 @@ from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.block_stream import BlockStreamingMDCSRN
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.inference.options import InferenceOptions
-from mdcsrn_lightning.inference.slabs import ExactInferer
+from mdcsrn_lightning.inference.exact import ExactInferer
 from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
 from mdcsrn_lightning.models import MDCSRN
 from mdcsrn_lightning.models.reference import ReferenceMDCSRN, reference_like

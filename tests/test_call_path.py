@@ -52,7 +52,8 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     return bad, {Path(f).relative_to(PACKAGE).as_posix() for f in seen}
 
 
-@pytest.mark.parametrize("strategy", [["patches.size=16"], ["stream=true", "engine=torch", "slab=4"]])
+@pytest.mark.parametrize("strategy", [["patches.size=16"], ["stream=true", "engine=torch", "slab=4"],
+                                      ["stream=true", "engine=openvino", "slab=4"], ["engine=openvino", "patches.size=16"]])
 def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
     bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",
@@ -60,6 +61,7 @@ def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypat
     assert not bad, sorted(bad)[:3]
     # the path the README describes
     for f in ("cli/infer.py", "inference/files.py", "checkpoints.py", "inference/build.py", "inference/base.py",
-              "inference/nifti_io.py", "data/volume_io.py"):
+              "data/volume_write.py", "data/volume_io.py"):
         assert f in seen, f
-    assert ("inference/streaming.py" in seen) == ("stream=true" in strategy)
+    assert ("inference/streaming.py" in seen) == ("engine=torch" in strategy)
+    assert ("inference/block_stream.py" in seen) == ("stream=true" in strategy and "engine=openvino" in strategy)

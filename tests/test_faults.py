@@ -33,7 +33,7 @@ from mdcsrn_lightning.cli import train as train_cli
 from mdcsrn_lightning.cli.train import train
 from mdcsrn_lightning.data.sources import GlobSource
 from mdcsrn_lightning.data.volume_io import VolumeError, load_volume
-from mdcsrn_lightning.inference import nifti_io
+from mdcsrn_lightning.data import volume_write as nifti_io
 from mdcsrn_lightning.inference.files import collect_inputs
 from mdcsrn_lightning.runlock import acquire_run_lock
 from mdcsrn_lightning.checkpoints import CheckpointError, load_generator

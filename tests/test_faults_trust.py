@@ -414,7 +414,7 @@ def test_an_output_name_of_a_format_we_do_not_write_is_refused(tmp_path: Path, m
 def test_eval_to_a_read_only_folder_fails_before_computing(tmp_path: Path, monkeypatch, capsys) -> None:
     import errno
 
-    from mdcsrn_lightning.inference import nifti_io
+    from mdcsrn_lightning.data import volume_write as nifti_io
 
     ref = _volume(tmp_path / "hr.nii.gz", shape=(12, 12, 10))
     out = tmp_path / "ro"

@@ -19,7 +19,8 @@ from mdcsrn_lightning.inference.patches import grid_for, super_resolve
 from mdcsrn_lightning.checkpoints import CheckpointError, load_trained_model, resolve_checkpoint
 from mdcsrn_lightning.inference.base import InferenceError, predict_volume
 from mdcsrn_lightning.inference.build import build_inferer
-from mdcsrn_lightning.inference.files import collect_inputs, plan_outputs
+from mdcsrn_lightning.data.volume_io import VolumeError, collect_inputs
+from mdcsrn_lightning.inference.files import plan_outputs
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.models import MDCSRN
 
@@ -188,12 +189,12 @@ def test_inputs_outputs_and_checkpoint_resolution(tmp_path: Path) -> None:
     files, many = collect_inputs(str(tmp_path / "in" / "*.nii.gz"))
     assert [f.name for f in files] == ["a.nii.gz"] and many
     assert collect_inputs(tmp_path / "in" / "b.nii") == ([tmp_path / "in" / "b.nii"], False)
-    with pytest.raises(InferenceError, match="no such file"):
+    with pytest.raises(VolumeError, match="no such file"):
         collect_inputs(tmp_path / "missing.nii.gz")
-    with pytest.raises(InferenceError, match="no volume files or DICOM series folders match"):
+    with pytest.raises(VolumeError, match="no volume files or DICOM series folders match"):
         collect_inputs(str(tmp_path / "in" / "*.mgz"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InferenceError, match="no .nii"):
+    with pytest.raises(VolumeError, match="no .nii"):
         collect_inputs(tmp_path / "empty")
     assert plan_outputs([Path("x/a.nii.gz")], tmp_path / "o.nii.gz", False) == [tmp_path / "o.nii.gz"]
     assert plan_outputs([Path("x/a.nii.gz")], tmp_path / "dir", False) == [tmp_path / "dir" / "a_sr.nii.gz"]

@@ -22,7 +22,8 @@ from mdcsrn_lightning.data.sources import GlobSource, VolumeError
 from mdcsrn_lightning.data.split import SplitError, load_or_create_split, read_split, split_counts, write_split
 from mdcsrn_lightning.data.volume_io import is_dicom_series, load_volume
 from mdcsrn_lightning.inference.base import InferenceError
-from mdcsrn_lightning.inference.files import collect_inputs, plan_outputs
+from mdcsrn_lightning.data.volume_io import collect_inputs
+from mdcsrn_lightning.inference.files import plan_outputs
 
 from .conftest import compose_train
 from .test_inference import run_cli, write_tiny_checkpoint
@@ -165,7 +166,7 @@ def test_folder_rule_and_bad_dicom_inputs(dicom, tmp_path) -> None:
     write_dicom_series(nifti, mixed, series=2)
     with pytest.raises(VolumeError, match=rf"^{mixed}: holds 2 DICOM series; give the folder of one series$"):
         load_volume(mixed)
-    with pytest.raises(InferenceError, match="holds 2 DICOM series"):
+    with pytest.raises(VolumeError, match="holds 2 DICOM series"):
         collect_inputs(mixed)
     # a missing slice (a gap in the positions), one .dcm file, a folder of something else
     files = sorted(folder.iterdir())
@@ -178,7 +179,7 @@ def test_folder_rule_and_bad_dicom_inputs(dicom, tmp_path) -> None:
     (tmp_path / "notes" / "a.txt").write_text("x")
     with pytest.raises(VolumeError, match="is a folder holding no DICOM series"):
         load_volume(tmp_path / "notes")
-    with pytest.raises(InferenceError, match="no .nii, .nii.gz, .mgz or .img volume files and no DICOM series"):
+    with pytest.raises(VolumeError, match="no .nii, .nii.gz, .mgz or .img volume files and no DICOM series"):
         collect_inputs(tmp_path / "notes")
 
 
@@ -229,7 +230,7 @@ def test_data_module_trains_from_dicom_folders_through_its_cache(tmp_path: Path)
 
 def infer_read(path: Path):
     """What mdcsrn-infer does with one input before any work: read and check it."""
-    from mdcsrn_lightning.inference.nifti_io import NiftiError
+    from mdcsrn_lightning.data.volume_write import NiftiError
 
     try:
         return load_volume(path, error=NiftiError)

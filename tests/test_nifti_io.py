@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from mdcsrn_lightning.data.sources import VolumeError
-from mdcsrn_lightning.inference import nifti_io
+from mdcsrn_lightning.data import volume_write as nifti_io
 from mdcsrn_lightning.data.volume_io import LoadedVolume, load_volume
-from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, write_like
+from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, write_like
 
 
 

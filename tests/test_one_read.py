@@ -133,7 +133,7 @@ def test_infer_holds_checked_inputs_within_its_memory_budget(tmp_path: Path, mon
 
     monkeypatch.setattr(files, "load_volume", counted)
     options = InferenceOptions(patch_size=8, device="cpu")
-    done = files.predict(tmp_path / "scans", tmp_path / "sr", ckpt, options=options, memory_budget=one_volume)
+    done = list(files.predict(tmp_path / "scans", tmp_path / "sr", ckpt, options=options, memory_budget=one_volume))
     assert [Path(d.output).name for d in done] == [p.name for p in inputs]
     assert reads == {"a.nii.gz": 1, "b.nii.gz": 2, "c.nii.gz": 2}  # a held; b and c beyond the budget
     assert most_live[0] == 2  # the held one and the one being read, never all three

@@ -38,9 +38,9 @@ from mdcsrn_lightning.evaluation.evaluate import (
     references_from_source,
     write_outputs,
 )
-from mdcsrn_lightning.inference.nifti_io import check_writable
+from mdcsrn_lightning.data.volume_write import check_writable
 from mdcsrn_lightning.inference.base import InferenceError
-from mdcsrn_lightning.inference.files import collect_inputs
+from mdcsrn_lightning.data.volume_io import collect_inputs
 from mdcsrn_lightning.interrupts import Terminated, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
 

@@ -96,11 +96,7 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
     source = str(_required(cfg, "input", "scan.nii.gz"))
     target = str(_required(cfg, "output", "sr.nii.gz"))
     start = time.perf_counter()
-
-    def report(result: Prediction) -> None:
-        print(f"wrote {result.output}  shape {list(result.shape)}  {result.seconds:.1f} s", flush=True)
-
-    results = predict(
+    predictions = predict(
         source,
         target,
         cfg.get("ckpt"),
@@ -112,8 +108,11 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         upsample_shape=_numbers(cfg.get("upsample_shape")),
         data_consistency=_consistency(cfg.get("data_consistency", "auto")),
         overwrite=bool(cfg.overwrite),
-        on_done=report,
     )
+    results: list[Prediction] = []
+    for result in predictions:  # one file written per step
+        print(f"wrote {result.output}  shape {list(result.shape)}  {result.seconds:.1f} s", flush=True)
+        results.append(result)
     return {
         "outputs": [r.output for r in results],
         "inputs": [r.input for r in results],

@@ -23,9 +23,10 @@ is refused with its file name.
 
 from __future__ import annotations
 
+import glob as _glob
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 from mdcsrn_lightning.atomic import is_temp_name
 
 __all__ = [
+    "collect_inputs",
     "VOLUME_SUFFIXES",
     "LoadedVolume",
     "VolumeError",
@@ -489,3 +491,56 @@ def load_volume(source: str | os.PathLike[str] | VolumeHeader, error: type[Volum
     except VolumeError as exc:
         raise error(str(exc)) from None
     return LoadedVolume(data=data, image=image, path=path, shape=shape, voxel_sizes=sizes)
+
+
+# ------------------------------------------------------------------------ collections
+_GLOB_CHARS = set("*?[")
+
+
+def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
+    """``(inputs, is_collection)`` for a volume file, a DICOM series folder, a folder of volumes
+    or a glob pattern.
+
+    The folder rule: a folder holding volume files (``.nii``, ``.nii.gz``, ``.mgz``,
+    ``.img``/``.hdr``; not recursive) is a collection of them, sorted; otherwise a folder
+    holding the files of one DICOM series is *one* input volume; otherwise its subfolders
+    that each hold one DICOM series are a collection (a study exported as one folder per
+    series). A glob (``*``, ``?``, ``[``) gives its matching volume files and DICOM series
+    folders, sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never
+    inputs. ``is_collection`` is ``True`` for a collection: the output is then a folder.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _folder_inputs(path)
+    if path.exists():
+        return [path], False
+    if _GLOB_CHARS & set(text):
+        matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
+        found = _volume_files(matches) + [p for p in matches if p.is_dir() and is_dicom_series(p)]
+        if not found:
+            raise VolumeError(f"{text}: no volume files or DICOM series folders match this pattern")
+        return sorted(found), True
+    raise VolumeError(f"{path}: no such file or folder")
+
+
+def _folder_inputs(path: Path) -> tuple[list[Path], bool]:
+    files = _volume_files(path.iterdir())
+    if files:
+        return files, True
+    series = dicom_series_ids(path)
+    if len(series) == 1:
+        return [path], False
+    if len(series) > 1:
+        raise VolumeError(f"{path}: holds {len(series)} DICOM series; give the folder of one series")
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_series(p))
+    if folders:
+        return folders, True
+    raise VolumeError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files and no DICOM series")
+
+
+def _volume_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
+    # an Analyze pair is one volume: keep the .img, drop its .hdr
+    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
+    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]

@@ -13,7 +13,7 @@ from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference import engines
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
-from mdcsrn_lightning.inference.slabs import ExactInferer, SlabRunner
+from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
 
 __all__ = ["build_inferer"]
 

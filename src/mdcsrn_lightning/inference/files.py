@@ -1,35 +1,15 @@
-"""The file layer of inference: a scan in (NIfTI, ``.mgz``, Analyze, DICOM series folder), NIfTI
-out, with a trained model read from its checkpoint once.
-
-``mdcsrn-infer``'s path through :func:`predict`: the checkpoint is read once
-(:func:`~mdcsrn_lightning.checkpoints.load_trained_model`), the inputs collected
-(:func:`collect_inputs`) and their outputs planned (:func:`plan_outputs`), every input's
-header and every output path checked, every input's data read and checked (held in memory
-within a budget, :func:`predict`), the inferer built once (:func:`.build.build_inferer`),
-then per input: on the fine grid (as it is; or brought there from a coarse matrix,
-``upsample=``; or, for experiments, an HR degraded first, ``degrade=True``) -> divided by its
-own 99.9th percentile -> the inferer -> multiplied back -> optionally k-space data
-consistency -> float32 NIfTI. This module calls the inferer and nothing below it.
-
-The input scale rule (:func:`~mdcsrn_lightning.data.intensity.input_scale`, recorded in the
-checkpoint), the two kinds of grid (``upsample``: the output's qform and sform are the
-input's times ``diag(M / N)``) and data consistency are the README's "Super-resolving your
-own scan".
-
-Every problem is an :class:`~.base.InferenceError` (or :class:`~.nifti_io.NiftiError`,
-:class:`~mdcsrn_lightning.checkpoints.CheckpointError`) with one line ``"<file>: <problem>"``.
-Everything that can be checked is checked before the first file is written: the
-checkpoint, every input, every output path. Checked inputs are kept in memory until each is
-written while they fit a memory budget (then each file is read once); inputs beyond it are
-read twice, once to check and once to predict (:func:`predict`).
+"""The file layer of inference (``mdcsrn-infer``): collect the inputs, plan the outputs, check
+everything before writing anything, build the inferer once, then per input: to the fine grid
+-> divided by its own scale -> the inferer -> multiplied back -> optional data consistency ->
+NIfTI. It calls the inferer and nothing below it; the path and its guarantees (read once,
+bounded memory, nothing written on a bad input): ``docs/inference.md`` ("Files").
 """
 
 from __future__ import annotations
 
-import glob as _glob
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -47,16 +27,14 @@ from mdcsrn_lightning.data.volume_io import (
     VolumeHeader,
     available_memory,
     check_not_constant,
-    dicom_series_ids,
-    is_dicom_series,
-    is_volume_path,
+    collect_inputs,
     load_volume,
     read_header,
     volume_stem,
 )
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume
 from mdcsrn_lightning.inference.build import build_inferer
-from mdcsrn_lightning.inference.nifti_io import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
+from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
 
@@ -64,7 +42,6 @@ __all__ = [
     "MEMORY_BUDGET",
     "FileSettings",
     "Prediction",
-    "collect_inputs",
     "plan_outputs",
     "predict",
     "predict_file",
@@ -73,7 +50,6 @@ __all__ = [
     "resolve_upsample",
 ]
 
-_GLOB_CHARS = set("*?[")
 
 # Bytes of checked input data :func:`predict` may hold between the checks and the writes
 # (``None``: :func:`resolve_memory_budget`'s default, min(4 GiB, a quarter of the available memory)).
@@ -122,55 +98,6 @@ class FileSettings:
 
 
 # ------------------------------------------------------------------------ inputs/outputs
-def collect_inputs(spec: str | os.PathLike[str]) -> tuple[list[Path], bool]:
-    """``(inputs, is_collection)`` for a volume file, a DICOM series folder, a folder of volumes
-    or a glob pattern.
-
-    The folder rule: a folder holding volume files (``.nii``, ``.nii.gz``, ``.mgz``,
-    ``.img``/``.hdr``; not recursive) is a collection of them, sorted; otherwise a folder
-    holding the files of one DICOM series is *one* input volume; otherwise its subfolders
-    that each hold one DICOM series are a collection (a study exported as one folder per
-    series). A glob (``*``, ``?``, ``[``) gives its matching volume files and DICOM series
-    folders, sorted. Our own temporary files (``.<name>.<random>.part.nii.gz``) are never
-    inputs. ``is_collection`` is ``True`` for a collection: the output is then a folder.
-    """
-    text = str(spec)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return _folder_inputs(path)
-    if path.exists():
-        return [path], False
-    if _GLOB_CHARS & set(text):
-        matches = sorted(Path(p) for p in _glob.glob(os.path.expanduser(text), recursive=True))
-        found = _volume_files(matches) + [p for p in matches if p.is_dir() and is_dicom_series(p)]
-        if not found:
-            raise InferenceError(f"{text}: no volume files or DICOM series folders match this pattern")
-        return sorted(found), True
-    raise InferenceError(f"{path}: no such file or folder")
-
-
-def _folder_inputs(path: Path) -> tuple[list[Path], bool]:
-    files = _volume_files(path.iterdir())
-    if files:
-        return files, True
-    series = dicom_series_ids(path)
-    if len(series) == 1:
-        return [path], False
-    if len(series) > 1:
-        raise InferenceError(f"{path}: holds {len(series)} DICOM series; give the folder of one series")
-    folders = sorted(p for p in path.iterdir() if p.is_dir() and is_dicom_series(p))
-    if folders:
-        return folders, True
-    raise InferenceError(f"{path}: folder holds no .nii, .nii.gz, .mgz or .img volume files and no DICOM series")
-
-
-def _volume_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    files = sorted(Path(p) for p in paths if Path(p).is_file() and is_volume_path(p))
-    # an Analyze pair is one volume: keep the .img, drop its .hdr
-    images = {p.with_suffix(".img") for p in files if p.suffix.lower() == ".img"}
-    return [p for p in files if not (p.suffix.lower() == ".hdr" and p.with_suffix(".img") in images)]
-
-
 def _output_name(path: Path) -> str:
     """The output file name of an input in a collection: its own name, ``.nii.gz`` for a
     DICOM series folder and for MGH/Analyze files (the output is always NIfTI)."""
@@ -402,9 +329,8 @@ def predict(
     upsample_shape: Sequence[int] | None = None,
     data_consistency: bool | Literal["auto"] = False,
     overwrite: bool = False,
-    on_done: Callable[[Prediction], None] | None = None,
     memory_budget: int | None = None,
-) -> list[Prediction]:
+) -> Iterator[Prediction]:
     """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
     (inputs: :func:`collect_inputs`).
 
@@ -425,8 +351,9 @@ def predict(
     that would exceed it on, each input is read to check it, dropped, and read again for
     its prediction (read twice, checked both times).
 
-    ``on_done(prediction)`` is called after each file. A failure while writing (disk
-    full) leaves the outputs already written, complete, and no partial file.
+    Everything is checked when ``predict`` is called; the returned iterator writes one file
+    per step (and yields its :class:`Prediction`). A failure while writing (disk full)
+    leaves the outputs already written, complete, and no partial file.
     """
     options = options or InferenceOptions()
     resolve_device(options.device)  # device=cuda without CUDA: fail now
@@ -446,14 +373,15 @@ def predict(
     except ValueError as exc:
         raise InferenceError(str(exc)) from None
     inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
-    results = []
+    return _predictions(model, headers, held, outputs, inferer, settings, normalize)
+
+
+def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[LoadedVolume | None],
+                 outputs: list[Path], inferer: Inferer, settings: FileSettings, normalize: bool) -> Iterator[Prediction]:
     for i, (header, dst) in enumerate(zip(headers, outputs)):
         volume = held[i] if held[i] is not None else _checked_data(header, settings, normalize)
         held[i] = None  # freed once written
         result = predict_file(volume, dst, inferer, settings)
         del volume
         result.extra["checkpoint"] = str(model.path)
-        results.append(result)
-        if on_done is not None:
-            on_done(result)
-    return results
+        yield result

@@ -29,6 +29,7 @@ __all__ = [
     "checked_volume",
     "free_memory_bytes",
     "grid_for",
+    "progress_bar",
     "resolve_device",
     "resolve_margin",
     "super_resolve",
@@ -207,7 +208,7 @@ class PatchInferer(Inferer):
         locations = torch.as_tensor(np.asarray(sampler.locations), dtype=torch.int64)
         data = sampler.subject["image"].data[0]  # unpadded: patches are sliced at the sampler's locations
         step = self.options.batch_size
-        with _progress(len(locations), self.options.progress) as bar, torch.inference_mode():
+        with progress_bar(len(locations), self.options.progress, "patch") as bar, torch.inference_mode():
             for start in range(0, len(locations), step):
                 locs = locations[start : start + step]
                 batch = torch.stack([data[i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in locs.tolist()])
@@ -216,11 +217,11 @@ class PatchInferer(Inferer):
         return aggregator.get_output_tensor()[0].numpy().astype(np.float32, copy=False)
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool, unit: str) -> Any:
+    """A tqdm bar on stderr, shown only when ``enabled`` and on a terminal (no noise in logs)."""
     from tqdm.auto import tqdm  # comes with lightning
 
-    # disable=None: shown only on a terminal (no bar noise in logs and pipes)
-    return tqdm(total=total, disable=None if enabled else True, desc="mdcsrn SR", unit="patch", file=sys.stderr, leave=False)
+    return tqdm(total=total, disable=None if enabled else True, desc="mdcsrn SR", unit=unit, file=sys.stderr, leave=False)
 
 
 def super_resolve(net: Runner, volume: np.ndarray | torch.Tensor, **options: Any) -> np.ndarray:

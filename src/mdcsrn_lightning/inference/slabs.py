@@ -1,21 +1,13 @@
 """What both exact whole-volume passes (:mod:`.streaming`, :mod:`.block_stream`) share: layers
-on slabs of the first axis, the slab window, and the inferer running a slab runner."""
+on slabs of the first axis and the slab window."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import Protocol
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdcsrn_lightning.inference.base import Inferer
-from mdcsrn_lightning.inference.patches import checked_volume
-
-__all__ = ["ExactInferer", "SlabRunner", "SlabWindow", "bn_eval", "conv3_slab", "folded_bn", "pointwise"]
+__all__ = ["SlabWindow", "bn_eval", "conv3_slab", "folded_bn", "pointwise"]
 
 
 def folded_bn(bn: nn.BatchNorm3d, channels: slice | None = None) -> tuple[Tensor, Tensor]:
@@ -133,39 +125,3 @@ class SlabWindow:
             self.buf, self.base = None, self.lo
         elif 4 * live < self.allocated_slices() and self.allocated_slices() > 16:
             self._realloc(self.buf, live + max(live // 2, 8))
-
-
-class SlabRunner(Protocol):
-    """An exact whole-volume pass over (B, C, D, H, W), slab by slab along D."""
-
-    name: str
-    device: torch.device
-
-    def __call__(self, x: Tensor, progress: Callable[[int], None] | None = None) -> Tensor: ...
-
-
-class ExactInferer(Inferer):
-    """The exact whole-volume pass of a :class:`SlabRunner` (eager :mod:`.streaming` or
-    :mod:`.block_stream`) as an inferer, on the runner's device; ``progress`` prints the
-    slices done to stderr."""
-
-    def __init__(self, runner: SlabRunner, progress: bool = False) -> None:
-        self.runner = runner
-        self.progress = progress
-        self.name = runner.name
-        self.device = runner.device
-
-    def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
-        x = checked_volume(volume, self.device)[None, None]
-        done = 0
-
-        def report(n: int) -> None:
-            nonlocal done
-            done += n
-            if self.progress:
-                print(f"\rmdcsrn SR ({self.name}): {done}/{x.shape[2]} slices", end="", file=sys.stderr, flush=True)
-
-        out = self.runner(x, report)
-        if self.progress:
-            print(file=sys.stderr)
-        return out[0, 0].float().cpu().numpy()

@@ -1,19 +1,7 @@
-"""Write volumes for inference, atomically, and the error of a bad inference volume.
-
-Reading is the package's one reader (:func:`mdcsrn_lightning.data.volume_io.load_volume`
-with ``error=NiftiError``: NIfTI, MGH ``.mgz``, Analyze, a DICOM series folder, which
-arrives as a NIfTI image of its RAS geometry) with every problem as one :class:`NiftiError`
-``"<file>: <problem>"`` (missing, not a volume, not 3D, 4D
-with more than one volume, NaN/Inf, complex/RGB data, zero or negative voxel sizes). Writing
-(:func:`write_like`) keeps the geometry of a reference image exactly: the header is a copy of
-the input's (affine, qform and sform with their codes, voxel sizes, units, dim) and only the
-data type (float32) and the intensity scaling fields (``scl_slope``/``scl_inter``/``cal_min``/
-``cal_max``) change; an MGH/Analyze input gives a NIfTI with its affine and voxel sizes. The
-output folder is checked for writability before any computing (:func:`check_writable`). The
-file is written under a temporary name in the target folder and moved into place, so an
-interrupted run never leaves half a file; without ``overwrite=True`` it is published with a
-hard link that fails if the name exists (two writers cannot both win); the input file is
-never replaced.
+"""Volumes written atomically with the geometry of the scan they came from (NIfTI out, float32;
+the header a copy of the input's but for the data type and scaling), output paths checked
+before any computing, and :class:`NiftiError`, the one-line error of a bad inference volume.
+The rules: ``docs/inference.md`` ("Files").
 """
 
 from __future__ import annotations
