@@ -23,6 +23,7 @@ from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.exact import ExactInferer
 from mdcsrn_lightning.inference.streaming import StreamingMDCSRN
 from mdcsrn_lightning.models import MDCSRN
+from mdcsrn_lightning.models.block_graph import DenseBlockGraph
 from mdcsrn_lightning.models.reference import ReferenceMDCSRN, reference_like
 
 from .conftest import randomize_batchnorm
@@ -40,7 +41,7 @@ def make_net(*args: object, seed: int = 0, strong: bool = False, **kwargs: objec
 
 def eager(net: torch.nn.Module, slab: int) -> BlockStreamingMDCSRN:
     """The block schedule with the graph run eagerly (float64 checks; no user option reaches it)."""
-    return BlockStreamingMDCSRN(net, slab, runner=B.DenseBlockGraph(net.blocks[0]))
+    return BlockStreamingMDCSRN(net, slab, runner=DenseBlockGraph(net.blocks[0]))
 
 
 def plain(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,17 @@ from .test_inference import ANATOMICAL, run_cli, write_tiny_checkpoint
 PACKAGE = str(Path(mdcsrn_lightning.__file__).parent)
 
 
-def _package_files(frame: FrameType | None) -> list[str]:
-    """The package files on ``frame``'s stack, outermost first, repeats of one file in a row merged."""
+def _package_files(frame: FrameType | None) -> list[str] | None:
+    """The package files on ``frame``'s stack, outermost first, repeats of one file in a row
+    merged; ``None`` while one of our modules is being imported (module and class bodies run)."""
     files: list[str] = []
     while frame is not None:
         name = frame.f_code.co_filename
-        if name.startswith(PACKAGE) and (not files or files[-1] != name):
-            files.append(name)
+        if name.startswith(PACKAGE):
+            if frame.f_code.co_name == "<module>":
+                return None
+            if not files or files[-1] != name:
+                files.append(name)
         frame = frame.f_back
     return files[::-1]
 
@@ -39,6 +43,8 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
         if event != "call" or not frame.f_code.co_filename.startswith(PACKAGE):
             return
         stack = _package_files(frame)
+        if stack is None:
+            return
         seen.update(stack)
         if len(set(stack)) != len(stack):
             bad.add(tuple(Path(f).relative_to(PACKAGE).as_posix() for f in stack))

@@ -7,20 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SlabWindow", "bn_eval", "conv3_slab", "folded_bn", "pointwise"]
-
-
-def folded_bn(bn: nn.BatchNorm3d, channels: slice | None = None) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm of ``bn``'s channels ``channels`` as ``x * scale + shift`` (both (C,))."""
-    sl = channels or slice(None)
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = torch.rsqrt(bn.running_var[sl] + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight[sl]
-    shift = -bn.running_mean[sl] * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias[sl]
-    return scale, shift
+__all__ = ["SlabWindow", "bn_eval", "conv3_slab", "pointwise"]
 
 
 def bn_eval(x: Tensor, bn: nn.BatchNorm3d, channels: slice | None = None) -> Tensor:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdcsrn_lightning.inference.slabs import SlabWindow, bn_eval, conv3_slab, folded_bn, pointwise
+from mdcsrn_lightning.inference.slabs import SlabWindow, bn_eval, conv3_slab, pointwise
+from mdcsrn_lightning.models.block_graph import folded_bn
 from mdcsrn_lightning.models.mdcsrn import check_mdcsrn, level_consumers, split_weights
 
 __all__ = ["StreamingMDCSRN", "stream_forward"]
