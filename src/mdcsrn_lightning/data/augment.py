@@ -11,7 +11,7 @@
   acquisition: the noise is in the HR and reaches the LR through the degradation, never
   added to the LR alone. Validation and test subjects are never augmented.
 
-At HCP size (320x320x256) augmenting and re-degrading the whole head takes 20-80 s per load.
+At HCP size (320x320x256) augmenting and re-degrading the whole head is slow (docs/data.md).
 ``roi`` (see :class:`RandomRegion`) does it on a random box of ``R + 2 m`` voxels around a
 random foreground voxel instead, then drops the margin ``m``, where the k-space
 truncation's ringing from the box's cut faces and the affine's padding live; the queue

@@ -202,8 +202,8 @@ class MDCSRN(nn.Module):
         memory_efficient: in training, checkpoint each unit's concat-BN-ELU(-bottleneck-
             BN-ELU) and build no level concatenation (:func:`lean_forward`: compressors and
             reconstruction as sums of per-piece 1x1x1 convs). Same outputs and gradients
-            (up to float rounding); b4u4, batch 6 of 40^3: peak RSS 2.5 GB instead of
-            6.5 GB, at the cost of recomputing those layers in backward.
+            (up to float rounding); much less peak memory (measured: docs/performance.md),
+            at the cost of recomputing those layers in backward.
 
     Any D, H, W >= 1 are accepted (all convs are size-preserving with zero padding); each
     output voxel sees ``receptive_field_radius()`` voxels of context on every side.

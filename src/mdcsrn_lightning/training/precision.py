@@ -1,8 +1,7 @@
 """``trainer.precision=auto``: the fastest safe precision for the machine a run starts on.
 
 * CPU: ``bf16-mixed`` where the CPU does bfloat16 dot products natively (AVX-512 BF16 or
-  AMX, through oneDNN): measured 1.9x faster per b4u4 training step than float32 on an AMD
-  EPYC with AVX-512 BF16 (docs/performance.md). Elsewhere oneDNN emulates bfloat16, slower
+  AMX, through oneDNN): faster than float32 there (measured: docs/performance.md). Elsewhere oneDNN emulates bfloat16, slower
   than float32, so ``32-true``.
 * CUDA: ``bf16-mixed`` on GPUs with native bfloat16 (Ampere and later); ``32-true`` on older
   ones (``16-mixed`` would need loss scaling, which the WGAN-GP module's manual optimization
