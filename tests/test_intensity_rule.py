@@ -54,11 +54,11 @@ def test_training_input_equals_what_infer_and_eval_give(tmp_path: Path, monkeypa
 
     seen: list[np.ndarray] = []
 
-    def spy(runner, volume, **kwargs):  # what mdcsrn-infer hands the network
+    def spy(inferer, volume):  # what mdcsrn-infer hands the network
         seen.append(np.array(volume))
         return np.array(volume)
 
-    monkeypatch.setattr(patches_mod, "super_resolve", spy)
+    monkeypatch.setattr(patches_mod.PatchInferer, "__call__", spy)
     ckpt = write_tiny_checkpoint(
         tmp_path / "m.ckpt",
         datamodule_hyper_parameters={"factors": [2, 2, 1], "interpolation": interpolation, "input_scale": INPUT_SCALE_RULE},
