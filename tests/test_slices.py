@@ -45,9 +45,10 @@ def test_gaussian_profile_sums_to_1_is_centred_and_has_the_fwhm(thickness: float
     assert math.isclose(w.sum(), 1.0, abs_tol=1e-12)
     assert math.isclose(float((idx * w).sum()), 10.5, abs_tol=1e-9)
     sigma = thickness / (2 * math.sqrt(2 * math.log(2)))
-    # the discrete variance is the Gaussian's plus the voxel's 1/12 (each weight is a voxel integral)
+    # the discrete variance is the Gaussian's plus the voxel's 1/12 (Sheppard: each weight is a
+    # voxel integral; exact enough once sigma is a voxel or more)
     var = float((w * (idx - 10.5) ** 2).sum())
-    assert abs(var - (sigma**2 + 1 / 12)) < 0.02 * sigma**2 + 0.01
+    assert thickness < 2.5 or abs(var - (sigma**2 + 1 / 12)) < 0.02 * sigma**2 + 0.01
 
 
 @pytest.mark.parametrize("profile", ["boxcar", "gaussian"])
@@ -130,3 +131,8 @@ def test_thick_slices_experiment_trains_and_records_its_degradation(train_cfg) -
     assert dm.hparams["degradation"] == "slices" and list(dm.hparams["factors"]) == [1.0, 1.0, 4.0]
     assert dm.hparams["slices"]["axis"] == 2 and dm.hparams["slices"]["thickness"] == [2.0, 6.0]
     assert dm.flip_axes == (2,)
+    from mdcsrn_lightning.checkpoints import data_settings
+
+    recorded = data_settings({"datamodule_hyper_parameters": dict(dm.hparams)}, "run.ckpt")
+    assert recorded["degradation"] == "slices" and recorded["slices"]["profile"] == "boxcar"
+    assert recorded["interpolation"] == "cubic" and list(recorded["factors"]) == [1.0, 1.0, 4.0]
