@@ -85,6 +85,7 @@ def test_the_fine_grid_passes_through_the_slice_centres(interpolation: str) -> N
         (lambda: S.slices_to_fine(VOL, 2, 2, "zero_filled"), r"interpolation must be one of"),
         (lambda: S.slices_to_fine(VOL, 2, 2, "linear", 30), r"a fine axis of 30 voxels is shorter than 19 slices"),
         (lambda: S.SliceDegradation(thickness=(6, 2)), r"slices.thickness must be a number or a range"),
+        (lambda: S.SliceDegradation(thickness="thick"), r"slices.thickness must be a number or a range"),
     ],
 )
 def test_errors_are_one_precise_line(call, message) -> None:
@@ -127,6 +128,7 @@ def test_thick_slices_experiment_trains_and_records_its_degradation(train_cfg) -
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     from hydra.utils import instantiate
 
+    assert instantiate(cfg.data).slices == instantiate(cfg.data, _convert_="all").slices  # OmegaConf containers too
     dm = instantiate(cfg.data, _convert_="all")
     assert dm.hparams["degradation"] == "slices" and list(dm.hparams["factors"]) == [1.0, 1.0, 4.0]
     assert dm.hparams["slices"]["axis"] == 2 and dm.hparams["slices"]["thickness"] == [2.0, 6.0]

@@ -1,7 +1,7 @@
 """The TorchIO patch-queue LightningDataModule shared by L1 pretraining and WGAN fine-tuning.
 
 One volume's path: source file -> validated HR ``(X, Y, Z)`` -> degraded once (whole-volume
-k-space truncation) -> HR and LR written once to the cache as uncompressed ``.npy``
+k-space truncation, or thick slices with ``degradation="slices"``) -> HR and LR written once to the cache as uncompressed ``.npy``
 (``data/cache.py``) -> both divided by the *LR's* 99.9th percentile (:func:`~mdcsrn_lightning.data.intensity.input_scale`, the one rule
 that inference applies too; nothing the network sees is derived from the HR) ->
 ``tio.Subject(hr=, lr=, name=, input_scale=, metric_scale=)`` with images ``(1, X, Y, Z)``

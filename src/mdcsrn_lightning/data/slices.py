@@ -176,8 +176,13 @@ def fine_positions(count: int, spacing: int) -> np.ndarray:
 
 
 def as_sequence(value: float | Sequence[float]) -> tuple[float, ...]:
-    """A number or a ``[lo, hi]`` range as a tuple (for configs)."""
-    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+    """A number or a ``[lo, hi]`` range (any sequence: a list, an OmegaConf ``ListConfig``) as a tuple."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return (float(value),)
+    try:
+        return tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"slices.thickness must be a number or a range [lo, hi], got {value!r}") from None
 
 
 @dataclass(frozen=True)
