@@ -113,3 +113,17 @@ def test_scans_that_do_not_fit_the_checkpoint_are_refused_in_one_line(tmp_path, 
         assert len(err.strip().splitlines()) == 1 and "mdcsrn-infer: error:" in err, (name, err)
         assert re.search(message, err), (name, err)
         assert not out.exists(), name
+
+
+def test_an_mgh_thick_scan_gets_the_same_world_grid(tmp_path, monkeypatch, capsys) -> None:
+    hr = _hr((18, 20, 16))
+    coarse = S.thick_slices(hr, 4, 4, 1)
+    src = tmp_path / "thick.mgz"
+    nib.save(nib.MGHImage(coarse.astype(np.float32), _thick_affine(HR_AFFINE, 1, 4)), str(src))
+    code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}",
+                          f"ckpt={_slices_ckpt(tmp_path)}", "upsample=auto")
+    assert code == 0, err
+    sr = nib.load(str(tmp_path / "sr.nii.gz"))
+    assert sr.shape == (18, 20, 16)
+    np.testing.assert_allclose(sr.affine, HR_AFFINE, atol=1e-4)
+    np.testing.assert_allclose(sr.header.get_zooms(), (1.0, 1.05, 0.95), atol=1e-5)
