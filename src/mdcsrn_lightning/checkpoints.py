@@ -213,7 +213,7 @@ def _check_same_architecture(config: dict[str, Any], expected: dict[str, Any], p
 
 # ------------------------------------------------------------------------ trained model
 #: What inference needs to know about how a checkpoint's training data was made.
-DATA_KEYS = ("factors", "interpolation", "normalize", "input_scale")
+DATA_KEYS = ("factors", "interpolation", "normalize", "input_scale", "degradation", "slices")
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,9 @@ class TrainedModel:
 
     ``net``: the generator in eval mode, on the CPU. ``data``: the recorded data settings
     (a subset of :data:`DATA_KEYS`: ``factors`` three numbers, ``interpolation``,
-    ``normalize``, ``input_scale``), ``{}`` when none are known. ``release``: the release
+    ``normalize``, ``input_scale``, ``degradation`` (``kspace``/``slices``) and ``slices``
+    (the thick-slice settings: ``thickness``, ``spacing``, ``profile``, ``axis``...)), ``{}``
+    when none are known. ``release``: the release
     record of a released checkpoint (``data_consistency``, model card fields), else ``{}``.
     """
 
@@ -242,6 +244,16 @@ class TrainedModel:
     def interpolation(self) -> str:
         """How the network's fine-grid input was made (``linear`` when not recorded)."""
         return str(self.data.get("interpolation") or "linear")
+
+    @property
+    def degradation(self) -> str:
+        """How the training LR was made: ``"kspace"`` (also when not recorded) or ``"slices"``."""
+        return str(self.data.get("degradation") or "kspace")
+
+    @property
+    def slice_axis(self) -> int:
+        """The thick axis of a ``"slices"`` model's training input (2 when not recorded)."""
+        return int((self.data.get("slices") or {}).get("axis", 2))
 
     @property
     def recommends_data_consistency(self) -> bool:
@@ -324,6 +336,11 @@ def _checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
         and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)
     ):
         raise CheckpointError(f"{where}.factors: {factors!r} is not three positive numbers")
+    kind, slices = settings.get("degradation"), settings.get("slices")
+    if kind is not None and kind not in ("kspace", "slices"):
+        raise CheckpointError(f"{where}.degradation: {kind!r} is not kspace or slices")
+    if kind == "slices" and not (isinstance(slices, Mapping) and slices.get("axis") in (0, 1, 2)):
+        raise CheckpointError(f"{where}.slices: {slices!r} does not name the thick axis (0, 1 or 2)")
     for key, value in settings.items():
         if key == "interpolation" and not isinstance(value, str) or isinstance(value, str) and "${" in value:
             raise CheckpointError(f"{where}.{key}: {value!r} is not a valid setting")

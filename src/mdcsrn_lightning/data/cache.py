@@ -1,7 +1,7 @@
 """The degraded-volume cache: each subject validated, degraded and measured once, written once.
 
 Per subject (``key`` = hash of the source file's path, size and mtime, the factors and the
-interpolation), in ``cache_dir``:
+interpolation, and with ``degradation=slices`` the slice settings), in ``cache_dir``:
 
 - ``<key>.hr.npy``, ``<key>.lr.npy``: the HR as read and its LR, raw intensities, float32,
   uncompressed ``.npy`` (opened as memory maps: a patch reads only its own pages);
@@ -36,6 +36,7 @@ import numpy as np
 
 from mdcsrn_lightning.atomic import WriteError, atomic_path
 from mdcsrn_lightning.data import degradation, intensity
+from mdcsrn_lightning.data.slices import SliceDegradation
 from mdcsrn_lightning.data.sources import VolumeError, VolumeSource, check_patch_fits
 
 __all__ = ["CACHE_VERSION", "FG_POINTS", "CacheEntry", "SubjectCache"]
@@ -84,6 +85,8 @@ class SubjectCache:
         cache_dir: the folder; ``None``: a private temporary one, removed with this object.
         require_scale: a volume whose LR has no positive 99.9th percentile is an error
             (``normalize="percentile"``); otherwise its ``input_scale`` is NaN.
+        slices: a thick-slice degradation instead of the k-space one (part of every key;
+            a source's own LR is then not used).
     """
 
     def __init__(
@@ -94,12 +97,15 @@ class SubjectCache:
         patch_size: tuple[int, int, int],
         cache_dir: str | None,
         require_scale: bool,
+        *,
+        slices: SliceDegradation | None = None,
     ) -> None:
         self.source = source
         self.factors = factors
         self.interpolation = interpolation
         self.patch_size = patch_size
         self.require_scale = require_scale
+        self.slices = slices
         if cache_dir is None:
             folder = tempfile.mkdtemp(prefix="mdcsrn-cache-")
             weakref.finalize(self, shutil.rmtree, folder, True)
@@ -109,7 +115,10 @@ class SubjectCache:
         self._entries: dict[str, CacheEntry] = {}
 
     def key(self, token: str) -> str:
-        blob = json.dumps([CACHE_VERSION, token, list(self.factors), self.interpolation])
+        parts: list[Any] = [CACHE_VERSION, token, list(self.factors), self.interpolation]
+        if self.slices is not None:  # k-space keys stay as they were
+            parts.append(["slices", self.slices.record()])
+        blob = json.dumps(parts)
         return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
     def entry(self, name: str) -> CacheEntry:
@@ -176,7 +185,7 @@ class SubjectCache:
         location = vol.location or src.location(name)
         # Before the (costly) degradation: a volume too small for a patch is a config error.
         check_patch_fits(hr.shape, self.patch_size, location)
-        lr = vol.lr
+        lr = vol.lr if self.slices is None else self.slices(hr, name)
         if lr is None:
             lr = src.degraded(name, self.factors, self.interpolation)
         if lr is None:
@@ -203,6 +212,7 @@ class SubjectCache:
         meta = {
             "version": CACHE_VERSION, "name": name, "location": location, "token": token,
             "factors": list(self.factors), "interpolation": self.interpolation, "shape": list(hr.shape),
+            "slices": None if self.slices is None else self.slices.record(),
             "affine": affine.tolist(), "input_scale": input_scale, "reference_scale": reference_scale,
         }
         hr_file, lr_file = self.folder / f"{key}.hr.npy", self.folder / f"{key}.lr.npy"

@@ -1,7 +1,7 @@
 """The TorchIO patch-queue LightningDataModule shared by L1 pretraining and WGAN fine-tuning.
 
 One volume's path: source file -> validated HR ``(X, Y, Z)`` -> degraded once (whole-volume
-k-space truncation) -> HR and LR written once to the cache as uncompressed ``.npy``
+k-space truncation, or thick slices with ``degradation="slices"``) -> HR and LR written once to the cache as uncompressed ``.npy``
 (``data/cache.py``) -> both divided by the *LR's* 99.9th percentile (:func:`~mdcsrn_lightning.data.intensity.input_scale`, the one rule
 that inference applies too; nothing the network sees is derived from the HR) ->
 ``tio.Subject(hr=, lr=, name=, input_scale=, metric_scale=)`` with images ``(1, X, Y, Z)``
@@ -54,6 +54,7 @@ from mdcsrn_lightning.data.augment import (
     realistic_roi,
 )
 from mdcsrn_lightning.data.cache import CacheEntry, SubjectCache
+from mdcsrn_lightning.data.slices import SliceDegradation
 from mdcsrn_lightning.data.images import MemmapImage, MemmapReader, ScaledReader
 from mdcsrn_lightning.data.samplers import CropSampler, QueueEpochSampler, WeightedSubjectSampler
 from mdcsrn_lightning.data.sources import VolumeSource
@@ -65,12 +66,29 @@ from mdcsrn_lightning.data.split import (
     load_or_create_split,
 )
 
-__all__ = ["Normalize", "PatchSamplerName", "SRDataModule", "WeightedSubjectSampler"]
+__all__ = ["DegradationName", "Normalize", "PatchSamplerName", "SRDataModule", "WeightedSubjectSampler", "slice_degradation"]
 
 log = logging.getLogger(__name__)
 
 Normalize = Literal["percentile", "none"]
 PatchSamplerName = Literal["uniform", "label"]
+DegradationName = Literal["kspace", "slices"]
+
+
+def slice_degradation(degradation: str, slices: Mapping[str, Any] | None, interpolation: str,
+                      augment: str) -> SliceDegradation | None:
+    """``degradation="slices"``'s :class:`SliceDegradation` (``None`` for ``"kspace"``), checked."""
+    if degradation not in get_args(DegradationName):
+        raise ValueError(f"degradation must be one of {get_args(DegradationName)}, got {degradation!r}")
+    if degradation == "kspace":
+        return None
+    if augment == "realistic":
+        raise ValueError("augment='realistic' re-degrades in k-space; use augment=paper or none with degradation=slices")
+    options = dict(slices or {})
+    unknown = sorted(set(options) - {"thickness", "spacing", "profile", "axis", "seed"})
+    if unknown:
+        raise ValueError(f"slices: unknown option(s) {unknown}; known: thickness, spacing, profile, axis, seed")
+    return SliceDegradation(**options, interpolation=interpolation)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- data module
@@ -138,7 +156,16 @@ class SRDataModule(LightningDataModule):
     Args:
         source: where volumes come from (``GlobSource``, ``EmbeddedMNI152Source``, ...).
         factors: k-space reduction per axis (paper: 2, 2, 1).
-        interpolation: LR -> HR grid interpolation (see ``degradation.degrade``).
+        interpolation: LR -> HR grid interpolation (see ``degradation.degrade``; with
+            ``degradation="slices"``: slices -> fine grid, ``nearest``/``linear``/``cubic``).
+        degradation: ``"kspace"`` (the paper's k-space truncation by ``factors``) or
+            ``"slices"``: thick slices along one axis (``data/slices.py``), set by ``slices``
+            (``thickness``: fine voxels, a number or a ``[lo, hi]`` range drawn per subject;
+            ``spacing``: ``null`` = the drawn thickness rounded; ``profile``: boxcar or gaussian;
+            ``axis``; ``seed``). ``factors`` is then derived (1 in-plane, the mid-range spacing
+            along the axis: augmentation planes and metric slices) and recorded with
+            ``degradation`` and ``slices`` in the checkpoint. A source's own LR is not used.
+        slices: the ``"slices"`` settings (ignored for ``"kspace"``).
         patch_size: training patch edge ``P`` (or 3 edges); every volume must be at least
             this large.
         samples_per_volume: patches drawn per subject per epoch.
@@ -210,6 +237,8 @@ class SRDataModule(LightningDataModule):
         rank: int | None = None,
         augment_options: Mapping[str, Any] | None = None,
         augment_on: AugmentOn = "device",
+        degradation: DegradationName = "kspace",
+        slices: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(source, VolumeSource):
@@ -221,6 +250,8 @@ class SRDataModule(LightningDataModule):
         if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
             raise ValueError(f"split_seed must be an int, got {split_seed!r}")
         augment = _check_choices(normalize, sampler, augment, augment_options, augment_on)
+        self.slices = slice_degradation(degradation, slices, interpolation, augment)
+        fs = self.slices.factors() if self.slices is not None else fs
         # Built here so that a bad option fails at construction, not at the first batch.
         self._realistic = _batched_realistic(augment_options, fs, interpolation, patch) if augment == "realistic" else None
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
@@ -231,6 +262,11 @@ class SRDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False, ignore=["source"])
         # The normalisation rule, saved with the checkpoint (inference and eval read it back).
         self.hparams["input_scale"] = intensity.INPUT_SCALE_RULE if normalize == "percentile" else "none"
+        if self.slices is not None:  # what inference needs to know: the kind, its parameters, the nominal factors
+            self.hparams["factors"] = list(fs)
+            self.hparams["slices"] = self.slices.record()
+        else:
+            self.hparams["slices"] = None
         self.source = source
         self.augment: AugmentName = augment
         self.factors = fs
@@ -275,7 +311,8 @@ class SRDataModule(LightningDataModule):
         )
         names = [n for s in SPLIT_NAMES for n in split[s]]
         self.cache = SubjectCache(
-            self.source, self.factors, self.interpolation, self.patch_size, hp.cache_dir, hp.normalize == "percentile"
+            self.source, self.factors, self.interpolation, self.patch_size, hp.cache_dir, hp.normalize == "percentile",
+            slices=self.slices,
         )
         world, rank = self._ddp_share()
         if hp.cache_dir is not None and world > 1 and _dist_ready(world):

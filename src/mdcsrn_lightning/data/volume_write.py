@@ -24,6 +24,7 @@ __all__ = [
     "check_output_path",
     "check_writable",
     "is_nifti_path",
+    "refined_grid",
     "refined_header",
     "write_like",
     "write_refined",
@@ -145,17 +146,27 @@ def write_like(
     return _write(output, arr, like, like.image.header.copy(), like.shape, overwrite=overwrite, description=description)
 
 
-def refined_header(like: NiftiVolume, shape: Sequence[int]) -> tuple[nib.Nifti1Header, tuple[int, ...]]:
+def refined_grid(coarse: Sequence[int], shape: Sequence[int], offset: Sequence[float] | None = None) -> np.ndarray:
+    """4x4 map from fine voxel coordinates to coarse ones: ``u = x * M / N + offset`` per axis."""
+    scale = np.diag([m / n for m, n in zip(coarse[:3], shape[:3])] + [1.0])
+    if offset is not None:
+        scale[:3, 3] = [float(o) for o in offset]
+    return scale
+
+
+def refined_header(like: NiftiVolume, shape: Sequence[int],
+                   offset: Sequence[float] | None = None) -> tuple[nib.Nifti1Header, tuple[int, ...]]:
     """``like``'s header for a finer grid of ``shape`` covering the same field: ``(header, file shape)``.
 
-    Voxel ``x`` of the fine grid sits at coarse voxel coordinate ``x * M / N`` (the
-    degradation's sampling convention: coarse voxel ``i`` is fine voxel ``i * N / M``), so
-    qform and sform are each right-multiplied by ``diag(M / N, 1)``: voxel sizes shrink by
-    ``N / M``, fine voxel 0 stays at coarse voxel 0's centre, and both codes are kept.
-    Trailing dimensions of size 1 (a ``(X, Y, Z, 1)`` file) are kept.
+    Voxel ``x`` of the fine grid sits at coarse voxel coordinate ``x * M / N + offset``
+    (:func:`refined_grid`), so qform and sform are each right-multiplied by that map: voxel
+    sizes shrink by ``N / M`` and both codes are kept. ``offset=None`` (the coarse-matrix
+    path, the k-space degradation's sampling: coarse voxel ``i`` is fine voxel ``i * N / M``):
+    fine voxel 0 stays at coarse voxel 0's centre. A thick-slice scan's subdivision passes
+    ``-(f - 1) / (2 f)`` on the thick axis (``inference/thick.py``): each slice's ``f`` fine
+    voxels are centred on it. Trailing dimensions of size 1 (a ``(X, Y, Z, 1)`` file) are kept.
     """
-    coarse = like.data.shape
-    scale = np.diag([m / n for m, n in zip(coarse, shape)] + [1.0])
+    scale = refined_grid(like.data.shape, shape, offset)
     header = like.image.header.copy()
     qform, qcode = header.get_qform(), int(header["qform_code"])
     sform, scode = header.get_sform(), int(header["sform_code"])
@@ -177,17 +188,19 @@ def write_refined(
     *,
     overwrite: bool = False,
     description: str | None = "mdcsrn-lightning SR",
+    offset: Sequence[float] | None = None,
 ) -> Path:
-    """Write ``data`` (a finer grid than ``like``'s, same field of view) with :func:`refined_header`."""
+    """Write ``data`` (a finer grid than ``like``'s, same field of view) with :func:`refined_header`
+    (``offset``: the coarse voxel coordinate of fine voxel 0, see there)."""
     output = check_output_path(output, overwrite=overwrite, protect=(like.path,))
     arr = np.asarray(data)
     if arr.ndim != 3:
         raise NiftiError(f"{output}: data must be 3D, got shape {arr.shape}")
     if isinstance(like.image, _IMAGE_TYPES):
-        header, file_shape = refined_header(like, arr.shape)
+        header, file_shape = refined_header(like, arr.shape, offset)
     else:  # MGH / Analyze: _write derives the NIfTI affine from the shapes
         header, file_shape = None, tuple(int(n) for n in arr.shape) + tuple(like.shape[3:])
-    return _write(output, arr, like, header, file_shape, overwrite=overwrite, description=description)
+    return _write(output, arr, like, header, file_shape, overwrite=overwrite, description=description, offset=offset)
 
 
 def _write(
@@ -199,6 +212,7 @@ def _write(
     *,
     overwrite: bool,
     description: str | None,
+    offset: Sequence[float] | None = None,
 ) -> Path:
     if not np.isfinite(arr).all():
         raise NiftiError(f"{output}: result contains NaN or Inf; nothing written")
@@ -215,7 +229,7 @@ def _write(
         # unchanged (passing an affine would re-derive them).
         image = type(like.image)(values, None, header)
     else:  # MGH / Analyze input: a NIfTI with its affine and voxel sizes (refined if finer)
-        scale = np.diag([m / n for m, n in zip(like.data.shape, file_shape[:3])] + [1.0])
+        scale = refined_grid(like.data.shape, file_shape, offset)
         image = nib.Nifti1Image(values, like.affine @ scale)
         zooms = tuple(z * scale[i, i] for i, z in enumerate(like.voxel_sizes))
         image.header.set_zooms(zooms + tuple(image.header.get_zooms()[3:]))

@@ -37,6 +37,7 @@ from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
+from mdcsrn_lightning.inference.thick import ThickPlan, describe_scan, plan_thick, thick_axis
 
 __all__ = [
     "MEMORY_BUDGET",
@@ -85,6 +86,9 @@ class FileSettings:
     from the coarse grid; ``upsample``: the input is on a coarse matrix with these factors,
     brought to the fine grid (``upsample_shape``, default ``M * f``) and written there;
     ``rule``: the checkpoint's input scale rule (``"none"``: raw intensities).
+    ``auto``: ``upsample=auto`` was asked, by ``checkpoint`` (named when a scan does not fit
+    it); ``thick_axis``: the network's thick axis when that checkpoint was trained on thick
+    slices (each input is then a thick-slice scan, ``inference/thick.py``).
     """
 
     degrade: bool = False
@@ -95,6 +99,9 @@ class FileSettings:
     data_consistency: bool = False
     overwrite: bool = False
     rule: InputScaleRule = "lr_p99.9"
+    auto: bool = False
+    checkpoint: str = ""
+    thick_axis: int | None = None
 
 
 # ------------------------------------------------------------------------ inputs/outputs
@@ -140,6 +147,9 @@ def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_coll
 
 
 # ------------------------------------------------------------------------ request
+# a model with no recorded factors: resolve_upsample then only parses the value
+_NO_FACTORS = TrainedModel(path=Path("-"), net=None, net_config={})  # type: ignore[arg-type]
+
 def resolve_upsample(upsample: str | Sequence[float] | None, model: TrainedModel) -> tuple[float, float, float] | None:
     """The coarse-to-fine factors of ``upsample=`` (``None``: the input is on the fine grid).
 
@@ -193,10 +203,14 @@ def file_settings(
 ) -> FileSettings:
     """The request's :class:`FileSettings`, the checkpoint's records filling what is not given
     (see :func:`predict`); the input scale rule is set after the inputs are checked."""
-    ups = resolve_upsample(upsample, model)
+    thick = model.degradation == "slices"
+    auto = isinstance(upsample, str) and upsample.strip().lower() == "auto"
+    if thick:
+        _check_thick_request(model, upsample, auto, degrade, data_consistency)
+    ups = None if thick else resolve_upsample(upsample, model)
     if degrade and ups is not None:
         raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
-    if upsample_shape is not None and ups is None:
+    if upsample_shape is not None and ups is None and not (thick and auto):
         raise InferenceError("upsample_shape: only with upsample=[...] or upsample=auto")
     interpolation = str(degrade_interpolation or model.interpolation) if degrade else model.interpolation
     return FileSettings(
@@ -207,7 +221,23 @@ def file_settings(
         upsample_shape=tuple(upsample_shape) if upsample_shape is not None else None,  # checked by fine_shape
         data_consistency=resolve_data_consistency(data_consistency, model),
         overwrite=bool(overwrite),
+        auto=auto,
+        checkpoint=str(model.path),
+        thick_axis=model.slice_axis if thick and auto else None,
     )
+
+
+def _check_thick_request(model: TrainedModel, upsample: str | Sequence[float] | None, auto: bool, degrade: bool,
+                         data_consistency: bool | str) -> None:
+    """What a checkpoint trained on thick slices refuses: explicit factors, ``degrade``, data consistency."""
+    where = f"{model.path}: trained on thick slices (degradation=slices)"
+    if upsample is not None and not auto and resolve_upsample(upsample, _NO_FACTORS) is not None:
+        raise InferenceError(f"{where}; use upsample=auto (the grid comes from the scan's voxel sizes), not "
+                             f"upsample={upsample}")
+    if degrade:
+        raise InferenceError(f"{where}; degrade=true makes a k-space LR, not thick slices")
+    if data_consistency is True:
+        raise InferenceError(f"{where}; data_consistency keeps a k-space band, not thick slices")
 
 
 def resolve_memory_budget(budget: int | None = None) -> int:
@@ -220,7 +250,31 @@ def resolve_memory_budget(budget: int | None = None) -> int:
     return max(0, int(budget))
 
 
-def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings) -> None:
+def _thick_plan(src: Path, shape: Sequence[int], voxel_sizes: Sequence[float],
+                settings: FileSettings) -> ThickPlan | None:
+    """The thick-slice plan of one input (``None`` unless the checkpoint was trained on thick
+    slices and ``upsample=auto``); a scan that does not fit the checkpoint is refused in one line."""
+    if not settings.auto:
+        return None
+    if settings.thick_axis is None:
+        if thick_axis(voxel_sizes) is not None:
+            raise InferenceError(f"{settings.checkpoint}: trained on a k-space coarse matrix (factors "
+                                 f"{list(settings.upsample or ())}), but {src} is a thick-slice scan "
+                                 f"({describe_scan(voxel_sizes)}); use a checkpoint trained with degradation=slices")
+        return None
+    if thick_axis(voxel_sizes) is None:
+        raise InferenceError(f"{settings.checkpoint}: trained on thick slices (degradation=slices), but {src} "
+                             f"is not a thick-slice scan ({describe_scan(voxel_sizes)})")
+    try:
+        return plan_thick(shape, voxel_sizes, settings.thick_axis, settings.upsample_shape)
+    except ValueError as exc:
+        raise InferenceError(f"{src}: {exc}") from None
+
+
+def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings,
+                      voxel_sizes: Sequence[float] | None = None) -> None:
+    if voxel_sizes is not None:
+        _thick_plan(src, shape, voxel_sizes, settings)
     if settings.upsample is not None:
         try:
             fine_shape(tuple(shape), settings.upsample, settings.upsample_shape)
@@ -234,7 +288,7 @@ def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple
     header = read_header(src, error=NiftiError)
     check_output_path(dst, overwrite=settings.overwrite, protect=protect)
     if header.image is not None:  # a DICOM series' shape is known once it is read
-        _check_fine_shape(src, header.shape[:3], settings)
+        _check_fine_shape(src, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
     return header
 
 
@@ -244,7 +298,7 @@ def _checked_data(header: VolumeHeader, settings: FileSettings, normalize: bool)
     check_not_constant(volume.data, str(header.path))
     if normalize:
         input_scale(volume.data, str(header.path))  # an all-zero or negative volume: fail now
-    _check_fine_shape(header.path, volume.data.shape, settings)
+    _check_fine_shape(header.path, volume.data.shape, settings, volume.voxel_sizes)
     return volume
 
 
@@ -274,17 +328,22 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
     src = volume.path
     check_output_path(output, overwrite=settings.overwrite, protect=(src,))
     start = time.perf_counter()
-    data, measured, band = _network_input(volume, settings)
+    plan = _thick_plan(src, volume.data.shape, volume.voxel_sizes, settings)
+    data, measured, band = _network_input(volume, settings, plan)
     try:
         scale = input_scale(data, str(src)) if settings.rule != "none" else 1.0
     except ValueError as exc:
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
-    sr = predict_volume(inferer, data, scale=scale)
-    if settings.data_consistency:
-        sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
-    write = write_refined if settings.upsample is not None else write_like
-    written = write(output, sr, volume, overwrite=settings.overwrite)
+    if plan is not None:  # the thick axis where the network had it in training, and back
+        sr = plan.from_model(predict_volume(inferer, plan.to_model(data), scale=scale))
+        written = write_refined(output, sr, volume, overwrite=settings.overwrite, offset=plan.offset())
+    else:
+        sr = predict_volume(inferer, data, scale=scale)
+        if settings.data_consistency:
+            sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
+        write = write_refined if settings.upsample is not None else write_like
+        written = write(output, sr, volume, overwrite=settings.overwrite)
     return Prediction(
         input=str(src),
         output=str(written),
@@ -292,17 +351,21 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         scale=scale,
         seconds=time.perf_counter() - start,
         degraded=settings.degrade,
-        upsampled=list(band) if settings.upsample is not None else None,
+        upsampled=list(band) if settings.upsample is not None or plan is not None else None,
         data_consistency=settings.data_consistency,
     )
 
 
-def _network_input(volume: LoadedVolume, settings: FileSettings) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """``(network input on the fine grid, measured data for data consistency, band factors)``."""
+def _network_input(volume: LoadedVolume, settings: FileSettings,
+                   plan: ThickPlan | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """``(network input on the fine grid, measured data for data consistency, band factors)``;
+    a thick-slice scan (``plan``) is subdivided along its thick axis, in the scan's axis order."""
     data = measured = volume.data
     band = [float(f) for f in settings.factors]
     try:
-        if settings.degrade:
+        if plan is not None:
+            data, band = plan.fine_input(volume.data, settings.interpolation), plan.factors  # type: ignore[arg-type]
+        elif settings.degrade:
             data = measured = _degrade(volume.data, factors=band, interpolation=settings.interpolation)  # type: ignore[arg-type]
         elif settings.upsample is not None:
             band = [float(f) for f in settings.upsample]

@@ -22,11 +22,15 @@ def write_test_results(
     """Write ``metrics.json`` (model and baselines, mean +- std over test subjects), print a table,
     and hand the results to the dashboards among ``loggers`` (:func:`log_test_results`)."""
     per_method: dict[str, list[dict[str, float]]] = {"model": list(module.test_rows)}
+    slices = getattr(datamodule, "slices", None)
+    # the baselines re-degrade the HR in k-space: not the input of a thick-slice run
+    # (its interpolation baselines: scripts/thick_slice_baselines.py)
+    baselines = [] if slices is not None else list(cfg.get("baselines", []))
     for batch in datamodule.test_dataloader():
         for i in range(batch["hr"][tio.DATA].shape[0]):
             hr = batch["hr"][tio.DATA][i, 0].numpy()
             scores = interpolation_scores(
-                hr, cfg.data.factors, list(cfg.get("baselines", [])), module.metric_axis, module.metric_scale(batch, i)
+                hr, cfg.data.factors, baselines, module.metric_axis, module.metric_scale(batch, i)
             )
             for name, row in scores.items():
                 per_method.setdefault(name, []).append(row)
@@ -41,7 +45,9 @@ def write_test_results(
         "checkpoint": checkpoint,
         "panel": str(module.panel_dir() / "test.png"),
         "model_config": module.net_config,
-        "factors": list(cfg.data.factors),
+        "factors": list(getattr(datamodule, "factors", cfg.data.factors)),
+        "degradation": "slices" if slices is not None else "kspace",
+        "slices": slices.record() if slices is not None else None,
         "input_interpolation": cfg.data.get("interpolation"),
     }
     path = output_dir / "metrics.json"

@@ -1,0 +1,118 @@
+"""Interpolation baselines for thick-slice scans: what a thick-slice model must beat.
+
+For each volume, slice thickness (mm) and axis: boxcar thick slices (``data/slices.py``;
+thickness = mm / voxel size, spacing = that rounded half up, in fine voxels) -> back to the
+fine grid by nearest, linear, cubic B-spline (:func:`~mdcsrn_lightning.data.slices.slices_to_fine`)
+and sinc (FFT zero-padding, :func:`sinc_to_fine`) -> PSNR / SSIM against the HR
+(``evaluation/metrics.py``: HR's 99.9th percentile, foreground slices), over the fine grid the
+slices cover (``n * spacing`` voxels along the axis), in slices across an in-plane axis (each
+slice holds the thick axis, where thick slices show).
+
+    python scripts/thick_slice_baselines.py s1 anatomical --mm 3 4 5 --json out.json
+
+``s1``: pycortex S1 (``mdcsrn-data path s1``); ``anatomical``: nibabel's test
+``anatomical.nii``; any other argument is a volume file. A developer's measurement (its
+results: README / docs/inference.md), not part of the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+from mdcsrn_lightning.data import slices
+from mdcsrn_lightning.data.fetch import data_path
+from mdcsrn_lightning.data.volume_io import load_volume
+from mdcsrn_lightning.evaluation.metrics import slice_metrics
+
+__all__ = ["baselines", "sinc_to_fine"]
+
+METHODS = ("nearest", "linear", "cubic", "sinc")
+
+
+def sinc_to_fine(coarse: np.ndarray, spacing: int, axis: int) -> np.ndarray:
+    """``n`` slice samples -> ``n * spacing`` fine voxels by FFT zero-padding (periodic sinc), float32.
+
+    The padded inverse FFT samples slice coordinate ``j / s``; a phase ramp shifts it by
+    ``(s - 1) / 2`` fine voxels, so fine voxel ``x`` is read at ``(x - (s - 1) / 2) / s`` like
+    :func:`~mdcsrn_lightning.data.slices.slices_to_fine`. An even ``n``'s Nyquist bin is split
+    between ``+n/2`` and ``-n/2``.
+    """
+    arr = np.moveaxis(np.asarray(coarse, dtype=np.float64), axis, 0)
+    n, s = arr.shape[0], int(spacing)
+    size = n * s
+    spectrum = scipy.fft.fft(arr, axis=0) * s  # ifft divides by n * s, fft summed n points
+    padded = np.zeros((size,) + arr.shape[1:], dtype=np.complex128)
+    freqs = np.round(scipy.fft.fftfreq(n, d=1.0 / n)).astype(int)
+    for i, f in enumerate(freqs):
+        if n % 2 == 0 and abs(f) == n // 2 and s > 1:
+            padded[f % size] += spectrum[i] / 2
+            padded[-f % size] += spectrum[i] / 2
+        else:
+            padded[f % size] += spectrum[i]
+    shift = (s - 1) / 2.0
+    ramp = np.exp(-2j * np.pi * scipy.fft.fftfreq(size) * shift)
+    out = scipy.fft.ifft(padded * ramp.reshape((size,) + (1,) * (arr.ndim - 1)), axis=0).real
+    return np.moveaxis(out, 0, axis).astype(np.float32)
+
+
+def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    if name == "s1":
+        name = str(data_path("s1"))
+    elif name == "anatomical":
+        import nibabel
+
+        name = str(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii")
+    vol = load_volume(name)
+    return np.asarray(vol.data, dtype=np.float32), tuple(float(v) for v in vol.voxel_sizes)
+
+
+def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int) -> dict[str, Any]:
+    """PSNR / SSIM of each interpolation for ``mm`` slices along ``axis``."""
+    thickness = mm / voxel_sizes[axis]
+    spacing = max(1, math.floor(thickness + 0.5))
+    coarse = slices.thick_slices(hr, thickness, spacing, axis, "boxcar")
+    size = coarse.shape[axis] * spacing
+    ref = np.take(hr, range(size), axis=axis)
+    metric_axis = min(a for a in range(3) if a != axis)
+    row: dict[str, Any] = {"mm": mm, "axis": axis, "thickness_vox": thickness, "spacing_vox": spacing}
+    for method in METHODS:
+        if method == "sinc":
+            fine = sinc_to_fine(coarse, spacing, axis)
+        else:
+            fine = slices.slices_to_fine(coarse, spacing, axis, method)  # type: ignore[arg-type]
+        m = slice_metrics(fine, ref, axis=metric_axis)
+        row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("volumes", nargs="+")
+    parser.add_argument("--mm", type=float, nargs="+", default=[3.0, 4.0, 5.0])
+    parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    for name in args.volumes:
+        hr, sizes = _volume(name)
+        for mm in args.mm:
+            for axis in args.axes:
+                start = time.perf_counter()
+                row = {"volume": name, **baselines(hr, sizes, mm, axis)}
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
