@@ -19,7 +19,7 @@ from mdcsrn_lightning.inference.options import InferenceOptions
 
 from .test_inference import ANATOMICAL, GEOMETRY_FIELDS, run_cli, write_tiny_checkpoint
 
-OPTIONS = dict(patch_size=16, margin=2, device="cpu")
+OPTIONS = {"patch_size": 16, "margin": 2, "device": "cpu"}
 
 
 def _pointwise() -> nn.Module:

@@ -23,7 +23,11 @@ from mdcsrn_lightning import __version__
 from mdcsrn_lightning.atomic import atomic_path, publish_new
 from mdcsrn_lightning.checkpoints import TrainedModel
 from mdcsrn_lightning.data.volume_io import LoadedVolume
-from mdcsrn_lightning.data.volume_write import NIFTI_SUFFIXES, NiftiError, check_writable
+from mdcsrn_lightning.data.volume_write import (
+    NIFTI_SUFFIXES,
+    NiftiError,
+    check_writable,
+)
 
 __all__ = ["check_distinct", "check_side_path", "file_record", "file_sha256", "json_safe", "request_record",
            "sidecar_path", "std_path", "write_json_file", "write_output_set"]
