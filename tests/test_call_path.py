@@ -59,7 +59,9 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 
 
 @pytest.mark.parametrize("strategy", [["patches.size=16"], ["stream=true", "engine=torch", "slab=4"],
-                                      ["stream=true", "engine=openvino", "slab=4"], ["engine=openvino", "patches.size=16"]])
+                                      ["stream=true", "engine=openvino", "slab=4"], ["engine=openvino", "patches.size=16"],
+                                      ["patches.size=16", "uncertainty=true", "data_consistency=true"],
+                                      ["stream=true", "engine=torch", "slab=4", "uncertainty=true"]])
 def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
     bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",
@@ -67,7 +69,21 @@ def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypat
     assert not bad, sorted(bad)[:3]
     # the path the README describes
     for f in ("cli/infer.py", "inference/files.py", "checkpoints.py", "inference/build.py", "inference/base.py",
-              "data/volume_write.py", "data/volume_io.py"):
+              "data/volume_write.py", "data/volume_io.py", "inference/sidecars.py"):
         assert f in seen, f
     assert ("inference/streaming.py" in seen) == ("engine=torch" in strategy)
+    assert ("inference/ensemble.py" in seen) == ("uncertainty=true" in strategy)
     assert ("inference/block_stream.py" in seen) == ("stream=true" in strategy and "engine=openvino" in strategy)
+
+
+def test_infer_bids_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys) -> None:
+    import nibabel as nib
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
+    src = tmp_path / "raw" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    src.parent.mkdir(parents=True)
+    nib.save(nib.load(str(ANATOMICAL)), str(src))
+    bad, seen = _reentries(f"input={src}", f"output={tmp_path / 'sr'}", f"ckpt={ckpt}", "bids=true", "progress=false",
+                           "device=cpu", "patches.size=16", monkeypatch=monkeypatch, capsys=capsys)
+    assert not bad, sorted(bad)[:3]
+    assert {"inference/bids.py", "inference/sidecars.py"} <= seen

@@ -266,11 +266,11 @@ def test_infer_folder_and_glob(tmp_path: Path, monkeypatch, capsys) -> None:
         nib.save(img, str(src / name))
     code, stdout, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={tmp_path / 'out'}", f"ckpt={ckpt}")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s1.nii.gz", "s2.nii"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s1.json", "s1.nii.gz", "s2.json", "s2.nii"]
     _same_header(src / "s2.nii", tmp_path / "out" / "s2.nii")
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f'input="{src}/*.nii.gz"', f"output={tmp_path / 'g'}", f"ckpt={ckpt}")
     assert code == 0, err
-    assert [p.name for p in (tmp_path / "g").iterdir()] == ["s1.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["s1.json", "s1.nii.gz"]  # + its provenance
     # Output folder == input folder: the inputs would be replaced; refused, nothing touched.
     before = (src / "s1.nii.gz").read_bytes()
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={src}", f"ckpt={ckpt}", "overwrite=true")

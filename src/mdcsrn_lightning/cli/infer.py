@@ -6,6 +6,10 @@ out; the last stdout line is JSON.
     mdcsrn-infer input=scans/ output=sr/ ckpt=model.ckpt overwrite=true
     mdcsrn-infer input=hr.nii.gz output=sr.nii.gz ckpt=model.ckpt degrade=true
     mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true
+    mdcsrn-infer input=scan.nii.gz output=sr.nii.gz uncertainty=true    # + sr_std.nii.gz
+    mdcsrn-infer input=bids/sub-01/anat/sub-01_T1w.nii.gz output=derivatives/sr bids=true
+
+Every output gets its provenance record beside it (``sr.json``).
 
 A bad request prints one line ``mdcsrn-infer: error: <file>: <problem>`` on stderr, exits
 with status 2 and writes nothing. A write that fails late (disk full) is one such line too;
@@ -87,7 +91,16 @@ def inference_options(cfg: DictConfig) -> InferenceOptions:
         engine=str(cfg.get("engine", "torch")),  # type: ignore[arg-type]
         stream=bool(cfg.get("stream", False)),
         slab=_slab(cfg.get("slab")),
+        uncertainty=_flag(cfg, "uncertainty"),
     )
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A boolean key (``true``/``false``); anything else is one line."""
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise InferenceError(f"{key}: true or false, got {value!r}")
+    return value
 
 
 def infer(cfg: DictConfig) -> dict[str, Any]:
@@ -108,6 +121,7 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         upsample_shape=_numbers(cfg.get("upsample_shape")),
         data_consistency=_consistency(cfg.get("data_consistency", "auto")),
         overwrite=bool(cfg.overwrite),
+        bids=_flag(cfg, "bids"),
     )
     results: list[Prediction] = []
     for result in predictions:  # one file written per step
@@ -115,6 +129,8 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         results.append(result)
     return {
         "outputs": [r.output for r in results],
+        "std": [r.std for r in results if r.std is not None],
+        "provenance": [r.sidecar for r in results if r.sidecar is not None],
         "inputs": [r.input for r in results],
         "checkpoint": results[0].extra.get("checkpoint") if results else None,
         "seconds": time.perf_counter() - start,

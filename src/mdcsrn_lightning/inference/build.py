@@ -14,6 +14,7 @@ from mdcsrn_lightning.inference import engines
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
 from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
+from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 
 __all__ = ["build_inferer"]
 
@@ -31,6 +32,8 @@ def build_inferer(
     (:class:`~.patches.PatchInferer`, the network or an engine built from it once) or, with
     ``stream=true``, the exact whole-volume pass (eager slab streaming: any device;
     OpenVINO block streaming: CPU; ``auto``: OpenVINO where installed, else eager).
+    ``uncertainty=true`` wraps that inferer in :class:`~.ensemble.EnsembleInferer` (the mean
+    over the symmetries of the degraded plane, axes (0, 1), and its standard deviation).
 
     Built once per model: engines are exported and compiled here, not per volume.
 
@@ -40,9 +43,12 @@ def build_inferer(
     """
     options = options or InferenceOptions()
     device = resolve_device(options.device)
+    inferer: Inferer
     if options.stream:
-        return ExactInferer(_exact_runner(net, options, device, log), progress=options.progress)
-    return PatchInferer(_patch_runner(net, options, device), options)
+        inferer = ExactInferer(_exact_runner(net, options, device, log), progress=options.progress)
+    else:
+        inferer = PatchInferer(_patch_runner(net, options, device), options)
+    return EnsembleInferer(inferer) if options.uncertainty else inferer
 
 
 def _patch_runner(net: nn.Module, options: InferenceOptions, device: torch.device) -> nn.Module | Callable:

@@ -7,9 +7,10 @@ bounded memory, nothing written on a bad input): ``docs/inference.md`` ("Files")
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +33,24 @@ from mdcsrn_lightning.data.volume_io import (
     read_header,
     volume_stem,
 )
-from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume
+from mdcsrn_lightning import __version__
+from mdcsrn_lightning.inference import bids as _bids
+from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
 from mdcsrn_lightning.inference.thick import ThickPlan, describe_scan, plan_thick, thick_axis
+from mdcsrn_lightning.inference.sidecars import (
+    check_distinct,
+    check_side_path,
+    file_record,
+    request_record,
+    sidecar_path,
+    std_path,
+    write_json_file,
+    write_output_set,
+)
 
 __all__ = [
     "MEMORY_BUDGET",
@@ -69,6 +82,8 @@ class Prediction:
     degraded: bool = False
     upsampled: list[float] | None = None
     data_consistency: bool = False
+    std: str | None = None
+    sidecar: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,7 +100,9 @@ class FileSettings:
     fine-grid input; ``interpolation``: how the network's fine-grid input is (or was) made
     from the coarse grid; ``upsample``: the input is on a coarse matrix with these factors,
     brought to the fine grid (``upsample_shape``, default ``M * f``) and written there;
-    ``rule``: the checkpoint's input scale rule (``"none"``: raw intensities).
+    ``rule``: the checkpoint's input scale rule (``"none"``: raw intensities);
+    ``uncertainty``: a standard-deviation map ``<out>_std.nii.gz`` is written beside each output
+    (:func:`~.sidecars.std_path`); ``provenance``: ``<out>.json`` is written beside each output.
     ``auto``: ``upsample=auto`` was asked, by ``checkpoint`` (named when a scan does not fit
     it); ``thick_axis``: the network's thick axis when that checkpoint was trained on thick
     slices (each input is then a thick-slice scan, ``inference/thick.py``).
@@ -102,6 +119,8 @@ class FileSettings:
     auto: bool = False
     checkpoint: str = ""
     thick_axis: int | None = None
+    uncertainty: bool = False
+    provenance: bool = False
 
 
 # ------------------------------------------------------------------------ inputs/outputs
@@ -287,6 +306,10 @@ def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple
     size, voxel sizes, the upsampled shape), and ``dst``."""
     header = read_header(src, error=NiftiError)
     check_output_path(dst, overwrite=settings.overwrite, protect=protect)
+    if settings.uncertainty:
+        check_output_path(std_path(dst), overwrite=settings.overwrite, protect=protect)
+    if settings.provenance:
+        check_side_path(sidecar_path(dst), overwrite=settings.overwrite, protect=protect)
     if header.image is not None:  # a DICOM series' shape is known once it is read
         _check_fine_shape(src, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
     return header
@@ -321,9 +344,12 @@ def _checked_inputs(headers: Sequence[VolumeHeader], settings: FileSettings, nor
 
 # ------------------------------------------------------------------------ files
 def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: Inferer,
-                 settings: FileSettings | None = None) -> Prediction:
+                 settings: FileSettings | None = None, record: dict[str, Any] | None = None) -> Prediction:
     """Super-resolve one read volume into ``output`` (see the module docstring); nothing is
-    written if anything fails."""
+    written if anything fails. With ``settings.uncertainty`` the inferer's standard deviation
+    (times the same intensity scale; data consistency changes the mean only) is written to
+    :func:`~.sidecars.std_path`; with ``settings.provenance``, ``record`` (the request's
+    :func:`~.sidecars.request_record`) plus this file's paths and seconds to ``<out>.json``."""
     settings = settings or FileSettings()
     src = volume.path
     check_output_path(output, overwrite=settings.overwrite, protect=(src,))
@@ -335,24 +361,31 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
     except ValueError as exc:
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
+    sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
+    write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
     if plan is not None:  # the thick axis where the network had it in training, and back
-        sr = plan.from_model(predict_volume(inferer, plan.to_model(data), scale=scale))
-        written = write_refined(output, sr, volume, overwrite=settings.overwrite, offset=plan.offset())
-    else:
-        sr = predict_volume(inferer, data, scale=scale)
-        if settings.data_consistency:
-            sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
-        write = write_refined if settings.upsample is not None else write_like
-        written = write(output, sr, volume, overwrite=settings.overwrite)
+        sr, std = plan.from_model(sr), None if std is None else plan.from_model(std)
+        write = functools.partial(write_refined, offset=plan.offset())
+    elif settings.data_consistency:
+        sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
+    if settings.uncertainty and std is None:
+        raise InferenceError(f"{inferer.name}: uncertainty=true needs an inferer that reports a spread")
+    seconds = time.perf_counter() - start
+    if record is not None:
+        record = file_record(record, src, Path(output), settings.uncertainty, seconds) if settings.provenance else None
+    written = write_output_set(write, Path(output), sr, std if settings.uncertainty else None, volume, record,
+                               overwrite=settings.overwrite)
     return Prediction(
         input=str(src),
-        output=str(written),
+        output=str(written[0]),
         shape=tuple(sr.shape),
         scale=scale,
         seconds=time.perf_counter() - start,
         degraded=settings.degrade,
         upsampled=list(band) if settings.upsample is not None or plan is not None else None,
         data_consistency=settings.data_consistency,
+        std=str(std_path(output)) if settings.uncertainty else None,
+        sidecar=str(sidecar_path(output)) if record is not None else None,
     )
 
 
@@ -393,6 +426,8 @@ def predict(
     data_consistency: bool | Literal["auto"] = False,
     overwrite: bool = False,
     memory_budget: int | None = None,
+    bids: bool = False,
+    provenance: bool = True,
 ) -> Iterator[Prediction]:
     """Super-resolve a volume file or DICOM series folder, a folder of them or a glob into ``output``
     (inputs: :func:`collect_inputs`).
@@ -400,7 +435,10 @@ def predict(
     ``factors=None``: the checkpoint's training factors, else ``(2, 2, 1)``.
     ``degrade_interpolation=None``: the checkpoint's interpolation (if recorded, else
     ``linear``), which ``upsample`` always uses. ``upsample``: :func:`resolve_upsample`;
-    ``data_consistency``: :func:`resolve_data_consistency`.
+    ``data_consistency``: :func:`resolve_data_consistency`. ``options.uncertainty``: a
+    standard-deviation map beside each output (:func:`~.sidecars.std_path`). ``provenance``:
+    ``<out>.json`` beside each output (:func:`~.sidecars.request_record`). ``bids=True``:
+    ``output`` is a BIDS derivative folder (:mod:`.bids`; non-BIDS input names are refused).
 
     Checks first, writes after: the checkpoint is read, the options are checked against
     it, then every input's header (readable, 3D, size, voxel sizes) and every output path
@@ -424,8 +462,13 @@ def predict(
     settings = file_settings(model, degrade=degrade, factors=factors, degrade_interpolation=degrade_interpolation,
                              upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
                              overwrite=overwrite)
+    settings = replace(settings, uncertainty=options.uncertainty, provenance=bool(provenance))
     inputs, is_collection = collect_inputs(input)
-    outputs = plan_outputs(inputs, output, is_collection)
+    outputs = _bids.plan_bids_outputs(inputs, output) if bids else plan_outputs(inputs, output, is_collection)
+    check_distinct(outputs, std=settings.uncertainty, sidecar=settings.provenance)
+    description = _bids.description_path(output) if bids else None
+    if description is not None and not description.exists():
+        check_side_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
     headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]
     held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
@@ -436,15 +479,22 @@ def predict(
     except ValueError as exc:
         raise InferenceError(str(exc)) from None
     inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
-    return _predictions(model, headers, held, outputs, inferer, settings, normalize)
+    record = request_record(model, asdict(settings), asdict(options), inferer.name) if settings.provenance else None
+    return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description)
 
 
 def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[LoadedVolume | None],
-                 outputs: list[Path], inferer: Inferer, settings: FileSettings, normalize: bool) -> Iterator[Prediction]:
+                 outputs: list[Path], inferer: Inferer, settings: FileSettings, normalize: bool,
+                 record: dict[str, Any] | None, description: Path | None) -> Iterator[Prediction]:
+    if description is not None and not description.exists():  # the BIDS derivative's description, first
+        try:
+            write_json_file(description, _bids.dataset_description(__version__), overwrite=False)
+        except NiftiError:  # another run wrote it meanwhile: theirs is as good
+            pass
     for i, (header, dst) in enumerate(zip(headers, outputs)):
         volume = held[i] if held[i] is not None else _checked_data(header, settings, normalize)
         held[i] = None  # freed once written
-        result = predict_file(volume, dst, inferer, settings)
+        result = predict_file(volume, dst, inferer, settings, record)
         del volume
         result.extra["checkpoint"] = str(model.path)
         yield result

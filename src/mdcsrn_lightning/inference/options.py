@@ -31,7 +31,9 @@ class InferenceOptions:
     ``batch_size``, ``bn_mode`` (``train``: batch statistics, torch only), ``precision``
     (``32`` or ``bf16``). ``device``: ``auto``, ``cpu``, ``cuda:1``... ``engine``: what runs
     the network. ``stream=True``: the exact whole-volume pass instead of patches, ``slab``
-    slices at a time (``None``: 16).
+    slices at a time (``None``: 16). ``uncertainty=True``: the chosen inferer is run over the
+    symmetries of the degraded plane and averaged (:class:`~.ensemble.EnsembleInferer`: 8
+    passes, 4 on a non-square plane), with the per-voxel standard deviation beside the mean.
     """
 
     patch_size: int | Sequence[int] | str | None = 70
@@ -45,6 +47,7 @@ class InferenceOptions:
     engine: EngineName = "torch"
     stream: bool = False
     slab: int | None = None
+    uncertainty: bool = False
 
     def __post_init__(self) -> None:
         if self.patch_size is None:  # `patches.size: null` in the configs
@@ -59,7 +62,9 @@ class InferenceOptions:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.slab is not None and (isinstance(self.slab, bool) or not isinstance(self.slab, int) or self.slab < 1):
             raise ValueError(f"slab: an integer >= 1 or None, got {self.slab!r}")
+        if not isinstance(self.uncertainty, bool):
+            raise ValueError(f"uncertainty: true or false, got {self.uncertainty!r}")
 
     def kwargs(self) -> dict[str, Any]:
         """The patch pass's own fields (for records such as ``mdcsrn-eval``'s settings)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("engine", "stream", "slab")}
+        return {k: v for k, v in asdict(self).items() if k not in ("engine", "stream", "slab", "uncertainty")}
