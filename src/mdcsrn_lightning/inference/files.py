@@ -35,6 +35,7 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
+from mdcsrn_lightning.inference.adapt import check_patch_fits, pair_factors, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
@@ -362,6 +363,9 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
+    adaptation = getattr(inferer, "adaptation", None)  # adapt=true: what the fine-tuning did
+    if record is not None and adaptation is not None:
+        record = {**record, "adapt": adaptation.record()}
     write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
     if plan is not None:  # the thick axis where the network had it in training, and back
         sr, std = plan.from_model(sr), None if std is None else plan.from_model(std)
@@ -386,6 +390,7 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         data_consistency=settings.data_consistency,
         std=str(std_path(output)) if settings.uncertainty else None,
         sidecar=str(sidecar_path(output)) if record is not None else None,
+        extra={"adapt": adaptation.record()} if adaptation is not None else {},
     )
 
 
@@ -470,7 +475,9 @@ def predict(
     if description is not None and not description.exists():
         check_side_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
+    options = _with_adapt(options, model, settings, inputs, outputs)
     headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]
+    _check_adapt_shapes(headers, settings, options)
     held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
     for folder in {dst.parent for dst in outputs}:
         remove_stale_temps(folder)  # left by a killed run
@@ -480,12 +487,50 @@ def predict(
         raise InferenceError(str(exc)) from None
     inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
     record = request_record(model, asdict(settings), asdict(options), inferer.name) if settings.provenance else None
-    return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description)
+    save = Path(options.adapt.save) if options.adapt is not None and options.adapt.save is not None else None
+    return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description, save)
+
+
+def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSettings,
+                inputs: Sequence[Path], outputs: Sequence[Path]) -> InferenceOptions:
+    """``options.adapt`` completed with the checkpoint's factors and interpolation (the scan's
+    own pairs are made as training made its input); what it cannot do is one line, now."""
+    adapt = options.adapt
+    if adapt is None:
+        return options
+    if model.degradation == "slices":
+        raise InferenceError(f"{model.path}: trained on thick slices; adapt=true needs a checkpoint trained in k-space")
+    adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
+    pair_factors(adapt.factors)
+    if adapt.save is not None:
+        if len(inputs) != 1:
+            raise InferenceError(f"adapt.save={adapt.save}: one input only (each scan gets its own adapted model)")
+        check_side_path(Path(adapt.save), overwrite=settings.overwrite, protect=tuple(inputs))
+        if Path(adapt.save).resolve() in {Path(o).resolve() for o in outputs}:
+            raise InferenceError(f"adapt.save={adapt.save}: is the output; give another file name")
+    return replace(options, adapt=adapt)
+
+
+def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings, options: InferenceOptions) -> None:
+    """Each network input (the fine grid) holds adapt's patch and held-out slab (DICOM: checked when run)."""
+    if options.adapt is None:
+        return
+    for header in headers:
+        if header.image is None:
+            continue
+        shape = tuple(header.shape[:3])
+        if settings.upsample is not None:
+            shape = fine_shape(shape, settings.upsample, settings.upsample_shape)
+        try:
+            check_patch_fits(shape, options.adapt)
+        except InferenceError as exc:
+            raise InferenceError(f"{header.path}: {exc}") from None
 
 
 def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[LoadedVolume | None],
                  outputs: list[Path], inferer: Inferer, settings: FileSettings, normalize: bool,
-                 record: dict[str, Any] | None, description: Path | None) -> Iterator[Prediction]:
+                 record: dict[str, Any] | None, description: Path | None,
+                 save: Path | None = None) -> Iterator[Prediction]:
     if description is not None and not description.exists():  # the BIDS derivative's description, first
         try:
             write_json_file(description, _bids.dataset_description(__version__), overwrite=False)
@@ -497,4 +542,17 @@ def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[Lo
         result = predict_file(volume, dst, inferer, settings, record)
         del volume
         result.extra["checkpoint"] = str(model.path)
+        if save is not None:
+            result.extra["adapted_checkpoint"] = str(_save_adapted(save, inferer, model, header.path, settings))
         yield result
+
+
+def _save_adapted(path: Path, inferer: Inferer, model: TrainedModel, src: Path, settings: FileSettings) -> Path:
+    """``adapt.save``: the model the scan was inferred with (adapted, or the unadapted one that
+    self-validation kept), in the training checkpoints' format, with what it was adapted to."""
+    adaptation, state = getattr(inferer, "adaptation"), getattr(inferer, "adapted_state")
+    state = state if state is not None else model.net.state_dict()
+    record = {"scan": str(Path(src).resolve()), "from": str(Path(model.path).resolve()),
+              "degrade": settings.degrade, **adaptation.record()}
+    check_side_path(path, overwrite=settings.overwrite, protect=(src,))
+    return save_adapted(path, state, model.net_config, model.data, record)
