@@ -13,14 +13,19 @@ from torch import nn
 from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference import adapt as adapt_mod
-from mdcsrn_lightning.inference.adapt import apply_permuted, fine_tune, pair_factors, self_pairs
+from mdcsrn_lightning.inference.adapt import (
+    apply_permuted,
+    fine_tune,
+    pair_factors,
+    self_pairs,
+)
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 
 from .test_inference import ANATOMICAL, run_cli, tiny_net, write_tiny_checkpoint
 
-FAST = dict(steps=4, minutes=None, patch=8, batch=2, validate_every=2, patience=2)
+FAST = {"steps": 4, "minutes": None, "patch": 8, "batch": 2, "validate_every": 2, "patience": 2}
 
 
 def _scan(shape=(20, 18, 14), seed=0) -> np.ndarray:
@@ -112,10 +117,10 @@ def test_adapting_inferer_with_unadapted_fallback_runs_the_plain_pass(monkeypatc
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(patch_size=16, adapt=AdaptOptions(**FAST, factors=(2, 2, 2))), "no axis at full resolution"),
-    (dict(stream=True, adapt=AdaptOptions(**FAST)), "stream=true"),
-    (dict(uncertainty=True, adapt=AdaptOptions(**FAST)), "uncertainty=true"),
-    (dict(engine="openvino", adapt=AdaptOptions(**FAST)), "engine=openvino"),
+    ({"patch_size": 16, "adapt": AdaptOptions(**FAST, factors=(2, 2, 2))}, "no axis at full resolution"),
+    ({"stream": True, "adapt": AdaptOptions(**FAST)}, "stream=true"),
+    ({"uncertainty": True, "adapt": AdaptOptions(**FAST)}, "uncertainty=true"),
+    ({"engine": "openvino", "adapt": AdaptOptions(**FAST)}, "engine=openvino"),
 ])
 def test_build_refuses_in_one_line(options, match) -> None:
     with pytest.raises(InferenceError, match=match) as info:
@@ -131,7 +136,7 @@ def test_a_scan_too_small_for_the_patch_is_refused_in_one_line() -> None:
         inferer(_scan((18, 18, 18)))
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(holdout=1.0), dict(order="02"), dict(minutes=0)])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": -1.0}, {"holdout": 1.0}, {"order": "02"}, {"minutes": 0}])
 def test_adapt_options_are_checked(bad) -> None:
     with pytest.raises(ValueError, match="adapt."):
         AdaptOptions(**bad)

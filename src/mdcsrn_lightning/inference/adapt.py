@@ -31,8 +31,17 @@ from mdcsrn_lightning.data.degradation import degrade
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.options import AdaptOptions
 
-__all__ = ["AdaptingInferer", "Adaptation", "apply_permuted", "fine_tune", "pair_factors", "save_adapted",
-           "self_pairs", "self_validate"]
+__all__ = [
+    "Adaptation",
+    "AdaptingInferer",
+    "apply_permuted",
+    "check_patch_fits",
+    "fine_tune",
+    "pair_factors",
+    "save_adapted",
+    "self_pairs",
+    "self_validate",
+]
 
 Apply = Callable[[np.ndarray], np.ndarray]
 
@@ -70,7 +79,7 @@ def check_patch_fits(shape: Sequence[int], options: AdaptOptions) -> int:
     if small:
         raise InferenceError(f"adapt=true: the scan {list(shape)} is smaller than adapt.patch={options.patch} "
                              f"along axis {small[0]}; give a smaller patch")
-    held = max(1, int(round(options.holdout * shape[0])))
+    held = max(1, round(options.holdout * shape[0]))
     if shape[0] - held < options.patch:
         raise InferenceError(f"adapt=true: axis 0 of the scan {list(shape)} holds no {options.patch}-voxel patch "
                              f"beside the held-out slab of {held} (adapt.holdout={options.holdout}); give a smaller "

@@ -35,7 +35,7 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
-from mdcsrn_lightning.inference.adapt import check_patch_fits, pair_factors, save_adapted
+from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
@@ -363,7 +363,7 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
-    adaptation = getattr(inferer, "adaptation", None)  # adapt=true: what the fine-tuning did
+    adaptation = inferer.adaptation if isinstance(inferer, AdaptingInferer) else None  # what adapt=true did
     if record is not None and adaptation is not None:
         record = {**record, "adapt": adaptation.record()}
     write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
@@ -550,7 +550,8 @@ def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[Lo
 def _save_adapted(path: Path, inferer: Inferer, model: TrainedModel, src: Path, settings: FileSettings) -> Path:
     """``adapt.save``: the model the scan was inferred with (adapted, or the unadapted one that
     self-validation kept), in the training checkpoints' format, with what it was adapted to."""
-    adaptation, state = getattr(inferer, "adaptation"), getattr(inferer, "adapted_state")
+    assert isinstance(inferer, AdaptingInferer) and inferer.adaptation is not None
+    adaptation, state = inferer.adaptation, inferer.adapted_state
     state = state if state is not None else model.net.state_dict()
     record = {"scan": str(Path(src).resolve()), "from": str(Path(model.path).resolve()),
               "degrade": settings.degrade, **adaptation.record()}

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 
 from mdcsrn_lightning.sizes import triple
 
-__all__ = ["ADAPT_ORDERS", "AdaptOptions", "BNMode", "EngineName", "InferenceOptions", "OverlapMode", "PRECISIONS"]
+__all__ = ["ADAPT_ORDERS", "PRECISIONS", "AdaptOptions", "BNMode", "EngineName", "InferenceOptions", "OverlapMode"]
 
 EngineName = Literal["torch", "compile", "onnxruntime", "openvino", "auto"]
 OverlapMode = Literal["crop", "average", "hann"]
