@@ -48,7 +48,7 @@ class AdaptOptions:
     holdout: float = 0.2
     validate_every: int = 20
     patience: int = 5
-    order: str = "01"
+    order: str = "average"
     save: str | None = None
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
