@@ -82,3 +82,13 @@ def test_a_model_trained_this_way_gets_the_same_input_from_a_coarse_scan_as_from
         outputs[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj, dtype=np.float32)
     assert outputs["upsample"].shape == outputs["degrade"].shape == hr.shape
     np.testing.assert_allclose(outputs["upsample"], outputs["degrade"], rtol=0, atol=1e-4 * float(np.abs(outputs["degrade"]).max()))
+
+
+def test_a_training_run_records_it_for_inference(train_cfg) -> None:
+    from mdcsrn_lightning.checkpoints import load_trained_model
+    from mdcsrn_lightning.cli.train import train
+
+    cfg = train_cfg("data.interpolation=zero_filled_magnitude", "trainer.max_epochs=1", "test=false")
+    train(cfg)
+    model = load_trained_model(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert model.interpolation == "zero_filled_magnitude"
