@@ -8,7 +8,8 @@ ensemble: mean and std), both followed by data consistency when the checkpoint r
 - the seconds of both, and their ratio;
 - Spearman's rank correlation of std vs |mean - HR|;
 - the mean |mean - HR| in the 5% highest-std voxels vs in the rest;
-- PSNR (peak: the HR's 99.9th percentile, over the foreground) of the single pass and the mean.
+- PSNR (peak: the HR's 99.9th percentile, over the foreground) of the degraded input (zero-filled),
+  the single pass and the mean.
 
     python scripts/uncertainty_eval.py --scan s1=$(mdcsrn-data path s1) --crop 128 \
         --scan anatomical=<nibabel>/tests/data/anatomical.nii --png docs/img/uncertainty.png
@@ -55,7 +56,7 @@ def run(model: TrainedModel, hr: np.ndarray, options: InferenceOptions) -> dict[
     factors = list(model.factors or (2, 2, 1))
     lr = degrade(hr, factors=factors, interpolation=model.interpolation)  # type: ignore[arg-type]
     scale = input_scale(lr)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"input": lr}
     for label, uncertainty in (("single", False), ("ensemble", True)):
         inferer = build_inferer(model.net, replace(options, uncertainty=uncertainty))
         start = time.perf_counter()
@@ -82,6 +83,7 @@ def figures(hr: np.ndarray, out: dict[str, Any]) -> dict[str, float]:
         "spearman_std_vs_error": round(float(spearmanr(s, err).statistic), 3),
         "error_top5pct_std": round(float(err[top].mean()) / peak, 4),
         "error_rest": round(float(err[~top].mean()) / peak, 4),
+        "psnr_input": round(psnr(out["input"], hr, mask, peak), 2),
         "psnr_single": round(psnr(single, hr, mask, peak), 2),
         "psnr_mean": round(psnr(mean, hr, mask, peak), 2),
     }

@@ -97,8 +97,11 @@ def test_wheel_installs_and_runs_without_the_repository(tmp_path: Path) -> None:
     out = nib.load(str(work / "out.nii.gz"))
     assert out.shape == (16, 16, 12) and np.allclose(out.affine, np.diag([1, 1, 1.5, 1]))
     assert np.isfinite(np.asarray(out.dataobj)).all()
-    # nothing but the two volumes in the working folder (no Hydra outputs, no configs needed)
-    assert sorted(p.name for p in work.iterdir()) == ["in.nii.gz", "out.nii.gz"]
+    # nothing but the two volumes and the output's provenance in the working folder (no Hydra
+    # outputs, no configs needed)
+    assert sorted(p.name for p in work.iterdir()) == ["in.nii.gz", "out.json", "out.nii.gz"]
+    record = json.loads((work / "out.json").read_text())
+    assert Path(record["checkpoint"]["path"]) == Path(summary["checkpoint"]).resolve()
 
     # MDCSRN_CONFIG_DIR still overrides the shipped configs
     mine = tmp_path / "my_conf"

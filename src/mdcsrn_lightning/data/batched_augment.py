@@ -109,7 +109,8 @@ def degrade_batch(hr: Tensor, factors: Sequence[float], interpolation: str) -> T
     k-space truncation of every volume (the central ``M = floor(N / f)`` of ``N`` frequencies
     per degraded axis, ``complex64`` FFTs on ``hr``'s device), magnitude, and back onto the
     grid: ``nearest``/``linear``/``cubic`` with degradation's own (periodic) interpolation
-    matrices, ``zero_filled`` by zero-padding k-space. Agrees with the numpy float64 original
+    matrices, ``zero_filled`` by zero-padding k-space, ``zero_filled_magnitude`` by zero-padding the coarse
+    magnitude image's spectrum. Agrees with the numpy float64 original
     to about ``1e-6`` of the intensity scale. Returns float32, ``>= 0``.
     """
     if hr.dim() != 5:
@@ -134,7 +135,22 @@ def degrade_batch(hr: Tensor, factors: Sequence[float], interpolation: str) -> T
     k = torch.fft.fftn(x, dim=[2 + ax for ax in axes])
     for ax in axes:
         k = torch.index_select(k, 2 + ax, _band_tensor(shape[ax], shape_lr[ax], x.device))
+    if interpolation == "zero_filled_magnitude":
+        return _magnitude_zero_filled(k, shape, shape_lr, axes)
     return _to_grid(k, shape, shape_lr, axes, interpolation)
+
+
+def _magnitude_zero_filled(k: Tensor, shape: Sequence[int], shape_lr: Sequence[int], axes: Sequence[int]) -> Tensor:
+    """The kept bands ``k`` -> the coarse magnitude image -> its spectrum zero-padded to ``shape``
+    -> magnitude (degradation's ``zero_filled_magnitude``; the M/N and N/M scalings cancel)."""
+    dims = [2 + ax for ax in axes]
+    coarse = torch.fft.fftn(torch.fft.ifftn(k, dim=dims).abs(), dim=dims)
+    full = coarse.new_zeros((*coarse.shape[:2], *(shape[ax] if ax in axes else coarse.shape[2 + ax] for ax in range(3))))
+    index = [torch.arange(n, device=k.device) for n in full.shape[2:]]
+    for ax in axes:
+        index[ax] = _band_tensor(shape[ax], shape_lr[ax], k.device)
+    full[(slice(None), slice(None), *torch.meshgrid(*index, indexing="ij"))] = coarse
+    return torch.fft.ifftn(full, dim=dims).abs()
 
 
 def _to_grid(k: Tensor, shape: Sequence[int], shape_lr: Sequence[int], axes: Sequence[int], interpolation: str) -> Tensor:

@@ -47,7 +47,7 @@ __all__ = [
     "to_fine_grid",
 ]
 
-Interpolation = Literal["nearest", "linear", "cubic", "zero_filled"]
+Interpolation = Literal["nearest", "linear", "cubic", "zero_filled", "zero_filled_magnitude"]
 _INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 # Spline order handed to scipy.ndimage for the grid-resampling methods.
 _ORDER: dict[str, int] = {"nearest": 0, "linear": 1, "cubic": 3}
@@ -181,7 +181,11 @@ def degrade(
             ``"nearest"``/``"linear"``/``"cubic"`` resample the LR magnitude grid (spline
             order 0/1/3, the cubic being the interpolating cubic B-spline, periodic);
             ``"zero_filled"`` zero-pads the truncated k-space to full size and takes the
-            magnitude of its inverse FFT (sinc interpolation, no LR grid at all).
+            magnitude of its inverse FFT (sinc interpolation, no LR grid at all);
+            ``"zero_filled_magnitude"`` makes the coarse magnitude image first
+            (:func:`kspace_truncate`) and zero-fills *its* spectrum (:func:`to_fine_grid`):
+            exactly what ``mdcsrn-infer upsample=`` makes of a scanner's coarse matrix, so a
+            model trained on it sees in training what that path gives it.
 
     Returns:
         float32 array of shape ``(X, Y, Z)``, non-negative (a magnitude).
@@ -194,7 +198,8 @@ def degrade(
     if not axes:
         return np.abs(arr).astype(np.float32)
     shape_lr = lr_shape(arr.shape, fs)
-
+    if interpolation == "zero_filled_magnitude":
+        return to_fine_grid(_lr_grid(arr, fs), fs, interpolation, arr.shape)
     if interpolation == "zero_filled":
         k = _kspace(arr, axes)
         mask = np.zeros(arr.shape, dtype=bool)
@@ -286,7 +291,7 @@ def to_fine_grid(
     axes = tuple(ax for ax, (n, m) in enumerate(zip(target, arr.shape)) if n != m)
     if not axes:
         return np.abs(arr).astype(np.float32)
-    if interpolation != "zero_filled":
+    if interpolation not in ("zero_filled", "zero_filled_magnitude"):  # both: sinc from the magnitude image
         return _resample(np.abs(arr.astype(np.float64)), target, interpolation)
     k = _kspace(np.abs(arr.astype(np.float64)), axes)
     full = np.zeros(tuple(target[ax] if ax in axes else arr.shape[ax] for ax in range(3)), dtype=np.complex128)
@@ -359,8 +364,8 @@ def data_consistency(
       ``mdcsrn-infer upsample=...``): its own ``M``-point spectrum (times ``N / M`` per
       axis, undoing :func:`kspace_truncate`'s scaling). This is the measured data itself.
     - ``measured`` on the fine grid (``output.shape``), made with ``interpolation``:
-      ``zero_filled``: its own ``N``-point spectrum in the band (zero-filling keeps the
-      band); ``nearest``/``linear``/``cubic``: interpolation attenuates the band, so the
+      ``zero_filled``/``zero_filled_magnitude``: its own ``N``-point spectrum in the band
+      (zero-filling keeps the band); ``nearest``/``linear``/``cubic``: interpolation attenuates the band, so the
       coarse samples are recovered first (the interpolation inverted by least squares)
       and their spectrum is used, as for a coarse input.
 
@@ -384,7 +389,7 @@ def data_consistency(
         )
     if not axes:
         return out.astype(np.float32)
-    if meas.shape == out.shape and interpolation == "zero_filled":
+    if meas.shape == out.shape and interpolation in ("zero_filled", "zero_filled_magnitude"):
         source, src_shape, gain = meas, out.shape, 1.0
     else:
         if meas.shape == out.shape:

@@ -21,6 +21,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "NiftiError",
     "NiftiVolume",
+    "check_free_path",
     "check_output_path",
     "check_writable",
     "is_nifti_path",
@@ -72,16 +73,29 @@ def check_output_path(
     output = Path(output)
     if not is_nifti_path(output):
         raise NiftiError(f"{output}: output must end in .nii or .nii.gz")
+    return check_free_path(output, overwrite=overwrite, protect=protect)
+
+
+def check_free_path(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """Raise :class:`NiftiError` unless a file (of any kind: a volume, a JSON record) may be
+    written at ``path``: not (a link to) any path in ``protect``, not a folder, free unless
+    ``overwrite``, its folder writable (:func:`check_writable`)."""
+    path = Path(path)
     for p in protect:
         p = Path(p)
-        if output.resolve() == p.resolve() or _same_file(output, p):
-            raise NiftiError(f"{output}: is the input file; refusing to overwrite an input")
-    if output.is_dir():
-        raise NiftiError(f"{output}: is a folder")
-    if output.exists() and not overwrite:
-        raise NiftiError(f"{output}: already exists; pass overwrite=true to replace it")
-    check_writable(output)
-    return output
+        if path.resolve() == p.resolve() or _same_file(path, p):
+            raise NiftiError(f"{path}: is the input file; refusing to overwrite an input")
+    if path.is_dir():
+        raise NiftiError(f"{path}: is a folder")
+    if path.exists() and not overwrite:
+        raise NiftiError(f"{path}: already exists; pass overwrite=true to replace it")
+    check_writable(path)
+    return path
 
 
 def check_writable(output: str | os.PathLike[str]) -> None:

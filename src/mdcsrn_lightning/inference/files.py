@@ -38,13 +38,12 @@ from mdcsrn_lightning.inference import bids as _bids
 from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.build import build_inferer
-from mdcsrn_lightning.data.volume_write import NiftiError, check_output_path, is_nifti_path, write_like, write_refined
+from mdcsrn_lightning.data.volume_write import NiftiError, check_free_path, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
 from mdcsrn_lightning.inference.thick import ThickPlan, describe_scan, plan_thick, thick_axis
 from mdcsrn_lightning.inference.sidecars import (
     check_distinct,
-    check_side_path,
     file_record,
     request_record,
     sidecar_path,
@@ -310,7 +309,7 @@ def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple
     if settings.uncertainty:
         check_output_path(std_path(dst), overwrite=settings.overwrite, protect=protect)
     if settings.provenance:
-        check_side_path(sidecar_path(dst), overwrite=settings.overwrite, protect=protect)
+        check_free_path(sidecar_path(dst), overwrite=settings.overwrite, protect=protect)
     if header.image is not None:  # a DICOM series' shape is known once it is read
         _check_fine_shape(src, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
     return header
@@ -473,7 +472,7 @@ def predict(
     check_distinct(outputs, std=settings.uncertainty, sidecar=settings.provenance)
     description = _bids.description_path(output) if bids else None
     if description is not None and not description.exists():
-        check_side_path(description, overwrite=False, protect=tuple(inputs))
+        check_free_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
     options = _with_adapt(options, model, settings, inputs, outputs)
     headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]

@@ -2,7 +2,7 @@
 (what made the output: package version, checkpoint and its sha256, release record, settings,
 inferer, timings) and the names of the standard-deviation map of ``uncertainty=true``.
 
-Paths are checked before anything is written (:func:`check_side_path`, :func:`check_distinct`);
+Paths are checked before anything is written (:func:`~mdcsrn_lightning.data.volume_write.check_free_path`, :func:`check_distinct`);
 JSON files are written like the volumes: a temporary file renamed into place, never replacing
 a file without ``overwrite``; :func:`write_output_set` writes one output with its side files,
 all or none. The file layer (:mod:`.files`) calls these.
@@ -26,10 +26,9 @@ from mdcsrn_lightning.data.volume_io import LoadedVolume
 from mdcsrn_lightning.data.volume_write import (
     NIFTI_SUFFIXES,
     NiftiError,
-    check_writable,
 )
 
-__all__ = ["check_distinct", "check_side_path", "file_record", "file_sha256", "json_safe", "request_record",
+__all__ = ["check_distinct", "file_record", "file_sha256", "json_safe", "request_record",
            "sidecar_path", "std_path", "write_json_file", "write_output_set"]
 
 
@@ -57,23 +56,6 @@ def std_path(output: str | os.PathLike[str]) -> Path:
         parts = [("desc-srstd" if part == "desc-sr" else part) for part in stem.split("_")]
         return output.with_name("_".join(parts) + suffix)
     return output.with_name(f"{stem}_std{suffix}")
-
-
-def check_side_path(path: str | os.PathLike[str], *, overwrite: bool,
-                    protect: tuple[str | os.PathLike[str], ...] = ()) -> Path:
-    """Raise :class:`~mdcsrn_lightning.data.volume_write.NiftiError` (one line) unless a side
-    file may be written at ``path``: not an input, not a folder, free unless ``overwrite``,
-    its folder writable (:func:`~mdcsrn_lightning.data.volume_write.check_writable`)."""
-    path = Path(path)
-    for other in protect:
-        if path.resolve() == Path(other).resolve():
-            raise NiftiError(f"{path}: is an input file; refusing to overwrite an input")
-    if path.is_dir():
-        raise NiftiError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise NiftiError(f"{path}: already exists; pass overwrite=true to replace it")
-    check_writable(path)
-    return path
 
 
 def json_safe(value: Any) -> Any:
