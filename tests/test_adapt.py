@@ -174,3 +174,42 @@ def test_cli_adapt_refusals_are_one_line_and_write_nothing(tmp_path: Path, monke
                            f"ckpt={ckpt}", "progress=false", "device=cpu", *args, *extra)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "sr.nii.gz").exists()
+
+
+def test_real_task_check_scores_both_models_on_the_scan_degraded_again() -> None:
+    from mdcsrn_lightning.data.degradation import data_consistency, degrade
+
+    scan = _scan((20, 18, 14), seed=4)
+    options = AdaptOptions(**FAST, factors=(2, 2, 1), interpolation="zero_filled")
+    identity = nn.Identity()
+    identity.register_parameter("w", nn.Parameter(torch.zeros(1)))  # a device to read
+    scores = adapt_mod.real_task_check(identity, identity, scan, options, size=16)
+    crop = scan[2:18, 1:17, 0:14]
+    low = degrade(crop, (2, 2, 1), "zero_filled")
+    expected = data_consistency(low, low, (2, 2, 1), "zero_filled").astype(np.float64)
+    psnr = 10 * np.log10(crop.max() ** 2 / np.mean((expected - crop) ** 2))
+    assert scores["unadapted"] == pytest.approx(psnr, abs=1e-4)
+    assert scores["adapted"] == pytest.approx(psnr, abs=1e-4)
+
+
+def test_an_adapted_model_worse_on_the_real_task_is_not_used(monkeypatch) -> None:
+    net = tiny_net(0).eval()
+    scores = iter(range(20, 40))  # every validation better than the last: self-validation keeps the adapted model
+    monkeypatch.setattr(adapt_mod, "self_validate", lambda *a: float(next(scores)))
+    monkeypatch.setattr(adapt_mod, "real_task_check", lambda *a, **k: {"unadapted": 30.0, "adapted": 29.5})
+    lines: list[str] = []
+    model, result = fine_tune(net, _scan(), AdaptOptions(**FAST, lr=1e-3), progress=False, log=lines.append)
+    assert result.best_step == 4 and result.psnr_adapted > result.psnr_unadapted
+    assert model is net and result.used == "unadapted"
+    assert result.record()["real_task_psnr"] == {"unadapted": 30.0, "adapted": 29.5}
+    assert len(lines) == 1 and lines[0].endswith("real task one scale down 30.00 -> 29.50 dB: no better; "
+                                                 "using the unadapted model")
+
+
+def test_an_adapted_model_better_on_the_real_task_is_used(monkeypatch) -> None:
+    net = tiny_net(0).eval()
+    scores = iter(range(20, 40))
+    monkeypatch.setattr(adapt_mod, "self_validate", lambda *a: float(next(scores)))
+    monkeypatch.setattr(adapt_mod, "real_task_check", lambda *a, **k: {"unadapted": 30.0, "adapted": 30.5})
+    model, result = fine_tune(net, _scan(), AdaptOptions(**FAST, lr=1e-3), progress=False, log=lambda m: None)
+    assert model is not net and result.used == "adapted"

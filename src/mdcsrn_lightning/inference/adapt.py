@@ -7,6 +7,10 @@ target is the scan itself: a copy of the generator is fine-tuned on random patch
 pairs (:func:`fine_tune`), a slab of them held out to check that it helps
 (:func:`self_validate`). The adapted model restores the axis in the full-resolution slot, so
 it is applied with each degraded axis swapped into that slot in turn (:func:`apply_permuted`).
+The held-out pairs pick the best state, but they favour any adapted model (the unadapted one
+was never trained for their slot); so the adapted model must also beat the unadapted one on
+the real task one scale down (:func:`real_task_check`: the scan's centre degraded again by the
+checkpoint's factors, restored as each model would be applied), or the unadapted one is used.
 
 Built by :func:`~.build.build_inferer` (:class:`AdaptingInferer`); pure torch/numpy.
 """
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mdcsrn_lightning.cpu_features import cpu_bf16_support
-from mdcsrn_lightning.data.degradation import degrade
+from mdcsrn_lightning.data.degradation import data_consistency, degrade
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.options import AdaptOptions
 
@@ -38,6 +42,7 @@ __all__ = [
     "check_patch_fits",
     "fine_tune",
     "pair_factors",
+    "real_task_check",
     "save_adapted",
     "self_pairs",
     "self_validate",
@@ -149,13 +154,15 @@ class Adaptation:
     best_step: int = 0
     used: str = "adapted"
     precision: str = "32"
+    real_task_psnr: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 2), "stopped": self.stopped,
                 "best_step": self.best_step, "used": self.used, "precision": self.precision,
                 "self_validation_psnr": {"unadapted": round(self.psnr_unadapted, 4),
-                                         "adapted": round(self.psnr_adapted, 4)}}
+                                         "adapted": round(self.psnr_adapted, 4)},
+                "real_task_psnr": {k: round(v, 4) for k, v in self.real_task_psnr.items()}}
 
 
 def _frozen_bn(net: nn.Module) -> nn.Module:
@@ -194,10 +201,48 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
         log(f"adapt: self-validation PSNR {result.psnr_unadapted:.2f} dB unadapted, no better after {result.steps} "
             "steps; using the unadapted model")
         return net.eval(), result
-    log(f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation PSNR "
-        f"{result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step})")
     work.load_state_dict(best)
-    return work.eval(), result
+    work.eval()
+    result.real_task_psnr = real_task_check(net, work, scan, options)
+    before, after = result.real_task_psnr["unadapted"], result.real_task_psnr["adapted"]
+    summary = (f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
+               f"PSNR {result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step}); "
+               f"real task one scale down {before:.2f} -> {after:.2f} dB")
+    if not after > before:
+        result.used = "unadapted"
+        log(f"{summary}: no better; using the unadapted model")
+        return net.eval(), result
+    log(summary)
+    return work, result
+
+
+def real_task_check(net: nn.Module, adapted: nn.Module, scan: np.ndarray, options: AdaptOptions,
+                    size: int = 64) -> dict[str, float]:
+    """PSNR (dB, peak: the crop's maximum) of each model on the real task one scale down: the
+    scan's centre (at most ``size`` per axis) degraded again by the checkpoint's factors is the
+    input, the crop the target; ``net`` applied as is, ``adapted`` by :func:`apply_permuted`
+    (``options.order``); data consistency with the re-degraded crop after both."""
+    starts = [max(0, (n - size) // 2) for n in scan.shape]
+    crop = np.ascontiguousarray(scan[tuple(slice(a, a + min(size, n)) for a, n in zip(starts, scan.shape))],
+                                dtype=np.float32)
+    low = degrade(crop, options.factors, options.interpolation)  # type: ignore[arg-type]
+    device = next(net.parameters()).device
+
+    def whole(model: nn.Module) -> Apply:
+        @torch.no_grad()
+        def run(volume: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)[None, None]
+            return model(x).float()[0, 0].cpu().numpy()
+        return run
+
+    def psnr(out: np.ndarray) -> float:
+        out = data_consistency(out, low, options.factors, options.interpolation)  # type: ignore[arg-type]
+        mse = float(np.mean((out.astype(np.float64) - crop) ** 2))
+        peak = float(crop.max())
+        return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+    return {"unadapted": psnr(whole(net.eval())(low)),
+            "adapted": psnr(apply_permuted(whole(adapted), low, options.factors, options.order))}
 
 
 def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module, pairs: tuple[Tensor, Tensor, int],

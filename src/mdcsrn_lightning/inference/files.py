@@ -504,7 +504,7 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
     if adapt.save is not None:
         if len(inputs) != 1:
             raise InferenceError(f"adapt.save={adapt.save}: one input only (each scan gets its own adapted model)")
-        check_side_path(Path(adapt.save), overwrite=settings.overwrite, protect=tuple(inputs))
+        check_free_path(Path(adapt.save), overwrite=settings.overwrite, protect=tuple(inputs))
         if Path(adapt.save).resolve() in {Path(o).resolve() for o in outputs}:
             raise InferenceError(f"adapt.save={adapt.save}: is the output; give another file name")
     return replace(options, adapt=adapt)
@@ -554,5 +554,5 @@ def _save_adapted(path: Path, inferer: Inferer, model: TrainedModel, src: Path, 
     state = state if state is not None else model.net.state_dict()
     record = {"scan": str(Path(src).resolve()), "from": str(Path(model.path).resolve()),
               "degrade": settings.degrade, **adaptation.record()}
-    check_side_path(path, overwrite=settings.overwrite, protect=(src,))
+    check_free_path(path, overwrite=settings.overwrite, protect=(src,))
     return save_adapted(path, state, model.net_config, model.data, record)
