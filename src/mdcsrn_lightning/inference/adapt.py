@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mdcsrn_lightning.cpu_features import cpu_bf16_support
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
-from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference.base import InferenceError, Inferer, info
 from mdcsrn_lightning.inference.options import AdaptOptions
 
 __all__ = [
@@ -49,10 +49,6 @@ __all__ = [
 ]
 
 Apply = Callable[[np.ndarray], np.ndarray]
-
-
-def _info(message: str) -> None:
-    print(f"mdcsrn: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ pairs
@@ -176,7 +172,7 @@ def _frozen_bn(net: nn.Module) -> nn.Module:
 
 
 def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device: torch.device | str = "cpu",
-              progress: bool = True, log: Callable[[str], None] = _info,
+              progress: bool = True, log: Callable[[str], None] = info,
               step: Callable[..., float] = train_step) -> tuple[nn.Module, Adaptation]:
     """``(model to use, what happened)``: a copy of ``net`` fine-tuned on ``scan``'s own pairs
     (:func:`self_pairs`), at most ``options.steps`` steps and ``options.minutes``, validated on the
@@ -319,7 +315,7 @@ class AdaptingInferer(Inferer):
     """
 
     def __init__(self, inner: Inferer, work: nn.Module, options: AdaptOptions, progress: bool = False,
-                 log: Callable[[str], None] = _info) -> None:
+                 log: Callable[[str], None] = info) -> None:
         pair_factors(options.factors)  # no full-resolution axis: refused when built
         self.inner, self.work, self.options, self.progress, self.log = inner, work, options, progress, log
         self.initial = copy.deepcopy(work.state_dict())

@@ -19,6 +19,7 @@ import numpy as np
 
 from mdcsrn_lightning.atomic import remove_stale_temps
 from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model
+from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
@@ -35,8 +36,12 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
+<<<<<<< HEAD
 from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
+=======
+from mdcsrn_lightning.inference.base import InferenceError, Inferer, info, predict_volume_std
+>>>>>>> issue21-release
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_free_path, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
@@ -301,17 +306,45 @@ def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings,
             raise InferenceError(f"{src}: {exc}") from None
 
 
-def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple[Path, ...]) -> VolumeHeader:
-    """What can be checked without reading ``src``'s voxel data (its header: readable, 3D,
-    size, voxel sizes, the upsampled shape), and ``dst``."""
-    header = read_header(src, error=NiftiError)
+def pick_checkpoint(ckpt: str | os.PathLike[str] | None, headers: Sequence[VolumeHeader],
+                    upsample: str | Sequence[float] | None) -> tuple[str | os.PathLike[str] | None,
+                                                                   str | Sequence[float] | None]:
+    """``(ckpt, upsample)`` to use. A given ``ckpt`` is kept. Without one: thick-slice scans (every
+    input's voxel sizes: one axis >= 1.5x the two in-plane ones, :func:`~.thick.thick_axis`) get
+    the released thick-slice weights with ``upsample=auto`` unless ``upsample`` names factors;
+    other scans the released 2x2x1 weights (``None``). One info line names the pick; inputs that
+    mix both kinds are one line."""
+    if ckpt is not None and str(ckpt).strip() not in ("", "None", "null"):
+        return ckpt, upsample
+    explicit = upsample is not None and not (isinstance(upsample, str) and upsample.strip().lower() == "auto")
+    zooms = [tuple(h.image.header.get_zooms()[:3]) if h.image is not None else None for h in headers]
+    thick = [z is not None and thick_axis(z) is not None for z in zooms]
+    if explicit or not any(thick):
+        return None, upsample
+    if not all(thick):
+        i = thick.index(False)
+        kind = describe_scan(zooms[i]) if zooms[i] is not None else "a DICOM series (voxel sizes not yet read)"
+        raise InferenceError(f"{headers[i].path}: {kind}, beside thick-slice inputs ({headers[thick.index(True)].path});"
+                             " without ckpt= each kind needs its own weights: run them separately or give ckpt=")
+    if not RELEASED_THICK_WEIGHTS.is_file():
+        raise InferenceError(f"{RELEASED_THICK_WEIGHTS}: the released thick-slice weights are missing from this "
+                             "installation; give ckpt=")
+    info(f"no ckpt: {headers[0].path.name}: {describe_scan(zooms[0])}: using the released thick-slice weights "
+         f"{RELEASED_THICK_WEIGHTS.name} with upsample=auto")
+    return RELEASED_THICK_WEIGHTS, "auto"
+
+
+def _checked_header(header: VolumeHeader, dst: Path, settings: FileSettings,
+                    protect: tuple[Path, ...]) -> VolumeHeader:
+    """What can be checked without reading the voxel data (the header, read once by
+    :func:`read_header`: readable, 3D, size, voxel sizes; the upsampled shape), and ``dst``."""
     check_output_path(dst, overwrite=settings.overwrite, protect=protect)
     if settings.uncertainty:
         check_output_path(std_path(dst), overwrite=settings.overwrite, protect=protect)
     if settings.provenance:
         check_free_path(sidecar_path(dst), overwrite=settings.overwrite, protect=protect)
     if header.image is not None:  # a DICOM series' shape is known once it is read
-        _check_fine_shape(src, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
+        _check_fine_shape(header.path, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
     return header
 
 
@@ -462,12 +495,14 @@ def predict(
     """
     options = options or InferenceOptions()
     resolve_device(options.device)  # device=cuda without CUDA: fail now
+    inputs, is_collection = collect_inputs(input)
+    raw_headers = [read_header(src, error=NiftiError) for src in inputs]
+    ckpt, upsample = pick_checkpoint(ckpt, raw_headers, upsample)
     model = load_trained_model(ckpt)
     settings = file_settings(model, degrade=degrade, factors=factors, degrade_interpolation=degrade_interpolation,
                              upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
                              overwrite=overwrite)
     settings = replace(settings, uncertainty=options.uncertainty, provenance=bool(provenance))
-    inputs, is_collection = collect_inputs(input)
     outputs = _bids.plan_bids_outputs(inputs, output) if bids else plan_outputs(inputs, output, is_collection)
     check_distinct(outputs, std=settings.uncertainty, sidecar=settings.provenance)
     description = _bids.description_path(output) if bids else None
@@ -475,7 +510,7 @@ def predict(
         check_free_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
     options = _with_adapt(options, model, settings, inputs, outputs)
-    headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]
+    headers = [_checked_header(h, dst, settings, tuple(inputs)) for h, dst in zip(raw_headers, outputs)]
     _check_adapt_shapes(headers, settings, options)
     held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
     for folder in {dst.parent for dst in outputs}:
