@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from mdcsrn_lightning.cpu_features import cpu_bf16_support
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
-from mdcsrn_lightning.inference.base import InferenceError, Inferer, info
+from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions
 
 __all__ = [

@@ -10,7 +10,6 @@ Pure torch/numpy: no files, no Lightning, no Hydra.
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -19,12 +18,7 @@ from torch import Tensor
 
 from mdcsrn_lightning.data.intensity import input_scale
 
-__all__ = ["InferenceError", "Inferer", "info", "predict_volume", "predict_volume_std"]
-
-
-def info(message: str) -> None:
-    """One info line on stderr, ``mdcsrn: <message>`` (what inference chose for the user)."""
-    print(f"mdcsrn: {message}", file=sys.stderr, flush=True)
+__all__ = ["InferenceError", "Inferer", "predict_volume", "predict_volume_std"]
 
 
 class InferenceError(ValueError):

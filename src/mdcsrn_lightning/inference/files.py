@@ -37,7 +37,8 @@ from mdcsrn_lightning.data.volume_io import (
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
 from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, save_adapted
-from mdcsrn_lightning.inference.base import InferenceError, Inferer, info, predict_volume_std
+from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
+from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_free_path, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
