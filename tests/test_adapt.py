@@ -213,3 +213,63 @@ def test_an_adapted_model_better_on_the_real_task_is_used(monkeypatch) -> None:
     monkeypatch.setattr(adapt_mod, "real_task_check", lambda *a, **k: {"unadapted": 30.0, "adapted": 30.5})
     model, result = fine_tune(net, _scan(), AdaptOptions(**FAST, lr=1e-3), progress=False, log=lambda m: None)
     assert model is not net and result.used == "adapted"
+
+
+# ------------------------------------------------------------------ thick-slice checkpoints
+def test_thick_pairs_simulate_slices_along_an_inplane_axis_in_the_thick_slot() -> None:
+    from mdcsrn_lightning.data import slices as S
+
+    options = AdaptOptions(**FAST, interpolation="cubic", slice_factor=3, slice_axis=2)
+    ramp0 = np.broadcast_to(np.sin(np.arange(18.0))[:, None, None], (18, 10, 12)).astype(np.float32)
+    x, y = adapt_mod.thick_pairs(ramp0, options)
+    assert x.shape == y.shape == (12, 10, 18) == adapt_mod.pair_shape(ramp0.shape, options)
+    np.testing.assert_array_equal(y, np.swapaxes(ramp0, 0, 2))
+    profile = S.slice_degrade(np.sin(np.arange(18.0))[None, None, :].astype(np.float32), 3, 3, 2, "boxcar", "cubic")
+    np.testing.assert_allclose(x, np.broadcast_to(profile, x.shape), atol=1e-6)  # slices along the thick slot
+    ramp1 = np.broadcast_to(np.sin(np.arange(10.0))[None, :, None], (10, 10, 12)).astype(np.float32)
+    x, y = adapt_mod.thick_pairs(ramp1, options)  # constant along the simulated axis 0: nothing to lose
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def _thick_setup(tmp_path: Path, s: int = 3) -> tuple[Path, Path]:
+    from mdcsrn_lightning.data import slices as S
+    from tests.test_thick_inference import _slices_ckpt, _thick_affine
+    from tests.test_upsample import _hr, _save
+
+    coarse = S.thick_slices(_hr((30, 28, 30)), s, s, 2)
+    src = _save(tmp_path / "thick.nii.gz", coarse, _thick_affine(np.eye(4), 2, s))
+    return src, _slices_ckpt(tmp_path)
+
+
+def test_cli_adapts_a_thick_slice_checkpoint_and_applies_it_as_is(tmp_path: Path, monkeypatch, capsys) -> None:
+    src, ckpt = _thick_setup(tmp_path)
+    out, saved = tmp_path / "sr.nii.gz", tmp_path / "adapted.ckpt"
+    code, stdout, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}",
+                                "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS,
+                                f"adapt_options.save={saved}")
+    assert code == 0, err
+    record = json.loads((tmp_path / "sr.json").read_text())["adapt"]
+    assert record["steps"] == 4 and record["real_task_psnr"] == {}
+    assert torch.load(saved, weights_only=True)["adapted"]["used"] == record["used"]
+    # the output is the plain thick-slice pass of the model adaptation chose (no permutation)
+    plain = tmp_path / "plain.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={plain}", f"ckpt={saved}",
+                           "upsample=auto", "progress=false", "device=cpu")
+    assert code == 0, err
+    import nibabel as nib
+
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata(), nib.load(str(plain)).get_fdata(), atol=1e-5)
+
+
+def test_cli_thick_adapt_refuses_inputs_of_different_slice_factors(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    src3, ckpt = _thick_setup(folder, 3)
+    src3.rename(folder / "a3.nii.gz")
+    src2, _ = _thick_setup(folder, 2)
+    src2.rename(folder / "b2.nii.gz")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={folder}", f"output={tmp_path / 'out'}",
+                           f"ckpt={ckpt}", "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a3.nii.gz has 3 fine voxels per slice" in err and "b2.nii.gz 2" in err
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,12 @@ was never trained for their slot); so the adapted model must also beat the unada
 the real task one scale down (:func:`real_task_check`: the scan's centre degraded again by the
 checkpoint's factors, restored as each model would be applied), or the unadapted one is used.
 
+A thick-slice checkpoint (``options.slice_factor`` set) is adapted the same way with
+pairs from an in-plane axis (:func:`thick_pairs`: thick slices simulated along the first
+in-plane axis, swapped into the network's thick slot) and applied as it is (its thick slot
+already holds the scan's thick axis). There the held-out pairs are the real task's own slot for
+both models, so self-validation alone decides.
+
 Built by :func:`~.build.build_inferer` (:class:`AdaptingInferer`); pure torch/numpy.
 """
 
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 
 from mdcsrn_lightning.cpu_features import cpu_bf16_support
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
+from mdcsrn_lightning.data.slices import slice_degrade
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions
@@ -46,6 +53,7 @@ __all__ = [
     "real_task_check",
     "save_adapted",
     "self_pairs",
+    "thick_pairs",
     "self_validate",
 ]
 
@@ -72,6 +80,39 @@ def self_pairs(scan: np.ndarray, factors: Sequence[float], interpolation: str) -
     _, fs = pair_factors(factors)
     target = np.asarray(scan, dtype=np.float32)
     return degrade(target, fs, interpolation), target  # type: ignore[arg-type]
+
+
+def thick_pairs(scan: np.ndarray, options: AdaptOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``(input, target)`` for a thick-slice checkpoint: ``scan`` (the network's axis order, its
+    thick axis in ``options.slice_axis``) with thick slices of ``slice_factor`` fine voxels
+    simulated along its first in-plane axis, and ``scan``, both with that axis swapped into the
+    thick slot."""
+    if options.slice_factor is None:
+        raise ValueError("thick_pairs needs options.slice_factor")
+    slot = options.slice_axis
+    inplane = min(ax for ax in range(3) if ax != slot)
+    f = int(options.slice_factor)
+    target = np.asarray(scan, dtype=np.float32)
+    degraded = slice_degrade(target, f, f, inplane, options.slice_profile,  # type: ignore[arg-type]
+                             options.interpolation)  # type: ignore[arg-type]
+    return tuple(np.ascontiguousarray(np.swapaxes(a, inplane, slot)) for a in (degraded, target))  # type: ignore[return-value]
+
+
+def scan_pairs(scan: np.ndarray, options: AdaptOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs :func:`fine_tune` learns from: :func:`thick_pairs` or :func:`self_pairs`."""
+    if options.slice_factor is not None:
+        return thick_pairs(scan, options)
+    return self_pairs(scan, options.factors, options.interpolation)
+
+
+def pair_shape(shape: Sequence[int], options: AdaptOptions) -> tuple[int, int, int]:
+    """The shape of :func:`scan_pairs` for a scan of ``shape`` (the network's axis order)."""
+    out = [int(n) for n in shape[:3]]
+    if options.slice_factor is not None:
+        slot = options.slice_axis
+        inplane = min(ax for ax in range(3) if ax != slot)
+        out[inplane], out[slot] = out[slot], out[inplane]
+    return tuple(out)  # type: ignore[return-value]
 
 
 def check_patch_fits(shape: Sequence[int], options: AdaptOptions) -> int:
@@ -180,9 +221,8 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
     held-out slab every ``validate_every`` steps (the best state kept, stopped after ``patience``
     validations without improvement); ``net`` itself when that never beats it (one info line)."""
     device = torch.device(device)
-    held = check_patch_fits(scan.shape, options)
-    x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in self_pairs(scan, options.factors,
-                                                                                     options.interpolation))
+    held = check_patch_fits(pair_shape(scan.shape, options), options)
+    x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in scan_pairs(scan, options))
     vx, vy = _validation_crop(x, y, held, options.patch)
     result = Adaptation(psnr_unadapted=self_validate(net.to(device), vx, vy))
     result.psnr_adapted = result.psnr_unadapted
@@ -200,6 +240,10 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
         return net.eval(), result
     work.load_state_dict(best)
     work.eval()
+    if options.slice_factor is not None:  # the held-out pairs were the real task's slot for both models
+        log(f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
+            f"PSNR {result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step})")
+        return work, result
     result.real_task_psnr = real_task_check(net, work, scan, options)
     before, after = result.real_task_psnr["unadapted"], result.real_task_psnr["adapted"]
     summary = (f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
@@ -308,8 +352,9 @@ def apply_permuted(apply: Apply, volume: np.ndarray, factors: Sequence[float], o
 
 class AdaptingInferer(Inferer):
     """``inferer(volume)``: fine-tune a copy of the generator on ``volume`` (:func:`fine_tune`),
-    then run ``inner`` with the adapted weights by :func:`apply_permuted`; when self-validation
-    keeps the unadapted model, ``inner`` runs on ``volume`` as it is.
+    then run ``inner`` with the adapted weights by :func:`apply_permuted` (a thick-slice
+    checkpoint: as it is); when self-validation keeps the unadapted model, ``inner`` runs on
+    ``volume`` as it is.
 
     ``work`` is the module ``inner`` runs (its weights are replaced for each volume and reset
     before the next). :attr:`adaptation` and :attr:`adapted_state`: the last volume's.
@@ -317,7 +362,8 @@ class AdaptingInferer(Inferer):
 
     def __init__(self, inner: Inferer, work: nn.Module, options: AdaptOptions, progress: bool = False,
                  log: Callable[[str], None] = info) -> None:
-        pair_factors(options.factors)  # no full-resolution axis: refused when built
+        if options.slice_factor is None:
+            pair_factors(options.factors)  # no full-resolution axis: refused when built
         self.inner, self.work, self.options, self.progress, self.log = inner, work, options, progress, log
         self.initial = copy.deepcopy(work.state_dict())
         self.name, self.device = f"adapt[{inner.name}]", inner.device
@@ -338,6 +384,8 @@ class AdaptingInferer(Inferer):
         self.work.load_state_dict(self.adapted_state)
         self.work.eval()
         try:
+            if self.options.slice_factor is not None:  # the thick slot holds the scan's thick axis already
+                return self.inner(scan)
             return apply_permuted(self.inner, scan, self.options.factors, self.options.order)
         finally:
             self.work.load_state_dict(self.initial)

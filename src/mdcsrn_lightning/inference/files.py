@@ -36,7 +36,7 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
-from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, save_adapted
+from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, pair_shape, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.build import build_inferer
@@ -506,7 +506,7 @@ def predict(
     if description is not None and not description.exists():
         check_free_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
-    options = _with_adapt(options, model, settings, inputs, outputs)
+    options = _with_adapt(options, model, settings, inputs, outputs, raw_headers)
     headers = [_checked_header(h, dst, settings, tuple(inputs)) for h, dst in zip(raw_headers, outputs)]
     _check_adapt_shapes(headers, settings, options)
     held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
@@ -522,17 +522,42 @@ def predict(
     return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description, save)
 
 
+def _one_slice_factor(headers: Sequence[VolumeHeader], settings: FileSettings) -> int:
+    """The fine voxels per slice shared by every thick-slice input (their pairs' slices); one
+    line when inputs differ (adapt them in separate runs) or none is a NIfTI thick-slice scan."""
+    factors: dict[int, Path] = {}
+    for header in headers:
+        if header.image is None or not settings.auto:
+            continue
+        try:
+            plan = plan_thick(header.shape, header.image.header.get_zooms()[:3], settings.thick_axis or 2,
+                              settings.upsample_shape)
+        except ValueError:
+            continue  # refused with its file name by the header check
+        factors.setdefault(plan.factor, header.path)
+    if len(factors) > 1:
+        (f1, p1), (f2, p2) = list(factors.items())[:2]
+        raise InferenceError(f"adapt=true: {p1} has {f1} fine voxels per slice, {p2} {f2}; adapt scans of different "
+                             "slice thickness in separate runs")
+    if not factors:
+        raise InferenceError("adapt=true with a thick-slice checkpoint needs upsample=auto and a thick-slice NIfTI scan")
+    return next(iter(factors))
+
+
 def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSettings,
-                inputs: Sequence[Path], outputs: Sequence[Path]) -> InferenceOptions:
+                inputs: Sequence[Path], outputs: Sequence[Path], headers: Sequence[VolumeHeader]) -> InferenceOptions:
     """``options.adapt`` completed with the checkpoint's factors and interpolation (the scan's
     own pairs are made as training made its input); what it cannot do is one line, now."""
     adapt = options.adapt
     if adapt is None:
         return options
     if model.degradation == "slices":
-        raise InferenceError(f"{model.path}: trained on thick slices; adapt=true needs a checkpoint trained in k-space")
-    adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
-    pair_factors(adapt.factors)
+        adapt = replace(adapt, interpolation=model.interpolation, slice_factor=_one_slice_factor(headers, settings),
+                        slice_profile=str((model.data.get("slices") or {}).get("profile", "boxcar")),
+                        slice_axis=model.slice_axis)
+    else:
+        adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
+        pair_factors(adapt.factors)
     if adapt.save is not None:
         if len(inputs) != 1:
             raise InferenceError(f"adapt.save={adapt.save}: one input only (each scan gets its own adapted model)")
@@ -540,6 +565,12 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
         if Path(adapt.save).resolve() in {Path(o).resolve() for o in outputs}:
             raise InferenceError(f"adapt.save={adapt.save}: is the output; give another file name")
     return replace(options, adapt=adapt)
+
+
+def _swapped(shape: Sequence[int], a: int, b: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[a], out[b] = out[b], out[a]
+    return tuple(out)
 
 
 def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings, options: InferenceOptions) -> None:
@@ -552,8 +583,11 @@ def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings,
         shape = tuple(header.shape[:3])
         if settings.upsample is not None:
             shape = fine_shape(shape, settings.upsample, settings.upsample_shape)
+        plan = _thick_plan(header.path, shape, header.image.header.get_zooms()[:3], settings)
+        if plan is not None:  # the network's axis order: the thick axis in its slot
+            shape = _swapped(plan.shape, plan.axis, plan.model_axis)
         try:
-            check_patch_fits(shape, options.adapt)
+            check_patch_fits(pair_shape(shape, options.adapt), options.adapt)
         except InferenceError as exc:
             raise InferenceError(f"{header.path}: {exc}") from None
 

@@ -37,6 +37,9 @@ class AdaptOptions:
     after ``patience`` validations without improvement; ``order``: :data:`ADAPT_ORDERS`;
     ``save``: write the adapted checkpoint there. ``factors`` and ``interpolation``: the
     checkpoint's (filled by the file layer; which axis is at full resolution, how pairs are made).
+    A thick-slice checkpoint: ``slice_factor`` (fine voxels per slice of the scan: the pairs'
+    slice thickness and spacing), ``slice_profile`` and ``slice_axis`` (the network's thick
+    axis), filled by the file layer; ``slice_factor=None`` means a k-space checkpoint.
     """
 
     steps: int = 300
@@ -52,6 +55,9 @@ class AdaptOptions:
     save: str | None = None
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
+    slice_factor: int | None = None
+    slice_profile: str = "boxcar"
+    slice_axis: int = 2
 
     def __post_init__(self) -> None:
         for name in ("steps", "patch", "batch", "validate_every", "patience"):
@@ -66,6 +72,10 @@ class AdaptOptions:
         if str(self.order) not in ADAPT_ORDERS:
             raise ValueError(f"adapt.order must be one of {ADAPT_ORDERS}, got {self.order!r}")
         self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]
+        if self.slice_factor is not None:
+            _positive(self.slice_factor, "slice_factor")
+        if self.slice_axis not in (0, 1, 2) or isinstance(self.slice_axis, bool):
+            raise ValueError(f"adapt.slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
 
 
 def _check_size(value: object, name: str, minimum: int) -> None:
