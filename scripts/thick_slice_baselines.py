@@ -14,7 +14,8 @@ slice holds the thick axis, where thick slices show).
 ``--ckpt name=path`` adds a row per thick-slice checkpoint: the thick slices saved as a NIfTI
 scan (slice spacing as its voxel size along the axis, slice centres at the fine voxels'
 centre, as :func:`thick_affine`) and super-resolved by ``mdcsrn-infer``'s Python API
-(``predict``, ``upsample=auto``), scored on the same fine grid.
+(``predict``, ``upsample=auto``), scored on the same fine grid; ``--adapt-minutes M`` adds each checkpoint with ``adapt=true``
+for ``M`` minutes.
 
 ``s1``: pycortex S1 (``mdcsrn-data path s1``); ``anatomical``: nibabel's test
 ``anatomical.nii``; any other argument is a volume file. A developer's measurement (its
@@ -38,6 +39,7 @@ from mdcsrn_lightning.data.fetch import data_path
 from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
 from mdcsrn_lightning.inference.files import predict
+from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 
 __all__ = ["baselines", "sinc_to_fine"]
 
@@ -79,8 +81,10 @@ def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
 
 
 def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, ref: np.ndarray,
-               metric_axis: int, ckpts: list[str]) -> dict[str, Any]:
-    """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``."""
+               metric_axis: int, ckpts: list[str], adapt_minutes: float | None = None,
+               adapt_patch: int = 24) -> dict[str, Any]:
+    """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``
+    (and, with ``adapt_minutes``, its output with ``adapt=true`` for that long: ``<name> adapted``)."""
     import tempfile
 
     import nibabel
@@ -89,14 +93,23 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "thick.nii.gz"
         nibabel.save(nibabel.Nifti1Image(coarse, thick_affine(affine, axis, spacing)), str(src))
-        for item in ckpts:
-            name, path = item.split("=", 1)
-            result = next(iter(predict(src, Path(tmp) / f"{name}.nii.gz", path, upsample="auto", provenance=False)))
+        runs = [(item.split("=", 1), InferenceOptions(device="cpu"), "") for item in ckpts]
+        if adapt_minutes is not None:
+            adapt = AdaptOptions(minutes=adapt_minutes, steps=1_000_000, patch=adapt_patch)
+            runs += [(item.split("=", 1), InferenceOptions(device="cpu", adapt=adapt), " adapted") for item in ckpts]
+        for (name, path), options, suffix in runs:
+            start = time.perf_counter()
+            result = next(iter(predict(src, Path(tmp) / f"{name}.nii.gz", path, options=options, upsample="auto",
+                                       overwrite=True)))
             sr = load_volume(result.output).data
             if sr.shape != ref.shape:
                 raise ValueError(f"{name}: output {sr.shape} is not the fine grid {ref.shape}")
             m = slice_metrics(sr, ref, axis=metric_axis)
-            out[name] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+            out[name + suffix] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4),
+                                  "seconds": round(time.perf_counter() - start, 1)}
+            if suffix:
+                record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
+                out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
     return out
 
 
@@ -112,7 +125,8 @@ def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
 
 
 def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
-              affine: np.ndarray | None = None, ckpts: list[str] | None = None) -> dict[str, Any]:
+              affine: np.ndarray | None = None, ckpts: list[str] | None = None,
+              adapt_minutes: float | None = None, adapt_patch: int = 24) -> dict[str, Any]:
     """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
     thickness = mm / voxel_sizes[axis]
     spacing = max(1, math.floor(thickness + 0.5))
@@ -129,7 +143,8 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
         m = slice_metrics(fine, ref, axis=metric_axis)
         row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
     if ckpts:
-        row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts))
+        row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
+                              adapt_minutes, adapt_patch))
     return row
 
 
@@ -139,6 +154,8 @@ def main() -> None:
     parser.add_argument("--mm", type=float, nargs="+", default=[3.0, 4.0, 5.0])
     parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ckpt", action="append", default=[], help="name=path of a thick-slice checkpoint")
+    parser.add_argument("--adapt-minutes", type=float, default=None, help="also each checkpoint with adapt=true")
+    parser.add_argument("--adapt-patch", type=int, default=24)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -147,7 +164,8 @@ def main() -> None:
         for mm in args.mm:
             for axis in args.axes:
                 start = time.perf_counter()
-                row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt)}
+                row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
+                                                   args.adapt_patch)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
