@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from mdcsrn_lightning.checkpoints import load_trained_model
-from mdcsrn_lightning.models.generators import generator_class
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
 from mdcsrn_lightning.data.intensity import input_scale
 from mdcsrn_lightning.data.volume_io import load_volume
@@ -38,6 +37,7 @@ from mdcsrn_lightning.inference.options import (
     InferenceOptions,
 )
 from mdcsrn_lightning.inference.patches import PatchInferer
+from mdcsrn_lightning.models.generators import generator_class
 
 
 def centre_crop(volume: np.ndarray, size: int | None) -> np.ndarray:
@@ -82,8 +82,11 @@ def evaluate(name: str, hr: np.ndarray, args: argparse.Namespace) -> list[dict[s
                              factors=tuple(factors), interpolation=model.interpolation)  # type: ignore[arg-type]
         checked: list[Any] = []  # the adapted model the real-task check saw (scored here even when refused)
         check = adapt_mod.real_task_check
-        adapt_mod.real_task_check = lambda net, adapted, *a, **k: checked.append(copy.deepcopy(adapted)) or check(
-            net, adapted, *a, **k)
+        def spy(net: Any, adapted: Any, *a: Any, _seen: list[Any] = checked, _check: Any = check, **k: Any) -> Any:
+            _seen.append(copy.deepcopy(adapted))
+            return _check(net, adapted, *a, **k)
+
+        adapt_mod.real_task_check = spy
         try:
             net, record = fine_tune(fresh(model.net_config) if args.scratch else model.net, x, adapt, progress=False)
         finally:
@@ -102,9 +105,42 @@ def evaluate(name: str, hr: np.ndarray, args: argparse.Namespace) -> list[dict[s
     return rows
 
 
+def plot(json_files: list[Path], png: Path) -> None:
+    """PSNR gain over the network's input against adaptation minutes, per scan and starting point
+    (the ``average`` order), with the unadapted model as a dashed line."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for f in json_files for r in json.loads(Path(f).read_text())]
+    scans = sorted({r["scan"] for r in rows})
+    fig, axes = plt.subplots(1, len(scans), figsize=(5 * len(scans), 3.8), squeeze=False)
+    for ax, scan in zip(axes[0], scans):
+        mine = [r for r in rows if r["scan"] == scan]
+        base = next(r["psnr"] for r in mine if r["method"] == "input (degraded)")
+        unadapted = next(r["psnr"] for r in mine if r["method"] == "unadapted")
+        ax.axhline(unadapted - base, ls="--", color="k", label="released model, unadapted")
+        ax.axhline(0.0, ls=":", color="grey", label="input (zero-filled)")
+        for start in ("the checkpoint", "a fresh network"):
+            pattern = re.compile(rf"adapted from {start}, ([0-9.]+) min, order average")
+            points = sorted((float(m.group(1)), r["psnr"] - base) for r in mine if (m := pattern.fullmatch(r["method"])))
+            if points:
+                ax.plot(*zip(*points), "o-", label=f"adapted from {start.replace('the checkpoint', 'the released model')}")
+        ax.set(title=scan, xlabel="adaptation budget (minutes, 2 CPU cores)", ylabel="PSNR gain over the input (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scan", action="append", required=True, help="name=path of an HR scan")
+    parser.add_argument("--scan", action="append", default=[], help="name=path of an HR scan")
+    parser.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON files of earlier runs: plot them")
+    parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--crop", type=int, default=None, help="centre crop edge for scans larger than it")
     parser.add_argument("--ckpt", default=None, help="checkpoint (default: the released weights)")
     parser.add_argument("--minutes", type=float, nargs="+", default=[2.0, 5.0])
@@ -117,6 +153,9 @@ def main() -> None:
     parser.add_argument("--scratch", action="store_true", help="adapt a freshly initialised network instead")
     parser.add_argument("--baselines-only", action="store_true", help="no adaptation: the input and unadapted rows")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.png or Path("adapt_minutes.png"))
+        return
     rows: list[dict[str, Any]] = []
     for item in args.scan:
         name, path = item.split("=", 1)

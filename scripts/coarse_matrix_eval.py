@@ -26,7 +26,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mdcsrn_lightning.data.degradation import degrade, kspace_truncate, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.degradation import (
+    degrade,
+    kspace_truncate,
+    lr_shape,
+    to_fine_grid,
+)
 from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
 from mdcsrn_lightning.inference.files import predict

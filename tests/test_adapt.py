@@ -244,7 +244,7 @@ def _thick_setup(tmp_path: Path, s: int = 3) -> tuple[Path, Path]:
 def test_cli_adapts_a_thick_slice_checkpoint_and_applies_it_as_is(tmp_path: Path, monkeypatch, capsys) -> None:
     src, ckpt = _thick_setup(tmp_path)
     out, saved = tmp_path / "sr.nii.gz", tmp_path / "adapted.ckpt"
-    code, stdout, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}",
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}",
                                 "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS,
                                 f"adapt_options.save={saved}")
     assert code == 0, err

@@ -141,11 +141,11 @@ def test_without_ckpt_a_thick_scan_gets_the_thick_weights_and_upsample_auto(tmp_
     thick_weights = _slices_ckpt(tmp_path)
     monkeypatch.setattr(files, "RELEASED_THICK_WEIGHTS", thick_weights)
     src = _thick_scan(tmp_path)
-    code, out, err = _infer(monkeypatch, capsys, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}")
+    code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}")
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "no ckpt" in ln]
-    assert lines == [f"mdcsrn: no ckpt: thick.nii.gz: voxel sizes [1, 4.2, 0.95] mm: thick slices along axis 1: "
-                     f"using the released thick-slice weights {thick_weights.name} with upsample=auto"]
+    assert lines == [(f"mdcsrn: no ckpt: thick.nii.gz: voxel sizes [1, 4.2, 0.95] mm: thick slices along axis 1: "
+                      f"using the released thick-slice weights {thick_weights.name} with upsample=auto")]
     assert nib.load(str(tmp_path / "sr.nii.gz")).shape == (18, 20, 16)  # subdivided along the thick axis
     with_ckpt = tmp_path / "with_ckpt.nii.gz"
     code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={with_ckpt}", f"ckpt={thick_weights}",

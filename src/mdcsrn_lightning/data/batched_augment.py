@@ -49,7 +49,12 @@ from torch import Tensor
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.augment import AUTO_ROI, REALISTIC_DEFAULTS, ROI_OPTIONS
-from mdcsrn_lightning.data.slices import SliceDegradation, fine_matrix, slice_count, slice_matrix
+from mdcsrn_lightning.data.slices import (
+    SliceDegradation,
+    fine_matrix,
+    slice_count,
+    slice_matrix,
+)
 from mdcsrn_lightning.sizes import triple
 
 __all__ = ["BatchedRealistic", "batched_flip_rot90", "degrade_batch", "slice_degrade_batch"]

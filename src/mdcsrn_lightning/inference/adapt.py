@@ -53,8 +53,8 @@ __all__ = [
     "real_task_check",
     "save_adapted",
     "self_pairs",
-    "thick_pairs",
     "self_validate",
+    "thick_pairs",
 ]
 
 Apply = Callable[[np.ndarray], np.ndarray]
