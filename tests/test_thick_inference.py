@@ -154,18 +154,31 @@ def test_without_ckpt_a_thick_scan_gets_the_thick_weights_and_upsample_auto(tmp_
     np.testing.assert_array_equal(nib.load(str(with_ckpt)).get_fdata(), nib.load(str(tmp_path / "sr.nii.gz")).get_fdata())
 
 
-def test_without_ckpt_an_isotropic_scan_keeps_the_released_weights() -> None:
+def test_without_ckpt_each_route_gets_the_weights_trained_for_it(tmp_path, monkeypatch, capsys) -> None:
     from mdcsrn_lightning.data.volume_io import VolumeHeader
-    from mdcsrn_lightning.inference.files import pick_checkpoint
+    from mdcsrn_lightning.inference import files
 
+    coarse_weights = write_tiny_checkpoint(tmp_path / "coarse.ckpt", datamodule_hyper_parameters={
+        "factors": [2, 2, 1], "interpolation": "zero_filled_magnitude", "input_scale": "lr_p99.9"})
+    monkeypatch.setattr(files, "RELEASED_COARSE_WEIGHTS", coarse_weights)
     img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([1.0, 1.0, 1.2, 1.0]))
-    header = VolumeHeader(Path("iso.nii.gz"), (8, 8, 8), img)
-    assert pick_checkpoint(None, [header], "auto") == (None, "auto")
-    assert pick_checkpoint(None, [header], None) == (None, None)
+    iso = VolumeHeader(Path("iso.nii.gz"), (8, 8, 8), img)
     thick = VolumeHeader(Path("t.nii.gz"), (8, 8, 2), nib.Nifti1Image(np.zeros((8, 8, 2), np.float32),
                                                                        np.diag([1.0, 1.0, 4.0, 1.0])))
-    assert pick_checkpoint(None, [thick], [2, 2, 1]) == (None, [2, 2, 1])  # explicit factors: the coarse-matrix path
-    assert pick_checkpoint("my.ckpt", [thick], None) == ("my.ckpt", None)
+    assert files.pick_checkpoint(None, [iso], None) == (None, None)  # a fine-grid scan: the 2x2x1 weights
+    assert files.pick_checkpoint(None, [iso], "null") == (None, "null")
+    capsys.readouterr()
+    assert files.pick_checkpoint(None, [iso], "auto") == (coarse_weights, "auto")  # a coarse matrix
+    assert files.pick_checkpoint(None, [thick], [2, 2, 1]) == (coarse_weights, [2, 2, 1])  # factors: a coarse matrix
+    assert capsys.readouterr().err.splitlines() == [
+        "mdcsrn: no ckpt: upsample=auto: using the released coarse-matrix weights coarse.ckpt (trained on zero-filled "
+        "magnitude images, what upsample= feeds)",
+        "mdcsrn: no ckpt: upsample=[2, 2, 1]: using the released coarse-matrix weights coarse.ckpt (trained on "
+        "zero-filled magnitude images, what upsample= feeds)"]
+    assert files.pick_checkpoint("my.ckpt", [thick], None) == ("my.ckpt", None)
+    monkeypatch.setattr(files, "RELEASED_COARSE_WEIGHTS", tmp_path / "gone.ckpt")
+    with pytest.raises(files.InferenceError, match=r"gone.ckpt: released weights missing from this installation"):
+        files.pick_checkpoint(None, [iso], "auto")
 
 
 def test_without_ckpt_thick_and_isotropic_inputs_together_are_refused_in_one_line(tmp_path, monkeypatch,

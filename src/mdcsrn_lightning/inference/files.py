@@ -19,10 +19,10 @@ import numpy as np
 
 from mdcsrn_lightning.atomic import remove_stale_temps
 from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model
-from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS
+from mdcsrn_lightning.release import RELEASED_COARSE_WEIGHTS, RELEASED_THICK_WEIGHTS
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
-from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.degradation import fine_shape, kspace_truncate, lr_shape, to_fine_grid
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
 from mdcsrn_lightning.data.volume_io import (
     LoadedVolume,
@@ -306,29 +306,41 @@ def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings,
 def pick_checkpoint(ckpt: str | os.PathLike[str] | None, headers: Sequence[VolumeHeader],
                     upsample: str | Sequence[float] | None) -> tuple[str | os.PathLike[str] | None,
                                                                    str | Sequence[float] | None]:
-    """``(ckpt, upsample)`` to use. A given ``ckpt`` is kept. Without one: thick-slice scans (every
-    input's voxel sizes: one axis >= 1.5x the two in-plane ones, :func:`~.thick.thick_axis`) get
-    the released thick-slice weights with ``upsample=auto`` unless ``upsample`` names factors;
-    other scans the released 2x2x1 weights (``None``). One info line names the pick; inputs that
-    mix both kinds are one line."""
+    """``(ckpt, upsample)`` to use. A given ``ckpt`` is kept. Without one, the released weights
+    trained on what each route feeds: thick-slice scans (every input's voxel sizes: one axis >=
+    1.5x the two in-plane ones, :func:`~.thick.thick_axis`) get the thick-slice weights with
+    ``upsample=auto`` unless ``upsample`` names factors; a coarse matrix (``upsample`` set) the
+    weights trained on zero-filled magnitude images; anything else the 2x2x1 weights (``None``).
+    One info line names a pick other than the default; inputs mixing thick-slice and other scans
+    (without factors) are one line."""
     if ckpt is not None and str(ckpt).strip() not in ("", "None", "null"):
         return ckpt, upsample
-    explicit = upsample is not None and not (isinstance(upsample, str) and upsample.strip().lower() == "auto")
+    word = upsample.strip().lower() if isinstance(upsample, str) else None
+    wanted = upsample is not None and word not in ("", "none", "null", "false")
+    explicit = wanted and word != "auto"
     zooms = [tuple(h.image.header.get_zooms()[:3]) if h.image is not None else None for h in headers]
     thick = [z is not None and thick_axis(z) is not None for z in zooms]
     if explicit or not any(thick):
-        return None, upsample
+        if not wanted:
+            return None, upsample
+        info(f"no ckpt: upsample={upsample}: using the released coarse-matrix weights {_released(RELEASED_COARSE_WEIGHTS)}"
+             " (trained on zero-filled magnitude images, what upsample= feeds)")
+        return RELEASED_COARSE_WEIGHTS, upsample
     if not all(thick):
         i = thick.index(False)
         kind = describe_scan(zooms[i]) if zooms[i] is not None else "a DICOM series (voxel sizes not yet read)"
         raise InferenceError(f"{headers[i].path}: {kind}, beside thick-slice inputs ({headers[thick.index(True)].path});"
                              " without ckpt= each kind needs its own weights: run them separately or give ckpt=")
-    if not RELEASED_THICK_WEIGHTS.is_file():
-        raise InferenceError(f"{RELEASED_THICK_WEIGHTS}: the released thick-slice weights are missing from this "
-                             "installation; give ckpt=")
     info(f"no ckpt: {headers[0].path.name}: {describe_scan(zooms[0])}: using the released thick-slice weights "
-         f"{RELEASED_THICK_WEIGHTS.name} with upsample=auto")
+         f"{_released(RELEASED_THICK_WEIGHTS)} with upsample=auto")
     return RELEASED_THICK_WEIGHTS, "auto"
+
+
+def _released(path: Path) -> str:
+    """``path``'s name; one line when the installation lacks it."""
+    if not path.is_file():
+        raise InferenceError(f"{path}: released weights missing from this installation; give ckpt=")
+    return path.name
 
 
 def _checked_header(header: VolumeHeader, dst: Path, settings: FileSettings,
@@ -432,6 +444,11 @@ def _network_input(volume: LoadedVolume, settings: FileSettings,
     try:
         if plan is not None:
             data, band = plan.fine_input(volume.data, settings.interpolation), plan.factors  # type: ignore[arg-type]
+        elif settings.degrade and settings.interpolation == "zero_filled_magnitude":
+            # the coarse magnitude image a scanner stores: the measured band itself (as upsample= has
+            # it), not read back off its zero-filled magnitude, whose final magnitude alters the band
+            measured = kspace_truncate(volume.data, band)
+            data = to_fine_grid(measured, band, "zero_filled_magnitude", volume.data.shape)
         elif settings.degrade:
             data = measured = _degrade(volume.data, factors=band, interpolation=settings.interpolation)  # type: ignore[arg-type]
         elif settings.upsample is not None:
