@@ -129,7 +129,7 @@ def plot(json_files: list[Path], png: Path) -> None:
             points = sorted((float(m.group(1)), r["psnr"] - base) for r in mine if (m := pattern.fullmatch(r["method"])))
             if points:
                 ax.plot(*zip(*points), "o-", label=f"adapted from {start.replace('the checkpoint', 'the released model')}")
-        ax.set(title=scan, xlabel="adaptation budget (minutes, 2 CPU cores)", ylabel="PSNR gain over the input (dB)")
+        ax.set(title=scan, xlabel="adaptation budget (minutes; one CPU thread, cores shared)", ylabel="PSNR gain over the input (dB)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
