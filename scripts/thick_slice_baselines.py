@@ -82,7 +82,7 @@ def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
 
 def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, ref: np.ndarray,
                metric_axis: int, ckpts: list[str], adapt_minutes: float | None = None,
-               adapt_patch: int = 24) -> dict[str, Any]:
+               adapt_patch: int = 24, adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``
     (and, with ``adapt_minutes``, its output with ``adapt=true`` for that long: ``<name> adapted``)."""
     import tempfile
@@ -95,7 +95,7 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
         nibabel.save(nibabel.Nifti1Image(coarse, thick_affine(affine, axis, spacing)), str(src))
         runs = [(item.split("=", 1), InferenceOptions(device="cpu"), "") for item in ckpts]
         if adapt_minutes is not None:
-            adapt = AdaptOptions(minutes=adapt_minutes, steps=1_000_000, patch=adapt_patch)
+            adapt = AdaptOptions(minutes=adapt_minutes, steps=1_000_000, patch=adapt_patch, **(adapt_extra or {}))
             runs += [(item.split("=", 1), InferenceOptions(device="cpu", adapt=adapt), " adapted") for item in ckpts]
         for (name, path), options, suffix in runs:
             start = time.perf_counter()
@@ -126,7 +126,8 @@ def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
 
 def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
               affine: np.ndarray | None = None, ckpts: list[str] | None = None,
-              adapt_minutes: float | None = None, adapt_patch: int = 24) -> dict[str, Any]:
+              adapt_minutes: float | None = None, adapt_patch: int = 24,
+              adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
     thickness = mm / voxel_sizes[axis]
     spacing = max(1, math.floor(thickness + 0.5))
@@ -144,7 +145,7 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
         row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
     if ckpts:
         row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
-                              adapt_minutes, adapt_patch))
+                              adapt_minutes, adapt_patch, adapt_extra))
     return row
 
 
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--ckpt", action="append", default=[], help="name=path of a thick-slice checkpoint")
     parser.add_argument("--adapt-minutes", type=float, default=None, help="also each checkpoint with adapt=true")
     parser.add_argument("--adapt-patch", type=int, default=24)
+    parser.add_argument("--adapt-lr", type=float, default=AdaptOptions.lr)
+    parser.add_argument("--adapt-patience", type=int, default=AdaptOptions.patience)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -165,7 +168,8 @@ def main() -> None:
             for axis in args.axes:
                 start = time.perf_counter()
                 row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
-                                                   args.adapt_patch)}
+                                                   args.adapt_patch, {"lr": args.adapt_lr,
+                                                                      "patience": args.adapt_patience})}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -61,3 +61,15 @@ def test_coarse_matrix_weights_are_v2s_network_trained_on_magnitude_images() -> 
     assert load_generator(RELEASED_COARSE_WEIGHTS)[1] == load_generator(RELEASED_WEIGHTS)[1]
     card = MODEL_CARD.read_text()
     assert "mdcsrn_b2u4k8_realmix_magnitude.ckpt" in card and "data.interpolation=zero_filled_magnitude" in card
+
+
+def test_thick_slice_weights_record_their_degradation_and_card() -> None:
+    from mdcsrn_lightning.checkpoints import load_trained_model
+    from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS, THICK_MODEL_CARD
+
+    assert RELEASED_THICK_WEIGHTS.stat().st_size < 5 * 2**20
+    model = load_trained_model(RELEASED_THICK_WEIGHTS)
+    assert model.degradation == "slices" and model.slice_axis == 2 and model.interpolation == "cubic"
+    assert model.data["slices"]["thickness"] == [2.0, 6.0] and model.data["slices"]["profile"] == "boxcar"
+    assert not model.recommends_data_consistency  # no k-space band to keep
+    assert "mdcsrn-train experiment=release_thick_cpu" in THICK_MODEL_CARD.read_text()
