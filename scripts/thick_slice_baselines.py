@@ -9,6 +9,13 @@ slices cover (``n * spacing`` voxels along the axis), in slices across an in-pla
 slice holds the thick axis, where thick slices show).
 
     python scripts/thick_slice_baselines.py s1 anatomical --mm 3 4 5 --json out.json
+    python scripts/thick_slice_baselines.py s1 anatomical --mm 3 4 5 --axes 2 --ckpt released=<thick.ckpt>
+
+``--ckpt name=path`` adds a row per thick-slice checkpoint: the thick slices saved as a NIfTI
+scan (slice spacing as its voxel size along the axis, slice centres at the fine voxels'
+centre, as :func:`thick_affine`) and super-resolved by ``mdcsrn-infer``'s Python API
+(``predict``, ``upsample=auto``), scored on the same fine grid; ``--adapt-minutes M`` adds each checkpoint with ``adapt=true``
+for ``M`` minutes.
 
 ``s1``: pycortex S1 (``mdcsrn-data path s1``); ``anatomical``: nibabel's test
 ``anatomical.nii``; any other argument is a volume file. A developer's measurement (its
@@ -31,6 +38,8 @@ from mdcsrn_lightning.data import slices
 from mdcsrn_lightning.data.fetch import data_path
 from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
+from mdcsrn_lightning.inference.files import predict
+from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 
 __all__ = ["baselines", "sinc_to_fine"]
 
@@ -63,6 +72,47 @@ def sinc_to_fine(coarse: np.ndarray, spacing: int, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis).astype(np.float32)
 
 
+def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
+    """The thick scan's affine: slice ``k`` is centred on fine voxels ``k*s .. k*s + s - 1``."""
+    grid = np.eye(4)
+    grid[axis, axis] = spacing
+    grid[axis, 3] = (spacing - 1) / 2
+    return affine @ grid
+
+
+def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, ref: np.ndarray,
+               metric_axis: int, ckpts: list[str], adapt_minutes: float | None = None,
+               adapt_patch: int = 24, adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``
+    (and, with ``adapt_minutes``, its output with ``adapt=true`` for that long: ``<name> adapted``)."""
+    import tempfile
+
+    import nibabel
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "thick.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(coarse, thick_affine(affine, axis, spacing)), str(src))
+        runs = [(item.split("=", 1), InferenceOptions(device="cpu"), "") for item in ckpts]
+        if adapt_minutes is not None:
+            adapt = AdaptOptions(minutes=adapt_minutes, steps=1_000_000, patch=adapt_patch, **(adapt_extra or {}))
+            runs += [(item.split("=", 1), InferenceOptions(device="cpu", adapt=adapt), " adapted") for item in ckpts]
+        for (name, path), options, suffix in runs:
+            start = time.perf_counter()
+            result = next(iter(predict(src, Path(tmp) / f"{name}.nii.gz", path, options=options, upsample="auto",
+                                       overwrite=True)))
+            sr = load_volume(result.output).data
+            if sr.shape != ref.shape:
+                raise ValueError(f"{name}: output {sr.shape} is not the fine grid {ref.shape}")
+            m = slice_metrics(sr, ref, axis=metric_axis)
+            out[name + suffix] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4),
+                                  "seconds": round(time.perf_counter() - start, 1)}
+            if suffix:
+                record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
+                out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
+    return out
+
+
 def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
     if name == "s1":
         name = str(data_path("s1"))
@@ -71,11 +121,14 @@ def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
 
         name = str(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii")
     vol = load_volume(name)
-    return np.asarray(vol.data, dtype=np.float32), tuple(float(v) for v in vol.voxel_sizes)
+    return np.asarray(vol.data, dtype=np.float32), tuple(float(v) for v in vol.voxel_sizes), np.asarray(vol.image.affine)
 
 
-def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int) -> dict[str, Any]:
-    """PSNR / SSIM of each interpolation for ``mm`` slices along ``axis``."""
+def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
+              affine: np.ndarray | None = None, ckpts: list[str] | None = None,
+              adapt_minutes: float | None = None, adapt_patch: int = 24,
+              adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
     thickness = mm / voxel_sizes[axis]
     spacing = max(1, math.floor(thickness + 0.5))
     coarse = slices.thick_slices(hr, thickness, spacing, axis, "boxcar")
@@ -90,6 +143,9 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
             fine = slices.slices_to_fine(coarse, spacing, axis, method)  # type: ignore[arg-type]
         m = slice_metrics(fine, ref, axis=metric_axis)
         row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+    if ckpts:
+        row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
+                              adapt_minutes, adapt_patch, adapt_extra))
     return row
 
 
@@ -98,15 +154,22 @@ def main() -> None:
     parser.add_argument("volumes", nargs="+")
     parser.add_argument("--mm", type=float, nargs="+", default=[3.0, 4.0, 5.0])
     parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ckpt", action="append", default=[], help="name=path of a thick-slice checkpoint")
+    parser.add_argument("--adapt-minutes", type=float, default=None, help="also each checkpoint with adapt=true")
+    parser.add_argument("--adapt-patch", type=int, default=24)
+    parser.add_argument("--adapt-lr", type=float, default=AdaptOptions.lr)
+    parser.add_argument("--adapt-patience", type=int, default=AdaptOptions.patience)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     for name in args.volumes:
-        hr, sizes = _volume(name)
+        hr, sizes, affine = _volume(name)
         for mm in args.mm:
             for axis in args.axes:
                 start = time.perf_counter()
-                row = {"volume": name, **baselines(hr, sizes, mm, axis)}
+                row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
+                                                   args.adapt_patch, {"lr": args.adapt_lr,
+                                                                      "patience": args.adapt_patience})}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -61,7 +61,11 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 @pytest.mark.parametrize("strategy", [["patches.size=16"], ["stream=true", "engine=torch", "slab=4"],
                                       ["stream=true", "engine=openvino", "slab=4"], ["engine=openvino", "patches.size=16"],
                                       ["patches.size=16", "uncertainty=true", "data_consistency=true"],
-                                      ["stream=true", "engine=torch", "slab=4", "uncertainty=true"]])
+                                      ["stream=true", "engine=torch", "slab=4", "uncertainty=true"],
+                                      ["patches.size=16", "adapt=true", "adapt_options.steps=4",
+                                       "adapt_options.validate_every=2", "adapt_options.patch=12",
+                                       "adapt_options.batch=2", "data_consistency=true", "degrade=true",
+                                       "factors=[2,2,1]"]])
 def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
     bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",
@@ -73,6 +77,7 @@ def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypat
         assert f in seen, f
     assert ("inference/streaming.py" in seen) == ("engine=torch" in strategy)
     assert ("inference/ensemble.py" in seen) == ("uncertainty=true" in strategy)
+    assert ("inference/adapt.py" in seen) == ("adapt=true" in strategy)
     assert ("inference/block_stream.py" in seen) == ("stream=true" in strategy and "engine=openvino" in strategy)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from mdcsrn_lightning.data import degradation as D
@@ -57,10 +58,12 @@ def test_data_consistency_keeps_the_fine_grid_band_like_zero_filling() -> None:
     np.testing.assert_allclose(again, out, atol=1e-4 * float(hr.max()))  # the band is the measured one: idempotent
 
 
-def test_a_model_trained_this_way_gets_the_same_input_from_a_coarse_scan_as_from_degrade(tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("consistency", ["false", "true"])
+def test_a_model_trained_this_way_gets_the_same_input_from_a_coarse_scan_as_from_degrade(tmp_path, monkeypatch, capsys,
+                                                                                         consistency) -> None:
     """``upsample=auto`` on the scanner's coarse matrix and ``degrade=true`` on the HR give the
-    network the same input, so the same output (the 0.39 dB gap of the issue is closed by
-    construction for a checkpoint with this interpolation)."""
+    network the same input and data consistency the same band, so the same output (for a
+    checkpoint with this interpolation)."""
     from mdcsrn_lightning.cli import infer as infer_cli
 
     from .test_inference import run_cli, write_tiny_checkpoint
@@ -77,7 +80,8 @@ def test_a_model_trained_this_way_gets_the_same_input_from_a_coarse_scan_as_from
                                      f"upsample_shape=[{hr.shape[0]},{hr.shape[1]},{hr.shape[2]}]"]),
                        ("degrade", [f"input={ANATOMICAL}", "degrade=true"])):
         code, _, err = run_cli(monkeypatch, capsys, infer_cli, *args, f"output={tmp_path / name}.nii.gz", f"ckpt={ckpt}",
-                               "patches.size=[40,48,40]", "patches.margin=0", "data_consistency=false", "device=cpu")
+                               "patches.size=[40,48,40]", "patches.margin=0", f"data_consistency={consistency}",
+                               "device=cpu")
         assert code == 0, err
         outputs[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj, dtype=np.float32)
     assert outputs["upsample"].shape == outputs["degrade"].shape == hr.shape

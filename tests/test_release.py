@@ -48,3 +48,28 @@ def test_infer_without_ckpt_uses_released_weights_on_a_real_t1(tmp_path: Path) -
     assert data.dtype.name == "float32" and np.isfinite(data).all()
     # the output stays on the input's intensity scale
     assert abs(np.percentile(data, 99.9) / np.percentile(src.get_fdata(), 99.9) - 1) < 0.2
+
+
+def test_coarse_matrix_weights_are_v2s_network_trained_on_magnitude_images() -> None:
+    from mdcsrn_lightning.release import RELEASED_COARSE_WEIGHTS
+
+    assert RELEASED_COARSE_WEIGHTS.stat().st_size < 5 * 2**20
+    checkpoint = torch.load(RELEASED_COARSE_WEIGHTS, map_location="cpu", weights_only=True)
+    hp = checkpoint["datamodule_hyper_parameters"]
+    assert (hp["interpolation"], hp["factors"], hp["input_scale"]) == ("zero_filled_magnitude", [2, 2, 1], "lr_p99.9")
+    assert checkpoint["release"]["data_consistency"] is True and checkpoint["release"]["version"] == "v3"
+    assert load_generator(RELEASED_COARSE_WEIGHTS)[1] == load_generator(RELEASED_WEIGHTS)[1]
+    card = MODEL_CARD.read_text()
+    assert "mdcsrn_b2u4k8_realmix_magnitude.ckpt" in card and "data.interpolation=zero_filled_magnitude" in card
+
+
+def test_thick_slice_weights_record_their_degradation_and_card() -> None:
+    from mdcsrn_lightning.checkpoints import load_trained_model
+    from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS, THICK_MODEL_CARD
+
+    assert RELEASED_THICK_WEIGHTS.stat().st_size < 5 * 2**20
+    model = load_trained_model(RELEASED_THICK_WEIGHTS)
+    assert model.degradation == "slices" and model.slice_axis == 2 and model.interpolation == "cubic"
+    assert model.data["slices"]["thickness"] == [2.0, 6.0] and model.data["slices"]["profile"] == "boxcar"
+    assert not model.recommends_data_consistency  # no k-space band to keep
+    assert "mdcsrn-train experiment=release_thick_cpu" in THICK_MODEL_CARD.read_text()

@@ -10,6 +10,7 @@ import torch
 
 from mdcsrn_lightning.cli.train import train
 from mdcsrn_lightning.data import slices as S
+from mdcsrn_lightning.data.batched_augment import BatchedRealistic, slice_degrade_batch
 from mdcsrn_lightning.data.cache import SubjectCache
 from mdcsrn_lightning.data.datamodule import slice_degradation
 
@@ -104,14 +105,45 @@ def test_per_subject_draw_is_fixed_and_in_range() -> None:
     assert S.SliceDegradation(thickness=3, spacing=5, axis=0).draw("x") == (3.0, 5)
 
 
+@pytest.mark.parametrize("axis", [0, 2])
+def test_batched_slice_degradation_equals_slice_degrade_per_sample(axis: int) -> None:
+    rng = np.random.default_rng(3)
+    hr = rng.random((3, 1, 12, 16, 20)).astype(np.float32)
+    deg = S.SliceDegradation(thickness=(2, 6), axis=axis, profile="gaussian", interpolation="cubic")
+    thickness = [2.0, 3.4, 5.9]
+    out = slice_degrade_batch(torch.from_numpy(hr), thickness, deg).numpy()
+    for b, t in enumerate(thickness):
+        expected = S.slice_degrade(hr[b, 0], t, max(1, round(t)), axis, "gaussian", "cubic")
+        np.testing.assert_allclose(out[b, 0], expected, atol=2e-6)
+    with pytest.raises(ValueError, match=r"thickness needs one value per sample \(3\), got 2"):
+        slice_degrade_batch(torch.from_numpy(hr), thickness[:2], deg)
+
+
+def test_realistic_augmentation_re_degrades_by_thick_slices() -> None:
+    deg = S.SliceDegradation(thickness=(2, 6), axis=2, interpolation="cubic")
+    aug = BatchedRealistic({"affine_p": 0.0, "elastic_p": 0.0, "bias_p": 0.0, "gamma_p": 0.0, "noise_p": 0.0},
+                           (2.0, 2.0, 1.0), "zero_filled", (8, 8, 8), 4, slices=deg)
+    assert aug.factors == (1.0, 1.0, 4.0) and aug.interpolation == "cubic"
+    hr = torch.rand(2, 1, *aug.region_size)
+    generator = torch.Generator().manual_seed(0)
+    lr, hr_aug = aug(hr, torch.ones(2, 3), generator)
+    assert lr.shape == hr_aug.shape == (2, 1, 8, 8, 8)
+    window = hr[(slice(None), slice(None), *(slice(a, b) for a, b in aug.window))]
+    torch.testing.assert_close(hr_aug, aug.crop(window))  # nothing drawn: the HR passes unchanged
+    draw = torch.Generator().manual_seed(0)
+    aug._draw(2, draw)
+    thickness = (2 + torch.rand(2, generator=draw, dtype=torch.float64) * 4).tolist()
+    torch.testing.assert_close(lr, aug.crop(slice_degrade_batch(window, thickness, deg)))
+    assert not torch.allclose(lr, hr_aug)
+
+
 def test_data_option_and_cache_key() -> None:
-    assert slice_degradation("kspace", {"axis": 0}, "linear", "paper") is None
-    deg = slice_degradation("slices", {"thickness": [2, 6], "axis": 1}, "cubic", "paper")
+    assert slice_degradation("kspace", {"axis": 0}, "linear") is None
+    deg = slice_degradation("slices", {"thickness": [2, 6], "axis": 1}, "cubic")
     assert deg is not None and deg.axis == 1 and deg.interpolation == "cubic"
-    for bad, message in [(("voxels", None, "linear", "paper"), "degradation must be one of"),
-                         (("slices", {"thick": 2}, "linear", "paper"), r"slices: unknown option\(s\) \['thick'\]"),
-                         (("slices", {}, "zero_filled", "paper"), "interpolation must be one of"),
-                         (("slices", {}, "linear", "realistic"), "augment='realistic' re-degrades in k-space")]:
+    for bad, message in [(("voxels", None, "linear"), "degradation must be one of"),
+                         (("slices", {"thick": 2}, "linear"), r"slices: unknown option\(s\) \['thick'\]"),
+                         (("slices", {}, "zero_filled"), "interpolation must be one of")]:
         with pytest.raises(ValueError, match=message):
             slice_degradation(*bad)
     kspace = SubjectCache(None, (2.0, 2.0, 1.0), "linear", (8, 8, 8), None, True)  # type: ignore[arg-type]

@@ -166,3 +166,20 @@ def test_validation_times_through_the_synchronised_clock(tmp_path: Path, monkeyp
     _trainer(tmp_path).test(module, datamodule=dm, verbose=False)
     assert calls == [torch.device("cpu")]
     assert [r["seconds"] for r in module.test_rows] == [1.5, 1.5]
+
+
+def test_init_ckpt_starts_from_the_released_generator() -> None:
+    from mdcsrn_lightning.checkpoints import CheckpointError, load_trained_model
+    from mdcsrn_lightning.release import RELEASED_WEIGHTS
+
+    released = load_trained_model(RELEASED_WEIGHTS)
+    net = MDCSRN(**{k: v for k, v in released.net_config.items() if k != "_target_"})
+    module = L1Module(net, optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # type: ignore[arg-type]
+                      net_config=released.net_config, init_ckpt=str(RELEASED_WEIGHTS))
+    for name, value in released.net.state_dict().items():
+        torch.testing.assert_close(module.net.state_dict()[name], value, rtol=0, atol=0)
+    other = {**released.net_config, "growth_rate": 4}
+    with pytest.raises(CheckpointError, match="mdcsrn_b2u4k8_realmix.ckpt"):
+        L1Module(MDCSRN(**{k: v for k, v in other.items() if k != "_target_"}),
+                 optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # type: ignore[arg-type]
+                 net_config=other, init_ckpt=str(RELEASED_WEIGHTS))

@@ -127,3 +127,68 @@ def test_an_mgh_thick_scan_gets_the_same_world_grid(tmp_path, monkeypatch, capsy
     assert sr.shape == (18, 20, 16)
     np.testing.assert_allclose(sr.affine, HR_AFFINE, atol=1e-4)
     np.testing.assert_allclose(sr.header.get_zooms(), (1.0, 1.05, 0.95), atol=1e-5)
+
+
+# ------------------------------------------------------------------ no ckpt: the weights that fit the scan
+def _thick_scan(tmp_path: Path, name: str = "thick.nii.gz", axis: int = 1, s: int = 4) -> Path:
+    coarse = S.thick_slices(_hr((18, 20, 16)), s, s, axis)
+    return _save(tmp_path / name, coarse, _thick_affine(HR_AFFINE, axis, s))
+
+
+def test_without_ckpt_a_thick_scan_gets_the_thick_weights_and_upsample_auto(tmp_path, monkeypatch, capsys) -> None:
+    from mdcsrn_lightning.inference import files
+
+    thick_weights = _slices_ckpt(tmp_path)
+    monkeypatch.setattr(files, "RELEASED_THICK_WEIGHTS", thick_weights)
+    src = _thick_scan(tmp_path)
+    code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "no ckpt" in ln]
+    assert lines == [(f"mdcsrn: no ckpt: thick.nii.gz: voxel sizes [1, 4.2, 0.95] mm: thick slices along axis 1: "
+                      f"using the released thick-slice weights {thick_weights.name} with upsample=auto")]
+    assert nib.load(str(tmp_path / "sr.nii.gz")).shape == (18, 20, 16)  # subdivided along the thick axis
+    with_ckpt = tmp_path / "with_ckpt.nii.gz"
+    code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={with_ckpt}", f"ckpt={thick_weights}",
+                          "upsample=auto")
+    assert code == 0, err
+    np.testing.assert_array_equal(nib.load(str(with_ckpt)).get_fdata(), nib.load(str(tmp_path / "sr.nii.gz")).get_fdata())
+
+
+def test_without_ckpt_each_route_gets_the_weights_trained_for_it(tmp_path, monkeypatch, capsys) -> None:
+    from mdcsrn_lightning.data.volume_io import VolumeHeader
+    from mdcsrn_lightning.inference import files
+
+    coarse_weights = write_tiny_checkpoint(tmp_path / "coarse.ckpt", datamodule_hyper_parameters={
+        "factors": [2, 2, 1], "interpolation": "zero_filled_magnitude", "input_scale": "lr_p99.9"})
+    monkeypatch.setattr(files, "RELEASED_COARSE_WEIGHTS", coarse_weights)
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([1.0, 1.0, 1.2, 1.0]))
+    iso = VolumeHeader(Path("iso.nii.gz"), (8, 8, 8), img)
+    thick = VolumeHeader(Path("t.nii.gz"), (8, 8, 2), nib.Nifti1Image(np.zeros((8, 8, 2), np.float32),
+                                                                       np.diag([1.0, 1.0, 4.0, 1.0])))
+    assert files.pick_checkpoint(None, [iso], None) == (None, None)  # a fine-grid scan: the 2x2x1 weights
+    assert files.pick_checkpoint(None, [iso], "null") == (None, "null")
+    capsys.readouterr()
+    assert files.pick_checkpoint(None, [iso], "auto") == (coarse_weights, "auto")  # a coarse matrix
+    assert files.pick_checkpoint(None, [thick], [2, 2, 1]) == (coarse_weights, [2, 2, 1])  # factors: a coarse matrix
+    assert capsys.readouterr().err.splitlines() == [
+        "mdcsrn: no ckpt: upsample=auto: using the released coarse-matrix weights coarse.ckpt (trained on zero-filled "
+        "magnitude images, what upsample= feeds)",
+        "mdcsrn: no ckpt: upsample=[2, 2, 1]: using the released coarse-matrix weights coarse.ckpt (trained on "
+        "zero-filled magnitude images, what upsample= feeds)"]
+    assert files.pick_checkpoint("my.ckpt", [thick], None) == ("my.ckpt", None)
+    monkeypatch.setattr(files, "RELEASED_COARSE_WEIGHTS", tmp_path / "gone.ckpt")
+    with pytest.raises(files.InferenceError, match=r"gone.ckpt: released weights missing from this installation"):
+        files.pick_checkpoint(None, [iso], "auto")
+
+
+def test_without_ckpt_thick_and_isotropic_inputs_together_are_refused_in_one_line(tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _thick_scan(folder, "a_thick.nii.gz")
+    _save(folder / "b_iso.nii.gz", _hr((12, 12, 12)), np.eye(4))
+    code, _, err = _infer(monkeypatch, capsys, f"input={folder}", f"output={tmp_path / 'out'}")
+    assert code != 0
+    assert re.search(r"b_iso.nii.gz: voxel sizes \[1, 1, 1\] mm: no thick axis .* beside thick-slice inputs "
+                     r"\(.*a_thick.nii.gz\); without ckpt= each kind needs its own weights", err)
+    assert not (tmp_path / "out").exists()

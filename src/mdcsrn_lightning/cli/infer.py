@@ -8,6 +8,7 @@ out; the last stdout line is JSON.
     mdcsrn-infer input=coarse.nii.gz output=sr.nii.gz upsample=auto data_consistency=true
     mdcsrn-infer input=scan.nii.gz output=sr.nii.gz uncertainty=true    # + sr_std.nii.gz
     mdcsrn-infer input=bids/sub-01/anat/sub-01_T1w.nii.gz output=derivatives/sr bids=true
+    mdcsrn-infer input=scan.nii.gz output=sr.nii.gz adapt=true adapt_options.minutes=5
 
 Every output gets its provenance record beside it (``sr.json``).
 
@@ -33,7 +34,7 @@ from mdcsrn_lightning.data.sources import VolumeError
 from mdcsrn_lightning.data.volume_io import set_max_voxels
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.files import Prediction, predict
-from mdcsrn_lightning.inference.options import InferenceOptions
+from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.interrupts import Terminated, exit_code, terminate_as_exception
 from mdcsrn_lightning.checkpoints import CheckpointError
 
@@ -92,7 +93,25 @@ def inference_options(cfg: DictConfig) -> InferenceOptions:
         stream=bool(cfg.get("stream", False)),
         slab=_slab(cfg.get("slab")),
         uncertainty=_flag(cfg, "uncertainty"),
+        adapt=adapt_options(cfg),
     )
+
+
+def adapt_options(cfg: DictConfig) -> AdaptOptions | None:
+    """``adapt=true``: the ``adapt_options.*`` block as :class:`AdaptOptions`; ``None`` otherwise."""
+    if not _flag(cfg, "adapt"):
+        return None
+    block = cfg.get("adapt_options") or {}
+    values = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+    known = {"steps", "minutes", "lr", "patch", "batch", "seed", "holdout", "validate_every", "patience", "order", "save"}
+    unknown = sorted(set(values) - known)  # type: ignore[arg-type]
+    if unknown:
+        raise InferenceError(f"adapt_options.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    if isinstance(values.get("lr"), int) and not isinstance(values.get("lr"), bool):  # type: ignore[union-attr]
+        values["lr"] = float(values["lr"])  # type: ignore[index]
+    if values.get("order") is not None:  # type: ignore[union-attr]
+        values["order"] = str(values["order"])  # type: ignore[index]  # a YAML 01 / 10 is read as a number
+    return AdaptOptions(**values)  # type: ignore[arg-type]
 
 
 def _flag(cfg: DictConfig, key: str) -> bool:
@@ -133,6 +152,7 @@ def infer(cfg: DictConfig) -> dict[str, Any]:
         "provenance": [r.sidecar for r in results if r.sidecar is not None],
         "inputs": [r.input for r in results],
         "checkpoint": results[0].extra.get("checkpoint") if results else None,
+        "adapt": [r.extra["adapt"] for r in results if "adapt" in r.extra],
         "seconds": time.perf_counter() - start,
     }
 

@@ -49,9 +49,15 @@ from torch import Tensor
 
 from mdcsrn_lightning.data import degradation
 from mdcsrn_lightning.data.augment import AUTO_ROI, REALISTIC_DEFAULTS, ROI_OPTIONS
+from mdcsrn_lightning.data.slices import (
+    SliceDegradation,
+    fine_matrix,
+    slice_count,
+    slice_matrix,
+)
 from mdcsrn_lightning.sizes import triple
 
-__all__ = ["BatchedRealistic", "batched_flip_rot90", "degrade_batch"]
+__all__ = ["BatchedRealistic", "batched_flip_rot90", "degrade_batch", "slice_degrade_batch"]
 
 _PROBABILITIES = ("affine_p", "elastic_p", "bias_p", "gamma_p", "noise_p")
 _NON_NEGATIVE = ("degrees", "elastic_displacement", "bias_coefficients", "log_gamma")
@@ -166,6 +172,32 @@ def _to_grid(k: Tensor, shape: Sequence[int], shape_lr: Sequence[int], axes: Seq
 
 
 # ----------------------------------------------------------------------------- flips, rot90
+
+
+@functools.lru_cache(maxsize=256)
+def _slice_operator(n: int, thickness: float, spacing: int, profile: str, interpolation: str) -> np.ndarray:
+    """``(n, n)``: thick slices of ``n`` fine voxels, then back onto them (``slice_degrade`` as a matrix)."""
+    count = slice_count(n, spacing)
+    return fine_matrix(count, spacing, n, interpolation) @ slice_matrix(n, thickness, spacing, profile)  # type: ignore[arg-type]
+
+
+def slice_degrade_batch(hr: Tensor, thickness: Sequence[float], slices: SliceDegradation) -> Tensor:
+    """Batched :func:`~mdcsrn_lightning.data.slices.slice_degrade`: ``(B, C, X, Y, Z)`` -> same shape.
+
+    Sample ``b`` gets slices ``thickness[b]`` fine voxels thick (spacing: ``slices.spacing``, or
+    the thickness rounded) along ``slices.axis``, starting at the region's first voxel.
+    """
+    if len(thickness) != hr.shape[0]:
+        raise ValueError(f"thickness needs one value per sample ({hr.shape[0]}), got {len(thickness)}")
+    dim, n = slices.axis + 2, hr.shape[slices.axis + 2]
+    dtype = torch.float64 if hr.device.type != "cpu" else torch.float32
+    out = torch.empty_like(hr)
+    for b, t in enumerate(thickness):
+        s = slices.spacing if slices.spacing is not None else max(1, round(float(t)))
+        op = torch.as_tensor(_slice_operator(n, float(t), int(s), slices.profile, slices.interpolation),
+                             dtype=dtype, device=hr.device)
+        out[b] = _apply_matrix(hr[b], op, dim - 1).to(hr.dtype)
+    return out
 
 
 def batched_flip_rot90(
@@ -436,12 +468,13 @@ class BatchedRealistic:
     """
 
     def __init__(self, options: Mapping[str, Any] | None, factors: Sequence[float], interpolation: str,
-                 patch_size: Sequence[int], margin: int) -> None:
+                 patch_size: Sequence[int], margin: int, slices: SliceDegradation | None = None) -> None:
         opts = _check_options(options)
-        self.factors = degradation._check_factors(factors)
-        if interpolation not in degradation._INTERPOLATIONS:
+        self.slices = slices
+        self.factors = degradation._check_factors(slices.factors() if slices is not None else factors)
+        if slices is None and interpolation not in degradation._INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {degradation._INTERPOLATIONS}, got {interpolation!r}")
-        self.interpolation = interpolation
+        self.interpolation = slices.interpolation if slices is not None else interpolation
         self.patch_size, self.margin = _check_geometry(patch_size, margin)
         self.grid = tuple(max(1, round(f)) for f in self.factors)
         self.probabilities = torch.tensor([float(opts[k]) for k in _PROBABILITIES])
@@ -573,5 +606,10 @@ class BatchedRealistic:
         """``hr`` ``(B, 1, *region_size)``, ``spacing`` ``(B, 3)`` mm -> ``(lr, hr_aug)``, each
         ``(B, 1, *patch_size)``."""
         augmented = self.augment(hr, spacing, generator)
-        lr = degrade_batch(augmented, self.factors, self.interpolation)
+        if self.slices is None:
+            lr = degrade_batch(augmented, self.factors, self.interpolation)
+        else:  # a thickness per sample, drawn after (so without changing) the augmentation's parameters
+            lo, hi = self.slices.thickness[0], self.slices.thickness[-1]
+            thickness = (lo + torch.rand(hr.shape[0], generator=generator, dtype=torch.float64) * (hi - lo)).tolist()
+            lr = slice_degrade_batch(augmented, thickness, self.slices)
         return self.crop(lr).contiguous(), self.crop(augmented).contiguous()

@@ -75,15 +75,12 @@ PatchSamplerName = Literal["uniform", "label"]
 DegradationName = Literal["kspace", "slices"]
 
 
-def slice_degradation(degradation: str, slices: Mapping[str, Any] | None, interpolation: str,
-                      augment: str) -> SliceDegradation | None:
+def slice_degradation(degradation: str, slices: Mapping[str, Any] | None, interpolation: str) -> SliceDegradation | None:
     """``degradation="slices"``'s :class:`SliceDegradation` (``None`` for ``"kspace"``), checked."""
     if degradation not in get_args(DegradationName):
         raise ValueError(f"degradation must be one of {get_args(DegradationName)}, got {degradation!r}")
     if degradation == "kspace":
         return None
-    if augment == "realistic":
-        raise ValueError("augment='realistic' re-degrades in k-space; use augment=paper or none with degradation=slices")
     options = dict(slices or {})
     unknown = sorted(set(options) - {"thickness", "spacing", "profile", "axis", "seed"})
     if unknown:
@@ -250,10 +247,11 @@ class SRDataModule(LightningDataModule):
         if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)):
             raise ValueError(f"split_seed must be an int, got {split_seed!r}")
         augment = _check_choices(normalize, sampler, augment, augment_options, augment_on)
-        self.slices = slice_degradation(degradation, slices, interpolation, augment)
+        self.slices = slice_degradation(degradation, slices, interpolation)
         fs = self.slices.factors() if self.slices is not None else fs
         # Built here so that a bad option fails at construction, not at the first batch.
-        self._realistic = _batched_realistic(augment_options, fs, interpolation, patch) if augment == "realistic" else None
+        self._realistic = (_batched_realistic(augment_options, fs, interpolation, patch, self.slices)
+                           if augment == "realistic" else None)
         if not (isinstance(foreground_threshold, (int, float)) and foreground_threshold >= 0):
             raise ValueError(f"foreground_threshold must be a number >= 0, got {foreground_threshold!r}")
         aug_axes, planes = _augment_planes(augment_axes, fs, patch, augment)
@@ -544,7 +542,8 @@ def _augment_planes(
 
 
 def _batched_realistic(
-    options: Mapping[str, Any] | None, factors: Sequence[float], interpolation: str, patch: Sequence[int]
+    options: Mapping[str, Any] | None, factors: Sequence[float], interpolation: str, patch: Sequence[int],
+    slices: SliceDegradation | None = None,
 ) -> Any:
     """``augment=realistic``'s batched HR transforms and re-degradation around ``patch``-sized patches."""
     from mdcsrn_lightning.data.batched_augment import BatchedRealistic
@@ -552,7 +551,7 @@ def _batched_realistic(
     realistic_hr_transform(options)  # the option checks shared with the TorchIO transforms
     realistic_roi(options, patch)
     margin = int(dict(options or {}).get("roi_margin", REALISTIC_DEFAULTS["roi_margin"]))
-    return BatchedRealistic(options, factors, interpolation, patch, margin)
+    return BatchedRealistic(options, factors, interpolation, patch, margin, slices)
 
 
 def _collate_then(augment: Any | None) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
 from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
+from mdcsrn_lightning.inference.adapt import AdaptingInferer, pair_factors
 
 __all__ = ["build_inferer"]
 
@@ -34,6 +36,8 @@ def build_inferer(
     OpenVINO block streaming: CPU; ``auto``: OpenVINO where installed, else eager).
     ``uncertainty=true`` wraps that inferer in :class:`~.ensemble.EnsembleInferer` (the mean
     over the symmetries of the degraded plane, axes (0, 1), and its standard deviation).
+    ``adapt`` (:class:`~.options.AdaptOptions`): :class:`~.adapt.AdaptingInferer`, which
+    fine-tunes a copy of ``net`` on each volume, then runs the patches with it.
 
     Built once per model: engines are exported and compiled here, not per volume.
 
@@ -43,6 +47,8 @@ def build_inferer(
     """
     options = options or InferenceOptions()
     device = resolve_device(options.device)
+    if options.adapt is not None:
+        return _adapting(net, options)
     inferer: Inferer
     if options.stream:
         inferer = ExactInferer(_exact_runner(net, options, device, log), progress=options.progress)
@@ -94,3 +100,17 @@ def _exact_runner(net: nn.Module, options: InferenceOptions, device: torch.devic
         return BlockStreamingMDCSRN(net, slab)
     except (TypeError, ValueError) as exc:  # not an mDCSRN, blocks of several layouts
         raise InferenceError(f"stream=true: {exc}") from None
+
+
+def _adapting(net: nn.Module, options: InferenceOptions) -> Inferer:
+    """The patch pass (engine torch) on a copy of ``net`` whose weights each volume's fine-tuning replaces."""
+    assert options.adapt is not None
+    for refused, why in ((options.stream, "stream=true"), (options.uncertainty, "uncertainty=true"),
+                         (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
+                         (options.bn_mode != "eval", "bn_mode=train")):
+        if refused:
+            raise InferenceError(f"adapt=true runs the patch pass with engine=torch and bn_mode=eval; not with {why}")
+    pair_factors(options.adapt.factors)  # no axis at full resolution: one line now
+    work = copy.deepcopy(net)
+    inner = PatchInferer(work, options)
+    return AdaptingInferer(inner, work, options.adapt, progress=options.progress)

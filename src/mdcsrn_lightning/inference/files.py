@@ -19,9 +19,10 @@ import numpy as np
 
 from mdcsrn_lightning.atomic import remove_stale_temps
 from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model
+from mdcsrn_lightning.release import RELEASED_COARSE_WEIGHTS, RELEASED_THICK_WEIGHTS
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
-from mdcsrn_lightning.data.degradation import fine_shape, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.degradation import fine_shape, kspace_truncate, lr_shape, to_fine_grid
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
 from mdcsrn_lightning.data.volume_io import (
     LoadedVolume,
@@ -35,7 +36,9 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
+from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, pair_shape, save_adapted
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
+from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.data.volume_write import NiftiError, check_free_path, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
@@ -300,17 +303,57 @@ def _check_fine_shape(src: Path, shape: Sequence[int], settings: FileSettings,
             raise InferenceError(f"{src}: {exc}") from None
 
 
-def _checked_header(src: Path, dst: Path, settings: FileSettings, protect: tuple[Path, ...]) -> VolumeHeader:
-    """What can be checked without reading ``src``'s voxel data (its header: readable, 3D,
-    size, voxel sizes, the upsampled shape), and ``dst``."""
-    header = read_header(src, error=NiftiError)
+def pick_checkpoint(ckpt: str | os.PathLike[str] | None, headers: Sequence[VolumeHeader],
+                    upsample: str | Sequence[float] | None) -> tuple[str | os.PathLike[str] | None,
+                                                                   str | Sequence[float] | None]:
+    """``(ckpt, upsample)`` to use. A given ``ckpt`` is kept. Without one, the released weights
+    trained on what each route feeds: thick-slice scans (every input's voxel sizes: one axis >=
+    1.5x the two in-plane ones, :func:`~.thick.thick_axis`) get the thick-slice weights with
+    ``upsample=auto`` unless ``upsample`` names factors; a coarse matrix (``upsample`` set) the
+    weights trained on zero-filled magnitude images; anything else the 2x2x1 weights (``None``).
+    One info line names a pick other than the default; inputs mixing thick-slice and other scans
+    (without factors) are one line."""
+    if ckpt is not None and str(ckpt).strip() not in ("", "None", "null"):
+        return ckpt, upsample
+    word = upsample.strip().lower() if isinstance(upsample, str) else None
+    wanted = upsample is not None and word not in ("", "none", "null", "false")
+    explicit = wanted and word != "auto"
+    zooms = [tuple(h.image.header.get_zooms()[:3]) if h.image is not None else None for h in headers]
+    thick = [z is not None and thick_axis(z) is not None for z in zooms]
+    if explicit or not any(thick):
+        if not wanted:
+            return None, upsample
+        info(f"no ckpt: upsample={upsample}: using the released coarse-matrix weights {_released(RELEASED_COARSE_WEIGHTS)}"
+             " (trained on zero-filled magnitude images, what upsample= feeds)")
+        return RELEASED_COARSE_WEIGHTS, upsample
+    if not all(thick):
+        i = thick.index(False)
+        kind = describe_scan(zooms[i]) if zooms[i] is not None else "a DICOM series (voxel sizes not yet read)"
+        raise InferenceError(f"{headers[i].path}: {kind}, beside thick-slice inputs ({headers[thick.index(True)].path});"
+                             " without ckpt= each kind needs its own weights: run them separately or give ckpt=")
+    info(f"no ckpt: {headers[0].path.name}: {describe_scan(zooms[0])}: using the released thick-slice weights "
+         f"{_released(RELEASED_THICK_WEIGHTS)} with upsample=auto")
+    return RELEASED_THICK_WEIGHTS, "auto"
+
+
+def _released(path: Path) -> str:
+    """``path``'s name; one line when the installation lacks it."""
+    if not path.is_file():
+        raise InferenceError(f"{path}: released weights missing from this installation; give ckpt=")
+    return path.name
+
+
+def _checked_header(header: VolumeHeader, dst: Path, settings: FileSettings,
+                    protect: tuple[Path, ...]) -> VolumeHeader:
+    """What can be checked without reading the voxel data (the header, read once by
+    :func:`read_header`: readable, 3D, size, voxel sizes; the upsampled shape), and ``dst``."""
     check_output_path(dst, overwrite=settings.overwrite, protect=protect)
     if settings.uncertainty:
         check_output_path(std_path(dst), overwrite=settings.overwrite, protect=protect)
     if settings.provenance:
         check_free_path(sidecar_path(dst), overwrite=settings.overwrite, protect=protect)
     if header.image is not None:  # a DICOM series' shape is known once it is read
-        _check_fine_shape(src, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
+        _check_fine_shape(header.path, header.shape[:3], settings, tuple(header.image.header.get_zooms()[:3]))
     return header
 
 
@@ -361,6 +404,9 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
+    adaptation = inferer.adaptation if isinstance(inferer, AdaptingInferer) else None  # what adapt=true did
+    if record is not None and adaptation is not None:
+        record = {**record, "adapt": adaptation.record()}
     write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
     if plan is not None:  # the thick axis where the network had it in training, and back
         sr, std = plan.from_model(sr), None if std is None else plan.from_model(std)
@@ -385,6 +431,7 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         data_consistency=settings.data_consistency,
         std=str(std_path(output)) if settings.uncertainty else None,
         sidecar=str(sidecar_path(output)) if record is not None else None,
+        extra={"adapt": adaptation.record()} if adaptation is not None else {},
     )
 
 
@@ -397,6 +444,11 @@ def _network_input(volume: LoadedVolume, settings: FileSettings,
     try:
         if plan is not None:
             data, band = plan.fine_input(volume.data, settings.interpolation), plan.factors  # type: ignore[arg-type]
+        elif settings.degrade and settings.interpolation == "zero_filled_magnitude":
+            # the coarse magnitude image a scanner stores: the measured band itself (as upsample= has
+            # it), not read back off its zero-filled magnitude, whose final magnitude alters the band
+            measured = kspace_truncate(volume.data, band)
+            data = to_fine_grid(measured, band, "zero_filled_magnitude", volume.data.shape)
         elif settings.degrade:
             data = measured = _degrade(volume.data, factors=band, interpolation=settings.interpolation)  # type: ignore[arg-type]
         elif settings.upsample is not None:
@@ -457,19 +509,23 @@ def predict(
     """
     options = options or InferenceOptions()
     resolve_device(options.device)  # device=cuda without CUDA: fail now
+    inputs, is_collection = collect_inputs(input)
+    raw_headers = [read_header(src, error=NiftiError) for src in inputs]
+    ckpt, upsample = pick_checkpoint(ckpt, raw_headers, upsample)
     model = load_trained_model(ckpt)
     settings = file_settings(model, degrade=degrade, factors=factors, degrade_interpolation=degrade_interpolation,
                              upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
                              overwrite=overwrite)
     settings = replace(settings, uncertainty=options.uncertainty, provenance=bool(provenance))
-    inputs, is_collection = collect_inputs(input)
     outputs = _bids.plan_bids_outputs(inputs, output) if bids else plan_outputs(inputs, output, is_collection)
     check_distinct(outputs, std=settings.uncertainty, sidecar=settings.provenance)
     description = _bids.description_path(output) if bids else None
     if description is not None and not description.exists():
         check_free_path(description, overwrite=False, protect=tuple(inputs))
     normalize = model.data.get("normalize") != "none"
-    headers = [_checked_header(src, dst, settings, tuple(inputs)) for src, dst in zip(inputs, outputs)]
+    options = _with_adapt(options, model, settings, inputs, outputs, raw_headers)
+    headers = [_checked_header(h, dst, settings, tuple(inputs)) for h, dst in zip(raw_headers, outputs)]
+    _check_adapt_shapes(headers, settings, options)
     held = _checked_inputs(headers, settings, normalize, resolve_memory_budget(memory_budget))
     for folder in {dst.parent for dst in outputs}:
         remove_stale_temps(folder)  # left by a killed run
@@ -479,12 +535,84 @@ def predict(
         raise InferenceError(str(exc)) from None
     inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
     record = request_record(model, asdict(settings), asdict(options), inferer.name) if settings.provenance else None
-    return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description)
+    save = Path(options.adapt.save) if options.adapt is not None and options.adapt.save is not None else None
+    return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description, save)
+
+
+def _one_slice_factor(headers: Sequence[VolumeHeader], settings: FileSettings) -> int:
+    """The fine voxels per slice shared by every thick-slice input (their pairs' slices); one
+    line when inputs differ (adapt them in separate runs) or none is a NIfTI thick-slice scan."""
+    factors: dict[int, Path] = {}
+    for header in headers:
+        if header.image is None or not settings.auto:
+            continue
+        try:
+            plan = plan_thick(header.shape, header.image.header.get_zooms()[:3], settings.thick_axis or 2,
+                              settings.upsample_shape)
+        except ValueError:
+            continue  # refused with its file name by the header check
+        factors.setdefault(plan.factor, header.path)
+    if len(factors) > 1:
+        (f1, p1), (f2, p2) = list(factors.items())[:2]
+        raise InferenceError(f"adapt=true: {p1} has {f1} fine voxels per slice, {p2} {f2}; adapt scans of different "
+                             "slice thickness in separate runs")
+    if not factors:
+        raise InferenceError("adapt=true with a thick-slice checkpoint needs upsample=auto and a thick-slice NIfTI scan")
+    return next(iter(factors))
+
+
+def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSettings,
+                inputs: Sequence[Path], outputs: Sequence[Path], headers: Sequence[VolumeHeader]) -> InferenceOptions:
+    """``options.adapt`` completed with the checkpoint's factors and interpolation (the scan's
+    own pairs are made as training made its input); what it cannot do is one line, now."""
+    adapt = options.adapt
+    if adapt is None:
+        return options
+    if model.degradation == "slices":
+        adapt = replace(adapt, interpolation=model.interpolation, slice_factor=_one_slice_factor(headers, settings),
+                        slice_profile=str((model.data.get("slices") or {}).get("profile", "boxcar")),
+                        slice_axis=model.slice_axis)
+    else:
+        adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
+        pair_factors(adapt.factors)
+    if adapt.save is not None:
+        if len(inputs) != 1:
+            raise InferenceError(f"adapt.save={adapt.save}: one input only (each scan gets its own adapted model)")
+        check_free_path(Path(adapt.save), overwrite=settings.overwrite, protect=tuple(inputs))
+        if Path(adapt.save).resolve() in {Path(o).resolve() for o in outputs}:
+            raise InferenceError(f"adapt.save={adapt.save}: is the output; give another file name")
+    return replace(options, adapt=adapt)
+
+
+def _swapped(shape: Sequence[int], a: int, b: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[a], out[b] = out[b], out[a]
+    return tuple(out)
+
+
+def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings, options: InferenceOptions) -> None:
+    """Each network input (the fine grid) holds adapt's patch and held-out slab (DICOM: checked when run)."""
+    if options.adapt is None:
+        return
+    for header in headers:
+        if header.image is None:
+            continue
+        shape = tuple(header.shape[:3])
+        if settings.upsample is not None:
+            shape = fine_shape(shape, settings.upsample, settings.upsample_shape)
+        plan = _thick_plan(header.path, shape, header.image.header.get_zooms()[:3], settings)
+        if plan is not None:  # the network's axis order: the thick axis in its slot
+            shape = _swapped(plan.shape, plan.axis, plan.model_axis)
+        try:
+            check_patch_fits(pair_shape(shape, options.adapt), options.adapt)
+        except InferenceError as exc:
+            raise InferenceError(f"{header.path}: {exc}") from None
 
 
 def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[LoadedVolume | None],
                  outputs: list[Path], inferer: Inferer, settings: FileSettings, normalize: bool,
-                 record: dict[str, Any] | None, description: Path | None) -> Iterator[Prediction]:
+                 record: dict[str, Any] | None, description: Path | None,
+                 save: Path | None = None) -> Iterator[Prediction]:
     if description is not None and not description.exists():  # the BIDS derivative's description, first
         try:
             write_json_file(description, _bids.dataset_description(__version__), overwrite=False)
@@ -496,4 +624,18 @@ def _predictions(model: TrainedModel, headers: list[VolumeHeader], held: list[Lo
         result = predict_file(volume, dst, inferer, settings, record)
         del volume
         result.extra["checkpoint"] = str(model.path)
+        if save is not None:
+            result.extra["adapted_checkpoint"] = str(_save_adapted(save, inferer, model, header.path, settings))
         yield result
+
+
+def _save_adapted(path: Path, inferer: Inferer, model: TrainedModel, src: Path, settings: FileSettings) -> Path:
+    """``adapt.save``: the model the scan was inferred with (adapted, or the unadapted one that
+    self-validation kept), in the training checkpoints' format, with what it was adapted to."""
+    assert isinstance(inferer, AdaptingInferer) and inferer.adaptation is not None
+    adaptation, state = inferer.adaptation, inferer.adapted_state
+    state = state if state is not None else model.net.state_dict()
+    record = {"scan": str(Path(src).resolve()), "from": str(Path(model.path).resolve()),
+              "degrade": settings.degrade, **adaptation.record()}
+    check_free_path(path, overwrite=settings.overwrite, protect=(src,))
+    return save_adapted(path, state, model.net_config, model.data, record)

@@ -9,12 +9,73 @@ from typing import Any, Literal, get_args
 
 from mdcsrn_lightning.sizes import triple
 
-__all__ = ["BNMode", "EngineName", "InferenceOptions", "OverlapMode", "PRECISIONS"]
+__all__ = ["ADAPT_ORDERS", "PRECISIONS", "AdaptOptions", "BNMode", "EngineName", "InferenceOptions", "OverlapMode"]
 
 EngineName = Literal["torch", "compile", "onnxruntime", "openvino", "auto"]
 OverlapMode = Literal["crop", "average", "hann"]
 BNMode = Literal["eval", "train"]
 PRECISIONS = ("32", "fp32", "float32", "bf16", "bfloat16", "bf16-mixed")
+#: how the adapted model is applied: each degraded axis in turn swapped into the
+#: full-resolution axis's slot, axis 0 first ("01"), axis 1 first ("10"), or both orders averaged
+ADAPT_ORDERS = ("01", "10", "average")
+
+
+def _positive(value: object, name: str, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ValueError(f"adapt.{name}: a {'number' if kind is float else 'integer'} > 0, got {value!r}")
+
+
+@dataclass
+class AdaptOptions:
+    """Per-scan self-supervised fine-tuning before inference (``adapt=true``;
+    :class:`~.adapt.AdaptingInferer`, ``docs/inference.md`` "Adapting to a scan").
+
+    ``steps``: at most this many Adam steps (learning rate ``lr``), and at most ``minutes``
+    (``None``: no time limit); ``patch``: the edge of the random training patches, ``batch`` of
+    them per step; ``seed``: their positions and flips; ``holdout``: the fraction of the scan
+    (a slab along axis 0) held out for self-validation every ``validate_every`` steps, stopping
+    after ``patience`` validations without improvement; ``order``: :data:`ADAPT_ORDERS`;
+    ``save``: write the adapted checkpoint there. ``factors`` and ``interpolation``: the
+    checkpoint's (filled by the file layer; which axis is at full resolution, how pairs are made).
+    A thick-slice checkpoint: ``slice_factor`` (fine voxels per slice of the scan: the pairs'
+    slice thickness and spacing), ``slice_profile`` and ``slice_axis`` (the network's thick
+    axis), filled by the file layer; ``slice_factor=None`` means a k-space checkpoint.
+    """
+
+    steps: int = 300
+    minutes: float | None = 5.0
+    lr: float = 1e-4
+    patch: int = 24
+    batch: int = 4
+    seed: int = 0
+    holdout: float = 0.2
+    validate_every: int = 20
+    patience: int = 5
+    order: str = "average"
+    save: str | None = None
+    factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
+    interpolation: str = "linear"
+    slice_factor: int | None = None
+    slice_profile: str = "boxcar"
+    slice_axis: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "patch", "batch", "validate_every", "patience"):
+            _positive(getattr(self, name), name)
+        _positive(self.lr, "lr", float)
+        if self.minutes is not None:
+            _positive(self.minutes, "minutes", float)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"adapt.seed: an integer, got {self.seed!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
+            raise ValueError(f"adapt.holdout: a fraction in (0, 1), got {self.holdout!r}")
+        if str(self.order) not in ADAPT_ORDERS:
+            raise ValueError(f"adapt.order must be one of {ADAPT_ORDERS}, got {self.order!r}")
+        self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]
+        if self.slice_factor is not None:
+            _positive(self.slice_factor, "slice_factor")
+        if self.slice_axis not in (0, 1, 2) or isinstance(self.slice_axis, bool):
+            raise ValueError(f"adapt.slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
 
 
 def _check_size(value: object, name: str, minimum: int) -> None:
@@ -34,6 +95,7 @@ class InferenceOptions:
     slices at a time (``None``: 16). ``uncertainty=True``: the chosen inferer is run over the
     symmetries of the degraded plane and averaged (:class:`~.ensemble.EnsembleInferer`: 8
     passes, 4 on a non-square plane), with the per-voxel standard deviation beside the mean.
+    ``adapt``: fine-tune a copy of the network on each volume first (:class:`AdaptOptions`).
     """
 
     patch_size: int | Sequence[int] | str | None = 70
@@ -48,6 +110,7 @@ class InferenceOptions:
     stream: bool = False
     slab: int | None = None
     uncertainty: bool = False
+    adapt: AdaptOptions | None = None
 
     def __post_init__(self) -> None:
         if self.patch_size is None:  # `patches.size: null` in the configs
@@ -64,7 +127,9 @@ class InferenceOptions:
             raise ValueError(f"slab: an integer >= 1 or None, got {self.slab!r}")
         if not isinstance(self.uncertainty, bool):
             raise ValueError(f"uncertainty: true or false, got {self.uncertainty!r}")
+        if self.adapt is not None and not isinstance(self.adapt, AdaptOptions):
+            raise ValueError(f"adapt: an AdaptOptions or None, got {type(self.adapt).__name__}")
 
     def kwargs(self) -> dict[str, Any]:
         """The patch pass's own fields (for records such as ``mdcsrn-eval``'s settings)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("engine", "stream", "slab", "uncertainty")}
+        return {k: v for k, v in asdict(self).items() if k not in ("engine", "stream", "slab", "uncertainty", "adapt")}

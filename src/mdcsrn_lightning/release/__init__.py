@@ -9,6 +9,14 @@ RELEASE_DIR = Path(__file__).resolve().parent
 # on the realistic mixture (see MODEL_CARD.md)
 RELEASED_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_realmix.ckpt"
 MODEL_CARD = RELEASE_DIR / "MODEL_CARD.md"
+# v2 fine-tuned on zero-filled magnitude images (`data.interpolation=zero_filled_magnitude`, what
+# `upsample=` feeds from a coarse matrix; MODEL_CARD.md "Coarse-matrix weights"); mdcsrn-infer picks
+# it for `upsample=` when no ckpt is given
+RELEASED_COARSE_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_realmix_magnitude.ckpt"
+# the same network trained on thick slices (2-6 mm, along axis 2) by `experiment=release_thick_cpu`
+# (MODEL_CARD_thick.md); mdcsrn-infer picks it for thick-slice scans when no ckpt is given
+RELEASED_THICK_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_thick.ckpt"
+THICK_MODEL_CARD = RELEASE_DIR / "MODEL_CARD_thick.md"
 
 
 def released_weights() -> Path:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchio as tio
 from torch import nn
 
+from mdcsrn_lightning.checkpoints import load_generator
 from mdcsrn_lightning.training.base import SRModule
 
 
@@ -20,6 +21,8 @@ class L1Module(SRModule):
         optimizer: a partial optimizer (``_partial_: true`` in config), called with the
             generator's parameters.
         scheduler: optional partial LR scheduler, called with the optimizer.
+        init_ckpt: a trained checkpoint (``mdcsrn-train``'s or a released one) whose generator
+            weights the run starts from (fine-tuning); its architecture must match ``net_config``.
         **kwargs: see :class:`SRModule`.
     """
 
@@ -28,9 +31,13 @@ class L1Module(SRModule):
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        init_ckpt: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(net, **kwargs)
+        if init_ckpt is not None:
+            pretrained, _ = load_generator(init_ckpt, expected_config=self.net_config)
+            self.net.load_state_dict(pretrained.state_dict())
         # partial optimizers stay out of the checkpoint: it must load with weights_only=True
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.optimizer_factory = optimizer

@@ -19,24 +19,12 @@ from typing import Literal
 
 import torch
 
+from mdcsrn_lightning.cpu_features import cpu_bf16_support
+
 __all__ = ["AUTO", "cpu_bf16_support", "cuda_bf16_support", "resolve_precision"]
 
 AUTO = "auto"
 Resolved = Literal["bf16-mixed", "32-true"]
-
-
-def cpu_bf16_support() -> tuple[bool, str]:
-    """Whether this CPU runs bfloat16 natively, and what was found (for the log line)."""
-    if not torch.backends.mkldnn.is_available():
-        return False, "this torch build has no oneDNN (mkldnn)"
-    # torch.cpu's cpuinfo queries (private but stable since torch 2.2); absent: assume none
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if amx:
-        return True, "the CPU has AMX (native bfloat16 matrix units)"
-    if avx512_bf16:
-        return True, "the CPU has AVX-512 BF16 (native bfloat16 dot products)"
-    return False, "the CPU has neither AVX-512 BF16 nor AMX (bfloat16 would be emulated, slower than float32)"
 
 
 def cuda_bf16_support() -> tuple[bool, str]:
