@@ -69,7 +69,9 @@ def test_wheel_installs_and_runs_without_the_repository(tmp_path: Path) -> None:
     shipped = {f"mdcsrn_lightning/{p.relative_to(PACKAGE).as_posix()}" for p in (PACKAGE / "conf").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     assert {"mdcsrn_lightning/conf/sweep/table1.yaml", "mdcsrn_lightning/conf/sweep/table2.yaml"} <= names
-    assert "mdcsrn_lightning/release/mdcsrn_b2u4k8_realmix.ckpt" in names
+    assert {f"mdcsrn_lightning/release/{name}" for name in (
+        "mdcsrn_b2u4k8_realmix.ckpt", "mdcsrn_b2u4k8_realmix_magnitude.ckpt", "mdcsrn_b2u4k8_thick.ckpt",
+        "MODEL_CARD.md", "MODEL_CARD_thick.md")} <= names
 
     site = tmp_path / "site"
     _run([*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)], tmp_path, base_env)
@@ -90,12 +92,12 @@ def test_wheel_installs_and_runs_without_the_repository(tmp_path: Path) -> None:
 
     # the console script, with the weights shipped in the wheel
     rng = np.random.default_rng(0)
-    nib.save(nib.Nifti1Image(rng.uniform(0, 100, (16, 16, 12)).astype(np.float32), np.diag([1, 1, 1.5, 1])), str(work / "in.nii.gz"))
+    nib.save(nib.Nifti1Image(rng.uniform(0, 100, (16, 16, 12)).astype(np.float32), np.diag([1, 1, 1.2, 1])), str(work / "in.nii.gz"))
     infer = _run([str(site / "bin" / "mdcsrn-infer"), "input=in.nii.gz", "output=out.nii.gz", "progress=false"], work, env)
     summary = json.loads(infer.stdout.strip().splitlines()[-1])
     assert Path(summary["checkpoint"]) == site / "mdcsrn_lightning" / "release" / "mdcsrn_b2u4k8_realmix.ckpt"
     out = nib.load(str(work / "out.nii.gz"))
-    assert out.shape == (16, 16, 12) and np.allclose(out.affine, np.diag([1, 1, 1.5, 1]))
+    assert out.shape == (16, 16, 12) and np.allclose(out.affine, np.diag([1, 1, 1.2, 1]))
     assert np.isfinite(np.asarray(out.dataobj)).all()
     # nothing but the two volumes and the output's provenance in the working folder (no Hydra
     # outputs, no configs needed)

@@ -73,3 +73,22 @@ def test_thick_slice_weights_record_their_degradation_and_card() -> None:
     assert model.data["slices"]["thickness"] == [2.0, 6.0] and model.data["slices"]["profile"] == "boxcar"
     assert not model.recommends_data_consistency  # no k-space band to keep
     assert "mdcsrn-train experiment=release_thick_cpu" in THICK_MODEL_CARD.read_text()
+
+
+def test_infer_without_ckpt_gives_a_thick_slice_scan_the_thick_weights(tmp_path: Path) -> None:
+    from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS
+
+    src = tmp_path / "thick.nii.gz"
+    data = np.asarray(nib.load(REAL_T1).dataobj, dtype=np.float32)[:, :, ::2]  # 2 mm in-plane, 4 mm slices
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 4.0, 1.0])), str(src))
+    out = tmp_path / "sr.nii.gz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdcsrn_lightning.cli.infer", f"input={src}", f"output={out}", "progress=false"],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(RELEASED_THICK_WEIGHTS)
+    assert "using the released thick-slice weights mdcsrn_b2u4k8_thick.ckpt with upsample=auto" in proc.stderr
+    sr = nib.load(out)
+    assert sr.shape == (data.shape[0], data.shape[1], 2 * data.shape[2])
+    np.testing.assert_allclose(sr.header.get_zooms(), (2.0, 2.0, 2.0), atol=1e-5)
