@@ -193,8 +193,7 @@ def slice_degrade_batch(hr: Tensor, thickness: Sequence[float], slices: SliceDeg
     dtype = torch.float64 if hr.device.type != "cpu" else torch.float32
     out = torch.empty_like(hr)
     for b, t in enumerate(thickness):
-        s = slices.spacing if slices.spacing is not None else max(1, round(float(t)))
-        op = torch.as_tensor(_slice_operator(n, float(t), int(s), slices.profile, slices.interpolation),
+        op = torch.as_tensor(_slice_operator(n, float(t), slices.spacing_for(t), slices.profile, slices.interpolation),
                              dtype=dtype, device=hr.device)
         out[b] = _apply_matrix(hr[b], op, dim - 1).to(hr.dtype)
     return out

@@ -225,7 +225,11 @@ class SliceDegradation:
             digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
             u = int.from_bytes(digest[:8], "little") / 2.0**64
             t = self.thickness[0] + u * (self.thickness[1] - self.thickness[0])
-        return t, self.spacing if self.spacing is not None else max(1, round(t))
+        return t, self.spacing_for(t)
+
+    def spacing_for(self, thickness: float) -> int:
+        """The slice spacing for slices ``thickness`` thick: ``spacing``, or the thickness rounded (contiguous)."""
+        return self.spacing if self.spacing is not None else max(1, round(float(thickness)))
 
     def __call__(self, volume: np.ndarray, name: str) -> np.ndarray:
         t, s = self.draw(name)
