@@ -261,9 +261,14 @@ class TrainedModel:
         return bool(self.release.get("data_consistency", False))
 
 
+def no_checkpoint(ckpt: str | os.PathLike[str] | None) -> bool:
+    """Whether ``ckpt`` names no checkpoint (``None``, or an empty/``None``/``null`` string from a command line)."""
+    return ckpt is None or str(ckpt).strip() in ("", "None", "null")
+
+
 def resolve_checkpoint(ckpt: str | os.PathLike[str] | None) -> Path:
     """The checkpoint to use: ``ckpt`` if given, else the released weights."""
-    if ckpt is None or str(ckpt).strip() in ("", "None", "null"):
+    if no_checkpoint(ckpt):
         return Path(RELEASED_WEIGHTS)
     path = Path(ckpt).expanduser()
     if not path.exists():

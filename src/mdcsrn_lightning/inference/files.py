@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mdcsrn_lightning.atomic import remove_stale_temps
-from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model
+from mdcsrn_lightning.checkpoints import TrainedModel, load_trained_model, no_checkpoint
 from mdcsrn_lightning.release import RELEASED_COARSE_WEIGHTS, RELEASED_THICK_WEIGHTS
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
@@ -171,13 +171,18 @@ def plan_outputs(inputs: Sequence[Path], output: str | os.PathLike[str], is_coll
 # a model with no recorded factors: resolve_upsample then only parses the value
 _NO_FACTORS = TrainedModel(path=Path("-"), net=None, net_config={})  # type: ignore[arg-type]
 
+def _no_upsample(upsample: str | Sequence[float] | None) -> bool:
+    """Whether ``upsample=`` asks for nothing (the input is on the fine grid)."""
+    return upsample is None or (isinstance(upsample, str) and upsample.strip().lower() in ("", "none", "null", "false"))
+
+
 def resolve_upsample(upsample: str | Sequence[float] | None, model: TrainedModel) -> tuple[float, float, float] | None:
     """The coarse-to-fine factors of ``upsample=`` (``None``: the input is on the fine grid).
 
     ``"auto"``: the factors the checkpoint was trained with. Explicit factors must equal
     them when the checkpoint records them (the network learnt one degradation).
     """
-    if upsample is None or (isinstance(upsample, str) and upsample.strip().lower() in ("", "none", "null", "false")):
+    if _no_upsample(upsample):
         return None
     trained = model.factors
     if isinstance(upsample, str):
@@ -313,11 +318,10 @@ def pick_checkpoint(ckpt: str | os.PathLike[str] | None, headers: Sequence[Volum
     weights trained on zero-filled magnitude images; anything else the 2x2x1 weights (``None``).
     One info line names a pick other than the default; inputs mixing thick-slice and other scans
     (without factors) are one line."""
-    if ckpt is not None and str(ckpt).strip() not in ("", "None", "null"):
+    if not no_checkpoint(ckpt):
         return ckpt, upsample
-    word = upsample.strip().lower() if isinstance(upsample, str) else None
-    wanted = upsample is not None and word not in ("", "none", "null", "false")
-    explicit = wanted and word != "auto"
+    wanted = not _no_upsample(upsample)
+    explicit = wanted and not (isinstance(upsample, str) and upsample.strip().lower() == "auto")
     zooms = [tuple(h.image.header.get_zooms()[:3]) if h.image is not None else None for h in headers]
     thick = [z is not None and thick_axis(z) is not None for z in zooms]
     if explicit or not any(thick):
@@ -544,14 +548,11 @@ def _one_slice_factor(headers: Sequence[VolumeHeader], settings: FileSettings) -
     line when inputs differ (adapt them in separate runs) or none is a NIfTI thick-slice scan."""
     factors: dict[int, Path] = {}
     for header in headers:
-        if header.image is None or not settings.auto:
+        if header.image is None:
             continue
-        try:
-            plan = plan_thick(header.shape, header.image.header.get_zooms()[:3], settings.thick_axis or 2,
-                              settings.upsample_shape)
-        except ValueError:
-            continue  # refused with its file name by the header check
-        factors.setdefault(plan.factor, header.path)
+        plan = _thick_plan(header.path, header.shape, header.image.header.get_zooms()[:3], settings)
+        if plan is not None:
+            factors.setdefault(plan.factor, header.path)
     if len(factors) > 1:
         (f1, p1), (f2, p2) = list(factors.items())[:2]
         raise InferenceError(f"adapt=true: {p1} has {f1} fine voxels per slice, {p2} {f2}; adapt scans of different "
@@ -584,12 +585,6 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
     return replace(options, adapt=adapt)
 
 
-def _swapped(shape: Sequence[int], a: int, b: int) -> tuple[int, ...]:
-    out = list(shape)
-    out[a], out[b] = out[b], out[a]
-    return tuple(out)
-
-
 def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings, options: InferenceOptions) -> None:
     """Each network input (the fine grid) holds adapt's patch and held-out slab (DICOM: checked when run)."""
     if options.adapt is None:
@@ -602,7 +597,7 @@ def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings,
             shape = fine_shape(shape, settings.upsample, settings.upsample_shape)
         plan = _thick_plan(header.path, shape, header.image.header.get_zooms()[:3], settings)
         if plan is not None:  # the network's axis order: the thick axis in its slot
-            shape = _swapped(plan.shape, plan.axis, plan.model_axis)
+            shape = plan.model_shape
         try:
             check_patch_fits(pair_shape(shape, options.adapt), options.adapt)
         except InferenceError as exc:

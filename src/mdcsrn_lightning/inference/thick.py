@@ -66,6 +66,13 @@ class ThickPlan:
     def factors(self) -> list[float]:
         return [float(self.factor) if ax == self.axis else 1.0 for ax in range(3)]
 
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The fine grid in the network's axis order (what :meth:`to_model` gives)."""
+        out = list(self.shape)
+        out[self.axis], out[self.model_axis] = out[self.model_axis], out[self.axis]
+        return tuple(out)  # type: ignore[return-value]
+
     def fine_input(self, coarse: np.ndarray, interpolation: SliceInterpolation) -> np.ndarray:
         """The scan on the fine grid, in the scan's axis order (``slices_to_fine`` along ``axis``)."""
         return slices_to_fine(coarse, self.factor, self.axis, interpolation, self.shape[self.axis])
