@@ -89,13 +89,18 @@ def thick_pairs(scan: np.ndarray, options: AdaptOptions) -> tuple[np.ndarray, np
     thick slot."""
     if options.slice_factor is None:
         raise ValueError("thick_pairs needs options.slice_factor")
-    slot = options.slice_axis
-    inplane = min(ax for ax in range(3) if ax != slot)
+    inplane, slot = _thick_swap(options)
     f = int(options.slice_factor)
     target = np.asarray(scan, dtype=np.float32)
     degraded = slice_degrade(target, f, f, inplane, options.slice_profile,  # type: ignore[arg-type]
                              options.interpolation)  # type: ignore[arg-type]
     return tuple(np.ascontiguousarray(np.swapaxes(a, inplane, slot)) for a in (degraded, target))  # type: ignore[return-value]
+
+
+def _thick_swap(options: AdaptOptions) -> tuple[int, int]:
+    """``(in-plane axis the pairs' slices are simulated along, the network's thick slot)``."""
+    slot = options.slice_axis
+    return min(ax for ax in range(3) if ax != slot), slot
 
 
 def scan_pairs(scan: np.ndarray, options: AdaptOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -109,8 +114,7 @@ def pair_shape(shape: Sequence[int], options: AdaptOptions) -> tuple[int, int, i
     """The shape of :func:`scan_pairs` for a scan of ``shape`` (the network's axis order)."""
     out = [int(n) for n in shape[:3]]
     if options.slice_factor is not None:
-        slot = options.slice_axis
-        inplane = min(ax for ax in range(3) if ax != slot)
+        inplane, slot = _thick_swap(options)
         out[inplane], out[slot] = out[slot], out[inplane]
     return tuple(out)  # type: ignore[return-value]
 
@@ -175,8 +179,10 @@ def self_validate(net: nn.Module, x: Tensor, y: Tensor) -> float:
     net.eval()
     out = net(x).float()
     net.train(was_training)
-    mse = float(torch.mean((out - y) ** 2))
-    peak = float(y.max())
+    return _psnr(float(torch.mean((out - y) ** 2)), float(y.max()))
+
+
+def _psnr(mse: float, peak: float) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
@@ -217,7 +223,7 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
               progress: bool = True, log: Callable[[str], None] = info,
               step: Callable[..., float] = train_step) -> tuple[nn.Module, Adaptation]:
     """``(model to use, what happened)``: a copy of ``net`` fine-tuned on ``scan``'s own pairs
-    (:func:`self_pairs`), at most ``options.steps`` steps and ``options.minutes``, validated on the
+    (:func:`scan_pairs`), at most ``options.steps`` steps and ``options.minutes``, validated on the
     held-out slab every ``validate_every`` steps (the best state kept, stopped after ``patience``
     validations without improvement); ``net`` itself when that never beats it (one info line)."""
     device = torch.device(device)
@@ -240,15 +246,14 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
         return net.eval(), result
     work.load_state_dict(best)
     work.eval()
+    summary = (f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
+               f"PSNR {result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step})")
     if options.slice_factor is not None:  # the held-out pairs were the real task's slot for both models
-        log(f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
-            f"PSNR {result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step})")
+        log(summary)
         return work, result
     result.real_task_psnr = real_task_check(net, work, scan, options)
     before, after = result.real_task_psnr["unadapted"], result.real_task_psnr["adapted"]
-    summary = (f"adapt: {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped}), self-validation "
-               f"PSNR {result.psnr_unadapted:.2f} -> {result.psnr_adapted:.2f} dB (best at step {result.best_step}); "
-               f"real task one scale down {before:.2f} -> {after:.2f} dB")
+    summary += f"; real task one scale down {before:.2f} -> {after:.2f} dB"
     if not after > before:
         result.used = "unadapted"
         log(f"{summary}: no better; using the unadapted model")
@@ -278,9 +283,7 @@ def real_task_check(net: nn.Module, adapted: nn.Module, scan: np.ndarray, option
 
     def psnr(out: np.ndarray) -> float:
         out = data_consistency(out, low, options.factors, options.interpolation)  # type: ignore[arg-type]
-        mse = float(np.mean((out.astype(np.float64) - crop) ** 2))
-        peak = float(crop.max())
-        return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+        return _psnr(float(np.mean((out.astype(np.float64) - crop) ** 2)), float(crop.max()))
 
     return {"unadapted": psnr(whole(net.eval())(low)),
             "adapted": psnr(apply_permuted(whole(adapted), low, options.factors, options.order))}
