@@ -33,13 +33,19 @@ def test_released_checkpoint_is_small_and_loads_weights_only() -> None:
     assert "mdcsrn-train experiment=release_cpu" in MODEL_CARD.read_text()
 
 
-def test_infer_without_ckpt_uses_released_weights_on_a_real_t1(tmp_path: Path) -> None:
-    out = tmp_path / "sr.nii.gz"
+def _infer_without_ckpt(src: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """``mdcsrn-infer input=src output=out`` in a fresh interpreter; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mdcsrn_lightning.cli.infer", f"input={REAL_T1}", f"output={out}", "progress=false"],
+        [sys.executable, "-m", "mdcsrn_lightning.cli.infer", f"input={src}", f"output={out}", "progress=false"],
         capture_output=True, text=True, timeout=120, env={**os.environ},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_infer_without_ckpt_uses_released_weights_on_a_real_t1(tmp_path: Path) -> None:
+    out = tmp_path / "sr.nii.gz"
+    proc = _infer_without_ckpt(REAL_T1, out)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(RELEASED_WEIGHTS)
     src, sr = nib.load(REAL_T1), nib.load(out)
     assert sr.shape == src.shape and np.array_equal(sr.affine, src.affine)
@@ -82,11 +88,7 @@ def test_infer_without_ckpt_gives_a_thick_slice_scan_the_thick_weights(tmp_path:
     data = np.asarray(nib.load(REAL_T1).dataobj, dtype=np.float32)[:, :, ::2]  # 2 mm in-plane, 4 mm slices
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 4.0, 1.0])), str(src))
     out = tmp_path / "sr.nii.gz"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mdcsrn_lightning.cli.infer", f"input={src}", f"output={out}", "progress=false"],
-        capture_output=True, text=True, timeout=120, env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _infer_without_ckpt(src, out)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"] == str(RELEASED_THICK_WEIGHTS)
     assert "using the released thick-slice weights mdcsrn_b2u4k8_thick.ckpt with upsample=auto" in proc.stderr
     sr = nib.load(out)
