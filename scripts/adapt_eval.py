@@ -30,13 +30,14 @@ from mdcsrn_lightning.data.intensity import input_scale
 from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
 from mdcsrn_lightning.inference import adapt as adapt_mod
-from mdcsrn_lightning.inference.adapt import apply_permuted, fine_tune
+from mdcsrn_lightning.inference.adapt import fine_tune
 from mdcsrn_lightning.inference.options import (
     ADAPT_ORDERS,
     AdaptOptions,
     InferenceOptions,
 )
 from mdcsrn_lightning.inference.patches import PatchInferer
+from mdcsrn_lightning.inference.permuted import apply_permuted
 from mdcsrn_lightning.models.generators import generator_class
 
 

@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,12 @@ def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
 
 def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, ref: np.ndarray,
                metric_axis: int, ckpts: list[str], adapt_minutes: float | None = None,
-               adapt_patch: int = 24, adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               adapt_patch: int = 24, adapt_extra: dict[str, Any] | None = None,
+               ensemble: bool = False) -> dict[str, Any]:
     """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``
-    (and, with ``adapt_minutes``, its output with ``adapt=true`` for that long: ``<name> adapted``)."""
+    (with ``ensemble``, also the mean over the in-plane symmetries, ``uncertainty=true``:
+    ``<name> ensemble``; with ``adapt_minutes``, its output with ``adapt=true`` for that long:
+    ``<name> adapted``, and with both, ``<name> adapted ensemble``)."""
     import tempfile
 
     import nibabel
@@ -93,10 +97,13 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "thick.nii.gz"
         nibabel.save(nibabel.Nifti1Image(coarse, thick_affine(affine, axis, spacing)), str(src))
-        runs = [(item.split("=", 1), InferenceOptions(device="cpu"), "") for item in ckpts]
+        variants = [(InferenceOptions(device="cpu"), "")]
         if adapt_minutes is not None:
             adapt = AdaptOptions(minutes=adapt_minutes, steps=1_000_000, patch=adapt_patch, **(adapt_extra or {}))
-            runs += [(item.split("=", 1), InferenceOptions(device="cpu", adapt=adapt), " adapted") for item in ckpts]
+            variants.append((InferenceOptions(device="cpu", adapt=adapt), " adapted"))
+        if ensemble:
+            variants += [(replace(options, uncertainty=True), f"{suffix} ensemble") for options, suffix in variants]
+        runs = [(item.split("=", 1), options, suffix) for options, suffix in variants for item in ckpts]
         for (name, path), options, suffix in runs:
             start = time.perf_counter()
             result = next(iter(predict(src, Path(tmp) / f"{name}.nii.gz", path, options=options, upsample="auto",
@@ -107,7 +114,7 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
             m = slice_metrics(sr, ref, axis=metric_axis)
             out[name + suffix] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4),
                                   "seconds": round(time.perf_counter() - start, 1)}
-            if suffix:
+            if "adapted" in suffix:
                 record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
                 out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
     return out
@@ -127,7 +134,7 @@ def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
 def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
               affine: np.ndarray | None = None, ckpts: list[str] | None = None,
               adapt_minutes: float | None = None, adapt_patch: int = 24,
-              adapt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              adapt_extra: dict[str, Any] | None = None, ensemble: bool = False) -> dict[str, Any]:
     """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
     thickness = mm / voxel_sizes[axis]
     spacing = max(1, math.floor(thickness + 0.5))
@@ -145,7 +152,7 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
         row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
     if ckpts:
         row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
-                              adapt_minutes, adapt_patch, adapt_extra))
+                              adapt_minutes, adapt_patch, adapt_extra, ensemble))
     return row
 
 
@@ -159,6 +166,8 @@ def main() -> None:
     parser.add_argument("--adapt-patch", type=int, default=24)
     parser.add_argument("--adapt-lr", type=float, default=AdaptOptions.lr)
     parser.add_argument("--adapt-patience", type=int, default=AdaptOptions.patience)
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also each checkpoint (and adapted one) averaged over the in-plane symmetries")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -169,7 +178,8 @@ def main() -> None:
                 start = time.perf_counter()
                 row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
                                                    args.adapt_patch, {"lr": args.adapt_lr,
-                                                                      "patience": args.adapt_patience})}
+                                                                      "patience": args.adapt_patience},
+                                                   args.ensemble)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -13,15 +13,11 @@ from torch import nn
 from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference import adapt as adapt_mod
-from mdcsrn_lightning.inference.adapt import (
-    apply_permuted,
-    fine_tune,
-    pair_factors,
-    self_pairs,
-)
+from mdcsrn_lightning.inference.adapt import fine_tune, self_pairs
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.build import build_inferer
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
+from mdcsrn_lightning.inference.permuted import apply_permuted, pair_factors
 
 from .test_inference import ANATOMICAL, run_cli, tiny_net, write_tiny_checkpoint
 
@@ -119,13 +115,46 @@ def test_adapting_inferer_with_unadapted_fallback_runs_the_plain_pass(monkeypatc
 @pytest.mark.parametrize("options, match", [
     ({"patch_size": 16, "adapt": AdaptOptions(**FAST, factors=(2, 2, 2))}, "no axis at full resolution"),
     ({"stream": True, "adapt": AdaptOptions(**FAST)}, "stream=true"),
-    ({"uncertainty": True, "adapt": AdaptOptions(**FAST)}, "uncertainty=true"),
     ({"engine": "openvino", "adapt": AdaptOptions(**FAST)}, "engine=openvino"),
 ])
 def test_build_refuses_in_one_line(options, match) -> None:
     with pytest.raises(InferenceError, match=match) as info:
         build_inferer(tiny_net(0), InferenceOptions(device="cpu", **options))
     assert "\n" not in str(info.value)
+
+
+def _signal_at(n: int, lo: int, hi: int) -> torch.Tensor:
+    target = torch.zeros(n, 6, 6)
+    target[lo:hi] = 1.0
+    return target
+
+
+def test_the_held_out_slab_sits_on_the_signal_not_at_the_edge() -> None:
+    assert adapt_mod.holdout_slab(_signal_at(50, 20, 30), held=6, patch=8) == (22, 28)
+    assert adapt_mod.holdout_slab(_signal_at(50, 0, 4), held=6, patch=8) == (0, 6)  # patches fit after it
+    assert adapt_mod.holdout_slab(torch.zeros(50, 6, 6), held=6, patch=8) == (22, 28)  # no signal: the middle
+
+
+def test_the_held_out_slab_moves_the_least_way_that_leaves_a_patch_beside_it() -> None:
+    # centred it would start at 8: 8 slices before, 8 after, no room for a 10-slice patch either side
+    assert adapt_mod.holdout_slab(_signal_at(20, 8, 12), held=4, patch=10) == (10, 14)
+    assert adapt_mod.holdout_slab(_signal_at(20, 6, 10), held=4, patch=10) == (6, 10)
+
+
+@pytest.mark.parametrize("slab", [(22, 28), (0, 6), (44, 50), (10, 14)])
+def test_training_patches_never_overlap_the_held_out_slab(slab: tuple[int, int]) -> None:
+    n, patch = 50, 10
+    x = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 12, 12).contiguous()
+    options = AdaptOptions(**{**FAST, "patch": patch, "batch": 16})
+    rng, starts = np.random.default_rng(0), set()
+    for _ in range(40):
+        bx, by = adapt_mod._random_batch(x, x, slab, options, rng)
+        for patch_x in bx[:, 0]:
+            rows = set(patch_x[:, 0, 0].int().tolist())
+            assert not rows & set(range(*slab)), (slab, sorted(rows))
+            starts.add(min(rows))
+    allowed = [i for i in range(n - patch + 1) if i + patch <= slab[0] or i >= slab[1]]
+    assert starts == set(allowed)  # every start beside the slab is drawn, on both sides
 
 
 def test_a_scan_too_small_for_the_patch_is_refused_in_one_line() -> None:
@@ -215,6 +244,37 @@ def test_an_adapted_model_better_on_the_real_task_is_used(monkeypatch) -> None:
     assert model is not net and result.used == "adapted"
 
 
+def test_adapt_with_uncertainty_fine_tunes_once_and_averages_the_adapted_application(monkeypatch) -> None:
+    net = tiny_net(0).eval()
+    tuned: list[int] = []
+    real_fine_tune = adapt_mod.fine_tune
+    monkeypatch.setattr(adapt_mod, "fine_tune", lambda *a, **k: tuned.append(1) or real_fine_tune(*a, **k))
+    scores = iter(range(20, 40))  # self-validation and the real-task check keep the adapted model
+    monkeypatch.setattr(adapt_mod, "self_validate", lambda *a: float(next(scores)))
+    monkeypatch.setattr(adapt_mod, "real_task_check", lambda *a, **k: {"unadapted": 30.0, "adapted": 30.5})
+    vol = _scan((16, 16, 12))
+    inferer = build_inferer(net, InferenceOptions(device="cpu", patch_size=32, uncertainty=True,
+                                                  adapt=AdaptOptions(**FAST, lr=1e-3)))
+    mean, std = inferer.mean_std(vol)
+    assert tuned == [1] and inferer.adaptation.used == "adapted"
+    assert inferer.name == "ensemble[adapt[patches[torch]]]"
+    # by hand: the adapted weights in a plain network, applied permuted, over the 8 symmetries of plane (0, 1)
+    adapted = tiny_net(0)
+    adapted.load_state_dict(inferer.adapted_state)
+    plain = build_inferer(adapted.eval(), InferenceOptions(device="cpu", patch_size=32))
+    outs = []
+    for k in range(4):
+        for flip in (False, True):
+            moved = np.ascontiguousarray(np.rot90(np.flip(vol, 0) if flip else vol, k, (0, 1)))
+            out = np.rot90(apply_permuted(plain, moved, (2, 2, 1), "average"), -k, (0, 1))
+            outs.append(np.flip(out, 0) if flip else out)
+    np.testing.assert_allclose(mean, np.mean(outs, axis=0), atol=1e-5)
+    np.testing.assert_allclose(std, np.std(outs, axis=0), atol=1e-5)
+    assert std.max() > 0
+    for key, value in net.state_dict().items():  # the network the inferer holds is reset for the next scan
+        assert torch.equal(inferer.work.state_dict()[key], value), key
+
+
 # ------------------------------------------------------------------ thick-slice checkpoints
 def test_thick_pairs_simulate_slices_along_an_inplane_axis_in_the_thick_slot() -> None:
     from mdcsrn_lightning.data import slices as S
@@ -259,6 +319,26 @@ def test_cli_adapts_a_thick_slice_checkpoint_and_applies_it_as_is(tmp_path: Path
     import nibabel as nib
 
     np.testing.assert_allclose(nib.load(str(out)).get_fdata(), nib.load(str(plain)).get_fdata(), atol=1e-5)
+
+
+def test_cli_thick_adapt_with_uncertainty_averages_the_adapted_model_over_the_inplane_symmetries(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    import nibabel as nib
+
+    src, ckpt = _thick_setup(tmp_path)
+    out, saved = tmp_path / "sr.nii.gz", tmp_path / "adapted.ckpt"
+    common = ("upsample=auto", "progress=false", "device=cpu")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}", *common,
+                           *ADAPT_ARGS, "uncertainty=true", f"adapt_options.save={saved}")
+    assert code == 0, err
+    assert (tmp_path / "sr_std.nii.gz").is_file() and json.loads((tmp_path / "sr.json").read_text())["uncertainty"]
+    # the same numbers as the ensemble of the saved adapted checkpoint (thick axis 2: the plane of axes 0, 1)
+    plain = tmp_path / "plain.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={plain}", f"ckpt={saved}",
+                           *common, "uncertainty=true")
+    assert code == 0, err
+    for a, b in ((out, plain), (tmp_path / "sr_std.nii.gz", tmp_path / "plain_std.nii.gz")):
+        np.testing.assert_allclose(nib.load(str(a)).get_fdata(), nib.load(str(b)).get_fdata(), atol=1e-5)
 
 
 def test_cli_thick_adapt_refuses_inputs_of_different_slice_factors(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -65,7 +65,10 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
                                       ["patches.size=16", "adapt=true", "adapt_options.steps=4",
                                        "adapt_options.validate_every=2", "adapt_options.patch=12",
                                        "adapt_options.batch=2", "data_consistency=true", "degrade=true",
-                                       "factors=[2,2,1]"]])
+                                       "factors=[2,2,1]"],
+                                      ["patches.size=16", "adapt=true", "adapt_options.steps=4",
+                                       "adapt_options.validate_every=2", "adapt_options.patch=12",
+                                       "adapt_options.batch=2", "degrade=true", "uncertainty=true"]])
 def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
     bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",

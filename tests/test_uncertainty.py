@@ -14,7 +14,7 @@ from torch import nn
 
 from mdcsrn_lightning.cli import infer as infer_cli
 from mdcsrn_lightning.inference.build import build_inferer
-from mdcsrn_lightning.inference.ensemble import EnsembleInferer, plane_symmetries
+from mdcsrn_lightning.inference.ensemble import EnsembleInferer, plane_symmetries, symmetry_plane
 from mdcsrn_lightning.inference.options import InferenceOptions
 
 from .test_inference import ANATOMICAL, GEOMETRY_FIELDS, run_cli, write_tiny_checkpoint
@@ -126,3 +126,54 @@ def test_a_bad_std_path_is_refused_before_anything_is_written(tmp_path: Path, mo
     assert code == 2 and line.startswith(f"mdcsrn-infer: error: {std}: ") and problem in line, line
     assert not computed and not (tmp_path / "sr.nii.gz").exists() and not (tmp_path / "sr.json").exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("factors, plane", [((2, 2, 1), (0, 1)), ((1, 1, 4), (0, 1)), ((1, 2, 2), (1, 2)),
+                                            ((2, 1, 2), (0, 2)), ((3, 3, 3), (0, 1))])
+def test_the_symmetry_plane_is_the_one_whose_two_axes_share_a_factor(factors, plane) -> None:
+    assert symmetry_plane(factors) == plane
+
+
+def test_three_different_factors_have_no_symmetry_plane() -> None:
+    with pytest.raises(ValueError, match="no two equal axes"):
+        symmetry_plane((1, 2, 3))
+
+
+def test_the_ensemble_turns_the_plane_it_is_given() -> None:
+    volume = np.random.default_rng(3).random((7, 10, 10), dtype=np.float32)
+    net = _oriented()
+    mean, _ = build_inferer(net, InferenceOptions(**OPTIONS, uncertainty=True), plane=(1, 2)).mean_std(volume)
+    outs = []
+    with torch.no_grad():
+        for k, flip in plane_symmetries(volume.shape, (1, 2)):
+            x = np.flip(volume, 1) if flip else volume
+            y = net(torch.from_numpy(np.rot90(x, k, (1, 2)).copy())[None, None])[0, 0].numpy()
+            y = np.rot90(y, -k, (1, 2))
+            outs.append(np.flip(y, 1) if flip else y)
+    assert len(outs) == 8
+    np.testing.assert_allclose(mean, np.mean(outs, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("factors, plane", [("[1,2,2]", (1, 2)), ("[2,1,2]", (0, 2))])
+def test_infer_averages_over_the_plane_of_the_requested_factors(tmp_path: Path, monkeypatch, capsys, factors,
+                                                                 plane) -> None:
+    from mdcsrn_lightning.inference import files
+
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    planes: list[tuple[int, int]] = []
+    real = files.build_inferer
+    monkeypatch.setattr(files, "build_inferer", lambda *a, **k: planes.append(k["plane"]) or real(*a, **k))
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "degrade=true", f"factors={factors}", "uncertainty=true", "patches.size=24",
+                           "progress=false", "device=cpu")
+    assert code == 0, err
+    assert planes == [plane] and (tmp_path / "sr_std.nii.gz").is_file()
+
+
+def test_infer_refuses_uncertainty_for_factors_with_no_symmetry_plane(tmp_path: Path, monkeypatch, capsys) -> None:
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "degrade=true", "factors=[1,2,3]", "uncertainty=true", "device=cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "uncertainty=true" in err and "no two equal axes" in err
+    assert list(tmp_path.iterdir()) == [ckpt]

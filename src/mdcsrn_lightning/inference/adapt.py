@@ -6,7 +6,7 @@ the in-plane factor (:func:`self_pairs`, the checkpoint's interpolation) gives a
 target is the scan itself: a copy of the generator is fine-tuned on random patches of those
 pairs (:func:`fine_tune`), a slab of them held out to check that it helps
 (:func:`self_validate`). The adapted model restores the axis in the full-resolution slot, so
-it is applied with each degraded axis swapped into that slot in turn (:func:`apply_permuted`).
+it is applied with each degraded axis swapped into that slot in turn (:func:`~.permuted.apply_permuted`).
 The held-out pairs pick the best state, but they favour any adapted model (the unadapted one
 was never trained for their slot); so the adapted model must also beat the unadapted one on
 the real task one scale down (:func:`real_task_check`: the scan's centre degraded again by the
@@ -40,16 +40,21 @@ from mdcsrn_lightning.cpu_features import cpu_bf16_support
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
 from mdcsrn_lightning.data.slices import slice_degrade
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.messages import info
-from mdcsrn_lightning.inference.options import AdaptOptions
+from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
+from mdcsrn_lightning.inference.patches import PatchInferer
+from mdcsrn_lightning.inference.permuted import (
+    PermutedInferer,
+    apply_permuted,
+    pair_factors,
+)
 
 __all__ = [
     "Adaptation",
     "AdaptingInferer",
-    "apply_permuted",
     "check_patch_fits",
     "fine_tune",
-    "pair_factors",
     "real_task_check",
     "save_adapted",
     "self_pairs",
@@ -57,24 +62,7 @@ __all__ = [
     "thick_pairs",
 ]
 
-Apply = Callable[[np.ndarray], np.ndarray]
-
-
 # ------------------------------------------------------------------------ pairs
-def pair_factors(factors: Sequence[float]) -> tuple[int, tuple[float, float, float]]:
-    """``(full-resolution axis, factors of the self-supervised pairs)``: the last axis the
-    checkpoint's ``factors`` leave at 1, reduced by the largest in-plane factor; (2, 2, 1) ->
-    ``(2, (1, 1, 2))``. All factors > 1: an :class:`~.base.InferenceError` (one line)."""
-    fs = [float(f) for f in factors]
-    full = [ax for ax, f in enumerate(fs) if f == 1.0]
-    if not full or len(full) == 3:
-        raise InferenceError(f"adapt=true: factors {fs} leave {'no' if not full else 'every'} axis at full "
-                             "resolution; the scan's own pairs need one full-resolution and one degraded axis")
-    out = [1.0, 1.0, 1.0]
-    out[full[-1]] = max(fs)
-    return full[-1], tuple(out)  # type: ignore[return-value]
-
-
 def self_pairs(scan: np.ndarray, factors: Sequence[float], interpolation: str) -> tuple[np.ndarray, np.ndarray]:
     """``(input, target)``: ``scan`` degraded along its full-resolution axis only, and ``scan``."""
     _, fs = pair_factors(factors)
@@ -135,14 +123,33 @@ def check_patch_fits(shape: Sequence[int], options: AdaptOptions) -> int:
 
 
 # ------------------------------------------------------------------------ training
-def _random_batch(x: Tensor, y: Tensor, train_end: int, options: AdaptOptions,
+def holdout_slab(target: Tensor, held: int, patch: int) -> tuple[int, int]:
+    """``(start, stop)`` along axis 0 of the slab of ``held`` slices held out for self-validation:
+    centred on the target's intensity centre along axis 0 (where the anatomy is: a slab at the
+    volume's edge may hold only air), moved the least way that leaves a ``patch``-wide training
+    patch on one side (:func:`check_patch_fits` has made sure that ``held + patch`` fit)."""
+    n = target.shape[0]
+    weights = target.detach().abs().double().sum(dim=tuple(range(1, target.ndim)))
+    total = float(weights.sum())
+    centre = float((weights * torch.arange(n, dtype=torch.float64)).sum()) / total if total > 0 else n / 2
+    start = min(max(0, round(centre - held / 2)), n - held)
+    if start < patch and n - start - held < patch:  # neither side holds a patch: move it the least way
+        after_one, before_one = patch, n - held - patch  # the slab just after one patch, or just before one
+        start = after_one if abs(after_one - start) <= abs(before_one - start) else before_one
+    return start, start + held
+
+
+def _random_batch(x: Tensor, y: Tensor, slab: tuple[int, int], options: AdaptOptions,
                   rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """``batch`` random patches of the pairs within axis 0 < ``train_end``, each flipped at
-    random along axes 0 and 1 (flips keep which axis is degraded)."""
+    """``batch`` random patches of the pairs that do not overlap the held-out ``slab`` along axis 0
+    (patches start before it or after it, in proportion to the starts each side offers), each
+    flipped at random along axes 0 and 1 (flips keep which axis is degraded)."""
     p = options.patch
+    before, after = max(0, slab[0] - p + 1), max(0, x.shape[0] - p + 1 - slab[1])
     xs, ys = [], []
     for _ in range(options.batch):
-        i = int(rng.integers(0, train_end - p + 1))
+        i = int(rng.integers(0, before + after))
+        i = i if i < before else slab[1] + i - before
         j, k = (int(rng.integers(0, n - p + 1)) for n in x.shape[1:])
         px, py = x[i:i + p, j:j + p, k:k + p], y[i:i + p, j:j + p, k:k + p]
         dims = [d for d in (0, 1) if rng.random() < 0.5]
@@ -163,9 +170,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: T
     return float(loss.detach())
 
 
-def _validation_crop(x: Tensor, y: Tensor, held: int, patch: int) -> tuple[Tensor, Tensor]:
-    """The held-out slab (axis 0 >= X - ``held``), its centre at most 2 * ``patch`` wide along axes 1, 2."""
-    sl = [slice(x.shape[0] - held, x.shape[0])]
+def _validation_crop(x: Tensor, y: Tensor, slab: tuple[int, int], patch: int) -> tuple[Tensor, Tensor]:
+    """The held-out ``slab`` along axis 0, its centre at most 2 * ``patch`` wide along axes 1, 2."""
+    sl = [slice(*slab)]
     for n in x.shape[1:]:
         w = min(n, 2 * patch)
         sl.append(slice((n - w) // 2, (n - w) // 2 + w))
@@ -229,14 +236,15 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
     device = torch.device(device)
     held = check_patch_fits(pair_shape(scan.shape, options), options)
     x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in scan_pairs(scan, options))
-    vx, vy = _validation_crop(x, y, held, options.patch)
+    slab = holdout_slab(y, held, options.patch)
+    vx, vy = _validation_crop(x, y, slab, options.patch)
     result = Adaptation(psnr_unadapted=self_validate(net.to(device), vx, vy))
     result.psnr_adapted = result.psnr_unadapted
     bf16 = device.type == "cpu" and cpu_bf16_support()[0] or device.type == "cuda" and torch.cuda.is_bf16_supported()
     result.precision = "bf16" if bf16 else "32"
     work = _frozen_bn(copy.deepcopy(net))
     optimizer = torch.optim.Adam(work.parameters(), lr=options.lr)
-    pairs = (x, y, x.shape[0] - held)
+    pairs = (x, y, slab)
     best = _train_loop(lambda bx, by: step(work, optimizer, bx, by, bf16), work, pairs, (vx, vy), options,
                        result, progress)
     if best is None:
@@ -274,12 +282,8 @@ def real_task_check(net: nn.Module, adapted: nn.Module, scan: np.ndarray, option
     low = degrade(crop, options.factors, options.interpolation)  # type: ignore[arg-type]
     device = next(net.parameters()).device
 
-    def whole(model: nn.Module) -> Apply:
-        @torch.no_grad()
-        def run(volume: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)[None, None]
-            return model(x).float()[0, 0].cpu().numpy()
-        return run
+    def whole(model: nn.Module) -> Inferer:  # one patch holding the whole crop
+        return PatchInferer(model, InferenceOptions(device=str(device), patch_size=list(low.shape), margin=0))
 
     def psnr(out: np.ndarray) -> float:
         out = data_consistency(out, low, options.factors, options.interpolation)  # type: ignore[arg-type]
@@ -289,14 +293,15 @@ def real_task_check(net: nn.Module, adapted: nn.Module, scan: np.ndarray, option
             "adapted": psnr(apply_permuted(whole(adapted), low, options.factors, options.order))}
 
 
-def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module, pairs: tuple[Tensor, Tensor, int],
+def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module,
+                pairs: tuple[Tensor, Tensor, tuple[int, int]],
                 held_out: tuple[Tensor, Tensor], options: AdaptOptions, result: Adaptation,
                 progress: bool) -> dict[str, Tensor] | None:
     """Steps until ``steps``, ``minutes`` or early stopping; the best validated state (``None``:
     none beat the unadapted model). Fills ``result``."""
     from tqdm.auto import tqdm  # comes with lightning
 
-    x, y, train_end = pairs
+    x, y, slab = pairs
     rng = np.random.default_rng(options.seed)
     torch.manual_seed(options.seed)
     start, best, waited = time.perf_counter(), None, 0
@@ -308,7 +313,7 @@ def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module, pa
             if time.perf_counter() - start >= limit:
                 result.stopped = "minutes"
                 break
-            result.losses.append(run_step(*_random_batch(x, y, train_end, options, rng)))
+            result.losses.append(run_step(*_random_batch(x, y, slab, options, rng)))
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
@@ -329,67 +334,52 @@ def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module, pa
     return best
 
 
-# ------------------------------------------------------------------------ application
-def _restore_along(apply: Apply, volume: np.ndarray, axis: int, full: int) -> np.ndarray:
-    """``apply`` with ``axis`` swapped into the full-resolution slot ``full``, and back."""
-    moved = np.ascontiguousarray(np.swapaxes(volume, axis, full))
-    return np.ascontiguousarray(np.swapaxes(np.asarray(apply(moved), dtype=np.float32), axis, full))
-
-
-def apply_permuted(apply: Apply, volume: np.ndarray, factors: Sequence[float], order: str = "01") -> np.ndarray:
-    """The adapted model ``apply`` (which restores the full-resolution slot) run once per degraded
-    axis, each swapped into that slot in turn: axis 0 first (``"01"``), axis 1 first (``"10"``),
-    or the mean of both orders (``"average"``); ``(X, Y, Z)`` -> ``(X, Y, Z)`` float32."""
-    full, _ = pair_factors(factors)
-    axes = [ax for ax, f in enumerate(factors) if float(f) > 1.0]
-    orders = {"01": [axes], "10": [axes[::-1]], "average": [axes, axes[::-1]]}[order]
-    total = None
-    for sequence in orders:
-        out = np.asarray(volume, dtype=np.float32)
-        for axis in sequence:
-            out = _restore_along(apply, out, axis, full)
-        total = out if total is None else total + out
-    assert total is not None
-    return (total / np.float32(len(orders))).astype(np.float32, copy=False)
-
-
 class AdaptingInferer(Inferer):
     """``inferer(volume)``: fine-tune a copy of the generator on ``volume`` (:func:`fine_tune`),
-    then run ``inner`` with the adapted weights by :func:`apply_permuted` (a thick-slice
-    checkpoint: as it is); when self-validation keeps the unadapted model, ``inner`` runs on
-    ``volume`` as it is.
+    then run ``inner`` with the adapted weights (a k-space checkpoint: by :func:`apply_permuted`;
+    a thick-slice checkpoint: as it is); when self-validation keeps the unadapted model, ``inner``
+    runs on ``volume`` as it is. With ``ensemble`` (a plane, :func:`~.ensemble.symmetry_plane`),
+    that application is averaged over the plane's symmetries (:class:`~.ensemble.EnsembleInferer`;
+    the fine-tuning runs once) and :meth:`mean_std` reports their spread.
 
     ``work`` is the module ``inner`` runs (its weights are replaced for each volume and reset
     before the next). :attr:`adaptation` and :attr:`adapted_state`: the last volume's.
     """
 
     def __init__(self, inner: Inferer, work: nn.Module, options: AdaptOptions, progress: bool = False,
-                 log: Callable[[str], None] = info) -> None:
+                 log: Callable[[str], None] = info, ensemble: tuple[int, int] | None = None) -> None:
         if options.slice_factor is None:
             pair_factors(options.factors)  # no full-resolution axis: refused when built
         self.inner, self.work, self.options, self.progress, self.log = inner, work, options, progress, log
+        self.ensemble = ensemble
         self.initial = copy.deepcopy(work.state_dict())
-        self.name, self.device = f"adapt[{inner.name}]", inner.device
+        self.name = f"adapt[{inner.name}]" if ensemble is None else f"ensemble[adapt[{inner.name}]]"
+        self.device = inner.device
         self.adaptation: Adaptation | None = None
         self.adapted_state: dict[str, Tensor] | None = None
 
     def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
+        return self.mean_std(volume)[0]
+
+    def mean_std(self, volume: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         scan = np.asarray(volume.cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
         if scan.ndim != 3:
             raise ValueError(f"expected an (X, Y, Z) volume, got shape {tuple(scan.shape)}")
         self.work.load_state_dict(self.initial)
         model, self.adaptation = fine_tune(self.work, scan, self.options, device=self.device,
                                            progress=self.progress, log=self.log)
-        if model is self.work:  # self-validation kept the unadapted model
-            self.adapted_state = None
-            return self.inner(scan)
-        self.adapted_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        self.work.load_state_dict(self.adapted_state)
-        self.work.eval()
+        self.adapted_state = None
+        apply: Inferer = self.inner  # unadapted, or a thick-slice checkpoint (its slot holds the thick axis)
+        if model is not self.work:
+            self.adapted_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.work.load_state_dict(self.adapted_state)
+            self.work.eval()
+            if self.options.slice_factor is None:
+                apply = PermutedInferer(self.inner, self.options.factors, self.options.order)
         try:
-            if self.options.slice_factor is not None:  # the thick slot holds the scan's thick axis already
-                return self.inner(scan)
-            return apply_permuted(self.inner, scan, self.options.factors, self.options.order)
+            if self.ensemble is None:
+                return apply(scan), None
+            return EnsembleInferer(apply, self.ensemble).mean_std(scan)
         finally:
             self.work.load_state_dict(self.initial)
 

@@ -16,7 +16,8 @@ from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
 from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
-from mdcsrn_lightning.inference.adapt import AdaptingInferer, pair_factors
+from mdcsrn_lightning.inference.adapt import AdaptingInferer
+from mdcsrn_lightning.inference.permuted import pair_factors
 
 __all__ = ["build_inferer"]
 
@@ -28,16 +29,18 @@ def _info(message: str) -> None:
 
 
 def build_inferer(
-    net: nn.Module, options: InferenceOptions | None = None, *, log: Callable[[str], None] = _info
+    net: nn.Module, options: InferenceOptions | None = None, *, log: Callable[[str], None] = _info,
+    plane: tuple[int, int] = (0, 1),
 ) -> Inferer:
     """The inferer that ``options`` ask for, running ``net``: patches
     (:class:`~.patches.PatchInferer`, the network or an engine built from it once) or, with
     ``stream=true``, the exact whole-volume pass (eager slab streaming: any device;
     OpenVINO block streaming: CPU; ``auto``: OpenVINO where installed, else eager).
     ``uncertainty=true`` wraps that inferer in :class:`~.ensemble.EnsembleInferer` (the mean
-    over the symmetries of the degraded plane, axes (0, 1), and its standard deviation).
-    ``adapt`` (:class:`~.options.AdaptOptions`): :class:`~.adapt.AdaptingInferer`, which
-    fine-tunes a copy of ``net`` on each volume, then runs the patches with it.
+    over the symmetries of ``plane``, the degradation's, :func:`~.ensemble.symmetry_plane`, and
+    its standard deviation). ``adapt`` (:class:`~.options.AdaptOptions`):
+    :class:`~.adapt.AdaptingInferer`, which fine-tunes a copy of ``net`` on each volume, then
+    runs the patches with it (with ``uncertainty=true``, over the symmetries of ``plane``).
 
     Built once per model: engines are exported and compiled here, not per volume.
 
@@ -48,13 +51,13 @@ def build_inferer(
     options = options or InferenceOptions()
     device = resolve_device(options.device)
     if options.adapt is not None:
-        return _adapting(net, options)
+        return _adapting(net, options, plane)
     inferer: Inferer
     if options.stream:
         inferer = ExactInferer(_exact_runner(net, options, device, log), progress=options.progress)
     else:
         inferer = PatchInferer(_patch_runner(net, options, device), options)
-    return EnsembleInferer(inferer) if options.uncertainty else inferer
+    return EnsembleInferer(inferer, plane) if options.uncertainty else inferer
 
 
 def _patch_runner(net: nn.Module, options: InferenceOptions, device: torch.device) -> nn.Module | Callable:
@@ -102,15 +105,16 @@ def _exact_runner(net: nn.Module, options: InferenceOptions, device: torch.devic
         raise InferenceError(f"stream=true: {exc}") from None
 
 
-def _adapting(net: nn.Module, options: InferenceOptions) -> Inferer:
-    """The patch pass (engine torch) on a copy of ``net`` whose weights each volume's fine-tuning replaces."""
+def _adapting(net: nn.Module, options: InferenceOptions, plane: tuple[int, int]) -> Inferer:
+    """The patch pass (engine torch) on a copy of ``net`` whose weights each volume's fine-tuning
+    replaces; with ``uncertainty=true``, averaged over the symmetries of ``plane`` once adapted."""
     assert options.adapt is not None
-    for refused, why in ((options.stream, "stream=true"), (options.uncertainty, "uncertainty=true"),
-                         (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
+    for refused, why in ((options.stream, "stream=true"), (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
                          (options.bn_mode != "eval", "bn_mode=train")):
         if refused:
             raise InferenceError(f"adapt=true runs the patch pass with engine=torch and bn_mode=eval; not with {why}")
     pair_factors(options.adapt.factors)  # no axis at full resolution: one line now
     work = copy.deepcopy(net)
     inner = PatchInferer(work, options)
-    return AdaptingInferer(inner, work, options.adapt, progress=options.progress)
+    return AdaptingInferer(inner, work, options.adapt, progress=options.progress,
+                           ensemble=plane if options.uncertainty else None)

@@ -17,12 +17,29 @@ from torch import Tensor
 
 from mdcsrn_lightning.inference.base import Inferer
 
-__all__ = ["EnsembleInferer", "plane_symmetries"]
+__all__ = ["EnsembleInferer", "plane_symmetries", "symmetry_plane"]
 
 # (quarter turns k, flip first) for the full dihedral group of a square plane, and for the
 # four elements that keep a rectangular plane's shape (identity, the two flips, half turn)
 _SQUARE = tuple((k, flip) for k in range(4) for flip in (False, True))
 _RECTANGLE = tuple((k, flip) for k in (0, 2) for flip in (False, True))
+
+
+def symmetry_plane(factors: Sequence[float]) -> tuple[int, int]:
+    """The plane whose flips and quarter turns keep a degradation of these per-axis ``factors``:
+    the two axes with equal factors ((2, 2, 1) -> (0, 1); (1, 1, 4), thick slices along axis 2,
+    -> (0, 1); (1, 2, 2) -> (1, 2)); (0, 1) when all three are equal.
+
+    Raises:
+        ValueError: three different factors (no quarter turn keeps the degradation).
+    """
+    fs = [float(f) for f in factors]
+    if len(fs) != 3:
+        raise ValueError(f"factors: three numbers, got {list(factors)!r}")
+    for plane in ((0, 1), (0, 2), (1, 2)):
+        if fs[plane[0]] == fs[plane[1]]:
+            return plane
+    raise ValueError(f"factors {fs} have no two equal axes: no plane of symmetries to average over")
 
 
 def plane_symmetries(shape: Sequence[int], axes: tuple[int, int] = (0, 1)) -> tuple[tuple[int, bool], ...]:

@@ -36,10 +36,12 @@ from mdcsrn_lightning.data.volume_io import (
 )
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
-from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_factors, pair_shape, save_adapted
+from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_shape, save_adapted
+from mdcsrn_lightning.inference.permuted import pair_factors
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.ensemble import symmetry_plane
 from mdcsrn_lightning.data.volume_write import NiftiError, check_free_path, check_output_path, is_nifti_path, write_like, write_refined
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import resolve_device
@@ -521,6 +523,7 @@ def predict(
                              upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
                              overwrite=overwrite)
     settings = replace(settings, uncertainty=options.uncertainty, provenance=bool(provenance))
+    plane = _ensemble_plane(settings)
     outputs = _bids.plan_bids_outputs(inputs, output) if bids else plan_outputs(inputs, output, is_collection)
     check_distinct(outputs, std=settings.uncertainty, sidecar=settings.provenance)
     description = _bids.description_path(output) if bids else None
@@ -537,10 +540,21 @@ def predict(
         settings = replace(settings, rule=trained_input_scale(model.data, str(model.path)))
     except ValueError as exc:
         raise InferenceError(str(exc)) from None
-    inferer = build_inferer(model.net, options)  # after the checks: a bad input fails before any export
+    inferer = build_inferer(model.net, options, plane=plane)  # after the checks: a bad input fails before any export
     record = request_record(model, asdict(settings), asdict(options), inferer.name) if settings.provenance else None
     save = Path(options.adapt.save) if options.adapt is not None and options.adapt.save is not None else None
     return _predictions(model, headers, held, outputs, inferer, settings, normalize, record, description, save)
+
+
+def _ensemble_plane(settings: FileSettings) -> tuple[int, int]:
+    """The plane ``uncertainty=true`` averages over, in the network's axis order: the one whose
+    symmetries keep the degradation's factors (one line when none does)."""
+    if not settings.uncertainty:
+        return (0, 1)
+    try:
+        return symmetry_plane(settings.factors)
+    except ValueError as exc:
+        raise InferenceError(f"uncertainty=true: {exc}") from None
 
 
 def _one_slice_factor(headers: Sequence[VolumeHeader], settings: FileSettings) -> int:

@@ -33,7 +33,8 @@ class AdaptOptions:
     ``steps``: at most this many Adam steps (learning rate ``lr``), and at most ``minutes``
     (``None``: no time limit); ``patch``: the edge of the random training patches, ``batch`` of
     them per step; ``seed``: their positions and flips; ``holdout``: the fraction of the scan
-    (a slab along axis 0) held out for self-validation every ``validate_every`` steps, stopping
+    (a slab along axis 0, on the anatomy: :func:`~.adapt.holdout_slab`) held out for
+    self-validation every ``validate_every`` steps, stopping
     after ``patience`` validations without improvement; ``order``: :data:`ADAPT_ORDERS`;
     ``save``: write the adapted checkpoint there. ``factors`` and ``interpolation``: the
     checkpoint's (filled by the file layer; which axis is at full resolution, how pairs are made).
