@@ -185,8 +185,12 @@ def _run_infer_killed(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedPro
     src = _volume(tmp_path / "in.nii.gz")
     before = src.read_bytes()
     out = tmp_path / "out" / "sr.nii.gz"
+    # SIGINT as in a foreground command: a suite started in the background (`cmd &` in a
+    # non-interactive shell) hands its children SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt
     code = textwrap.dedent(f"""
-        import sys, time, nibabel
+        import signal, sys, time, nibabel
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def stalled_save(image, filename):
             open(filename, "wb").write(b"half")
             print("WRITING", flush=True)
