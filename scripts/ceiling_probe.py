@@ -27,24 +27,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+# sibling scripts: python puts the running script's folder (scripts/) on sys.path
+from adapt_eval import centre_crop
+from thick_slice_baselines import _volume, thick_scan
+
 from mdcsrn_lightning.checkpoints import load_trained_model
 from mdcsrn_lightning.cpu_features import cpu_bf16_support
 from mdcsrn_lightning.data import slices
 from mdcsrn_lightning.data.degradation import data_consistency, degrade
-from mdcsrn_lightning.data.fetch import data_path
 from mdcsrn_lightning.data.intensity import input_scale
-from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.evaluation.metrics import slice_metrics
-from mdcsrn_lightning.inference.adapt import train_step
+from mdcsrn_lightning.inference.adapt import _frozen_bn, train_step
 from mdcsrn_lightning.inference.options import InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer
 from mdcsrn_lightning.models.mdcsrn import MDCSRN
@@ -53,31 +54,20 @@ from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS, RELEASED_WEIGHTS
 Pair = tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], dict[str, float]]]
 
 
-def scan(name: str, crop: int | None) -> tuple[np.ndarray, float]:
-    """``(HR, voxel size along axis 2 in mm)`` of ``s1``, ``anatomical`` (nibabel's test scan) or a
-    path; its centre ``crop``^3 if given."""
-    if name == "s1":
-        name = str(data_path("s1"))
-    elif name == "anatomical":
-        import nibabel
-
-        name = str(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii")
-    volume = load_volume(name)
-    hr = np.asarray(volume.data, dtype=np.float32)
-    if crop:
-        starts = [max(0, (n - crop) // 2) for n in hr.shape]
-        hr = hr[tuple(slice(s, s + min(crop, n)) for s, n in zip(starts, hr.shape))]
-    return np.ascontiguousarray(hr), float(volume.voxel_sizes[2])
+def scan(name: str, crop: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """``(HR, voxel sizes in mm)`` of ``s1``, ``anatomical`` (nibabel's test scan) or a path
+    (``thick_slice_baselines``' reader); its centre ``crop``^3 if given."""
+    hr, voxel_sizes, _ = _volume(name)
+    return np.ascontiguousarray(centre_crop(hr, crop or None)), voxel_sizes
 
 
-def thick_pair(hr: np.ndarray, mm: float, voxel_mm: float = 1.0) -> Pair:
-    """``(input, HR on the slices' grid, scorer)`` for boxcar slices of ``mm`` along axis 2."""
-    thickness = mm / voxel_mm
-    spacing = max(1, math.floor(thickness + 0.5))
-    coarse = slices.thick_slices(hr, thickness, spacing, 2, "boxcar")
-    ref = np.ascontiguousarray(hr[:, :, : coarse.shape[2] * spacing])
+def thick_pair(hr: np.ndarray, mm: float, voxel_sizes: Sequence[float]) -> Pair:
+    """``(input, HR on the slices' grid, scorer)`` for boxcar slices of ``mm`` along axis 2
+    (:func:`thick_slice_baselines.thick_scan`), the cubic B-spline back onto the fine grid."""
+    _, spacing, coarse, ref, metric_axis = thick_scan(hr, voxel_sizes, mm, 2)
+    ref = np.ascontiguousarray(ref)
     lr = slices.slices_to_fine(coarse, spacing, 2, "cubic")
-    return lr, ref, lambda sr: slice_metrics(sr, ref, axis=0)
+    return lr, ref, lambda sr: slice_metrics(sr, ref, axis=metric_axis)
 
 
 def kspace_pair(hr: np.ndarray, factors: list[float], interpolation: str) -> Pair:
@@ -117,10 +107,7 @@ def probe(net: torch.nn.Module, pair: Pair, args: argparse.Namespace) -> list[di
         return out
 
     rows = [row(-1.0, 0, lr), row(0.0, 0, infer(x.numpy()) * scale)]  # the input, then the starting model
-    net.train()
-    for m in net.modules():  # a few patches per step are too few to re-estimate BatchNorm statistics
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    _frozen_bn(net)  # training mode, BatchNorm on its running statistics (as adapt=true trains)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     bf16 = cpu_bf16_support()[0]
     rng, spent, steps = np.random.default_rng(args.seed), 0.0, 0
@@ -133,10 +120,7 @@ def probe(net: torch.nn.Module, pair: Pair, args: argparse.Namespace) -> list[di
         spent += time.perf_counter() - start
         net.eval()
         rows.append(row(at, steps, infer(x.numpy()) * scale))
-        net.train()
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        _frozen_bn(net)
     return rows
 
 
@@ -157,9 +141,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = load_trained_model(args.ckpt or (RELEASED_THICK_WEIGHTS if args.task == "thick" else RELEASED_WEIGHTS))
-    hr, voxel_mm = scan(args.scan, args.crop)
+    hr, voxel_sizes = scan(args.scan, args.crop)
     if args.task == "thick":
-        pair = thick_pair(hr, args.mm, voxel_mm)
+        pair = thick_pair(hr, args.mm, voxel_sizes)
     else:
         pair = kspace_pair(hr, list(model.factors or (2, 2, 1)), model.interpolation)
     net = model.net

@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from mdcsrn_lightning.evaluation.metrics import slice_metrics
 from mdcsrn_lightning.inference.files import predict
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 
-__all__ = ["baselines", "sinc_to_fine"]
+__all__ = ["baselines", "sinc_to_fine", "thick_scan"]
 
 METHODS = ("nearest", "linear", "cubic", "sinc")
 
@@ -131,17 +132,24 @@ def _volume(name: str) -> tuple[np.ndarray, tuple[float, ...]]:
     return np.asarray(vol.data, dtype=np.float32), tuple(float(v) for v in vol.voxel_sizes), np.asarray(vol.image.affine)
 
 
+def thick_scan(hr: np.ndarray, voxel_sizes: Sequence[float], mm: float,
+               axis: int) -> tuple[float, int, np.ndarray, np.ndarray, int]:
+    """``(thickness, spacing (fine voxels), thick slices, the HR on the grid they cover, the
+    axis the scoring slices run across)`` for boxcar slices of ``mm`` along ``axis``; thickness =
+    mm / voxel size, spacing = that rounded half up."""
+    thickness = mm / voxel_sizes[axis]
+    spacing = max(1, math.floor(thickness + 0.5))
+    coarse = slices.thick_slices(hr, thickness, spacing, axis, "boxcar")
+    ref = np.take(hr, range(coarse.shape[axis] * spacing), axis=axis)
+    return thickness, spacing, coarse, ref, min(a for a in range(3) if a != axis)
+
+
 def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
               affine: np.ndarray | None = None, ckpts: list[str] | None = None,
               adapt_minutes: float | None = None, adapt_patch: int = 24,
               adapt_extra: dict[str, Any] | None = None, ensemble: bool = False) -> dict[str, Any]:
     """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
-    thickness = mm / voxel_sizes[axis]
-    spacing = max(1, math.floor(thickness + 0.5))
-    coarse = slices.thick_slices(hr, thickness, spacing, axis, "boxcar")
-    size = coarse.shape[axis] * spacing
-    ref = np.take(hr, range(size), axis=axis)
-    metric_axis = min(a for a in range(3) if a != axis)
+    thickness, spacing, coarse, ref, metric_axis = thick_scan(hr, voxel_sizes, mm, axis)
     row: dict[str, Any] = {"mm": mm, "axis": axis, "thickness_vox": thickness, "spacing_vox": spacing}
     for method in METHODS:
         if method == "sinc":

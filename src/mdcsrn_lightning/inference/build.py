@@ -109,7 +109,8 @@ def _adapting(net: nn.Module, options: InferenceOptions, plane: tuple[int, int])
     """The patch pass (engine torch) on a copy of ``net`` whose weights each volume's fine-tuning
     replaces; with ``uncertainty=true``, averaged over the symmetries of ``plane`` once adapted."""
     assert options.adapt is not None
-    for refused, why in ((options.stream, "stream=true"), (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
+    for refused, why in ((options.stream, "stream=true"),
+                         (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
                          (options.bn_mode != "eval", "bn_mode=train")):
         if refused:
             raise InferenceError(f"adapt=true runs the patch pass with engine=torch and bn_mode=eval; not with {why}")
