@@ -1,9 +1,10 @@
-"""A real thick-slice scan by eye: the cubic B-spline, the thick-slice model, the model adapted to it.
+"""A real thick-slice scan by eye: the cubic B-spline, the thick-slice model, ``adapt=true`` on it.
 
 ITK's example T1 (``mdcsrn-data path itk_lowres``: 128x128x62 at 2x2x3 mm, no HR exists) is
 super-resolved along its thick axis by ``mdcsrn-infer``'s Python API (``predict``,
 ``upsample=auto``: 2 fine voxels per 3 mm slice) with the given checkpoint, once as it is and
-once with ``adapt=true``; the picture shows one slice across the thick axis (axes 0 and 2) of
+once with ``adapt=true`` (the default for a thick-slice checkpoint: the plane network,
+``inference/planes.py``); the picture shows one slice across the thick axis (axes 0 and 2) of
 each, beside the cubic B-spline of the same slices, all on the cubic's 99.9th percentile.
 
     python scripts/thick_picture.py --ckpt src/mdcsrn_lightning/release/mdcsrn_b2u4k8_thick.ckpt \\
@@ -40,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outs = {}
         for label, options in (("thick-slice model", InferenceOptions(device="cpu")),
-                               (f"adapted ({args.minutes:g} min)",
+                               (f"adapt=true: plane network ({args.minutes:g} min)",
                                 InferenceOptions(device="cpu", adapt=AdaptOptions(minutes=args.minutes, steps=100000)))):
             result = next(iter(predict(src, Path(tmp) / "sr.nii.gz", args.ckpt, options=options, upsample="auto",
                                        overwrite=True, provenance=False)))

@@ -84,12 +84,13 @@ def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
 
 def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, ref: np.ndarray,
                metric_axis: int, ckpts: list[str], adapt_minutes: float | None = None,
-               adapt_patch: int = 24, adapt_extra: dict[str, Any] | None = None,
-               ensemble: bool = False) -> dict[str, Any]:
+               adapt_patch: int | None = None, adapt_extra: dict[str, Any] | None = None,
+               ensemble: bool = False, consistency: bool = False) -> dict[str, Any]:
     """Each ``name=path`` checkpoint's output for the thick scan ``coarse``, scored against ``ref``
     (with ``ensemble``, also the mean over the in-plane symmetries, ``uncertainty=true``:
     ``<name> ensemble``; with ``adapt_minutes``, its output with ``adapt=true`` for that long:
-    ``<name> adapted``, and with both, ``<name> adapted ensemble``)."""
+    ``<name> adapted``, and with both, ``<name> adapted ensemble``; with ``consistency``, each
+    also with the thick-slice data consistency of ``data_consistency=true``: ``... +dc``)."""
     import tempfile
 
     import nibabel
@@ -115,6 +116,9 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
             m = slice_metrics(sr, ref, axis=metric_axis)
             out[name + suffix] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4),
                                   "seconds": round(time.perf_counter() - start, 1)}
+            if consistency:  # what data_consistency=true writes (the output's slices made the scan's)
+                m = slice_metrics(slices.slice_consistency(sr, coarse, spacing, axis), ref, axis=metric_axis)
+                out[f"{name}{suffix} +dc"] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
             if "adapted" in suffix:
                 record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
                 out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
@@ -146,9 +150,11 @@ def thick_scan(hr: np.ndarray, voxel_sizes: Sequence[float], mm: float,
 
 def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: int,
               affine: np.ndarray | None = None, ckpts: list[str] | None = None,
-              adapt_minutes: float | None = None, adapt_patch: int = 24,
-              adapt_extra: dict[str, Any] | None = None, ensemble: bool = False) -> dict[str, Any]:
-    """PSNR / SSIM of each interpolation (and each of ``ckpts``) for ``mm`` slices along ``axis``."""
+              adapt_minutes: float | None = None, adapt_patch: int | None = None,
+              adapt_extra: dict[str, Any] | None = None, ensemble: bool = False,
+              consistency: bool = False) -> dict[str, Any]:
+    """PSNR / SSIM of each interpolation (and each of ``ckpts``; with ``consistency``, the cubic
+    B-spline and each model also with the slices' data consistency) for ``mm`` slices along ``axis``."""
     thickness, spacing, coarse, ref, metric_axis = thick_scan(hr, voxel_sizes, mm, axis)
     row: dict[str, Any] = {"mm": mm, "axis": axis, "thickness_vox": thickness, "spacing_vox": spacing}
     for method in METHODS:
@@ -158,9 +164,12 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
             fine = slices.slices_to_fine(coarse, spacing, axis, method)  # type: ignore[arg-type]
         m = slice_metrics(fine, ref, axis=metric_axis)
         row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+        if consistency and method == "cubic":
+            m = slice_metrics(slices.slice_consistency(fine, coarse, spacing, axis), ref, axis=metric_axis)
+            row["cubic +dc"] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
     if ckpts:
         row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
-                              adapt_minutes, adapt_patch, adapt_extra, ensemble))
+                              adapt_minutes, adapt_patch, adapt_extra, ensemble, consistency))
     return row
 
 
@@ -171,11 +180,14 @@ def main() -> None:
     parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ckpt", action="append", default=[], help="name=path of a thick-slice checkpoint")
     parser.add_argument("--adapt-minutes", type=float, default=None, help="also each checkpoint with adapt=true")
-    parser.add_argument("--adapt-patch", type=int, default=24)
+    parser.add_argument("--adapt-patch", type=int, default=None, help="default: the network's (adapt.network)")
+    parser.add_argument("--adapt-network", default="auto", help="adapt.network: auto, checkpoint or planes")
     parser.add_argument("--adapt-lr", type=float, default=AdaptOptions.lr)
     parser.add_argument("--adapt-patience", type=int, default=AdaptOptions.patience)
     parser.add_argument("--ensemble", action="store_true",
                         help="also each checkpoint (and adapted one) averaged over the in-plane symmetries")
+    parser.add_argument("--dc", action="store_true",
+                        help="also the cubic B-spline and each model with data_consistency=true (the scan's slices kept)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -186,8 +198,9 @@ def main() -> None:
                 start = time.perf_counter()
                 row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
                                                    args.adapt_patch, {"lr": args.adapt_lr,
-                                                                      "patience": args.adapt_patience},
-                                                   args.ensemble)}
+                                                                      "patience": args.adapt_patience,
+                                                                      "network": args.adapt_network},
+                                                   args.ensemble, args.dc)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

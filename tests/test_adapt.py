@@ -306,7 +306,7 @@ def test_cli_adapts_a_thick_slice_checkpoint_and_applies_it_as_is(tmp_path: Path
     out, saved = tmp_path / "sr.nii.gz", tmp_path / "adapted.ckpt"
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}",
                                 "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS,
-                                f"adapt_options.save={saved}")
+                                "adapt_options.network=checkpoint", f"adapt_options.save={saved}")
     assert code == 0, err
     record = json.loads((tmp_path / "sr.json").read_text())["adapt"]
     assert record["steps"] == 4 and record["real_task_psnr"] == {}
@@ -329,7 +329,8 @@ def test_cli_thick_adapt_with_uncertainty_averages_the_adapted_model_over_the_in
     out, saved = tmp_path / "sr.nii.gz", tmp_path / "adapted.ckpt"
     common = ("upsample=auto", "progress=false", "device=cpu")
     code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}", *common,
-                           *ADAPT_ARGS, "uncertainty=true", f"adapt_options.save={saved}")
+                           *ADAPT_ARGS, "uncertainty=true", "adapt_options.network=checkpoint",
+                           f"adapt_options.save={saved}")
     assert code == 0, err
     assert (tmp_path / "sr_std.nii.gz").is_file() and json.loads((tmp_path / "sr.json").read_text())["uncertainty"]
     # the same numbers as the ensemble of the saved adapted checkpoint (thick axis 2: the plane of axes 0, 1)

@@ -95,3 +95,14 @@ def test_infer_bids_enters_each_file_once_along_every_stack(tmp_path: Path, monk
                            "device=cpu", "patches.size=16", monkeypatch=monkeypatch, capsys=capsys)
     assert not bad, sorted(bad)[:3]
     assert {"inference/bids.py", "inference/sidecars.py"} <= seen
+
+
+def test_thick_adapt_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys) -> None:
+    from .test_adapt import ADAPT_ARGS, _thick_setup
+
+    src, ckpt = _thick_setup(tmp_path)
+    bad, seen = _reentries(f"input={src}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}", "upsample=auto",
+                           "progress=false", "device=cpu", "data_consistency=true", *ADAPT_ARGS,
+                           monkeypatch=monkeypatch, capsys=capsys)
+    assert not bad, sorted(bad)[:3]
+    assert {"inference/planes.py", "inference/plane_data.py", "inference/adapt.py", "models/plane_net.py"} <= seen

@@ -170,3 +170,26 @@ def test_thick_slices_experiment_trains_and_records_its_degradation(train_cfg) -
     recorded = data_settings({"datamodule_hyper_parameters": dict(dm.hparams)}, "run.ckpt")
     assert recorded["degradation"] == "slices" and recorded["slices"]["profile"] == "boxcar"
     assert recorded["interpolation"] == "cubic" and list(recorded["factors"]) == [1.0, 1.0, 4.0]
+
+
+@pytest.mark.parametrize(("thickness", "spacing", "profile"), [(4, 4, "boxcar"), (3, 4, "boxcar"), (4, 3, "gaussian")])
+def test_slice_consistency_makes_the_slices_equal_the_measured_ones(thickness, spacing, profile) -> None:
+    rng = np.random.default_rng(1)
+    hr, guess = rng.random((5, 6, 24)), rng.random((5, 6, 24))
+    measured = S.thick_slices(hr, thickness, spacing, 2, profile)
+    fixed = S.slice_consistency(guess, measured, spacing, 2, profile, thickness)
+    np.testing.assert_allclose(S.thick_slices(fixed, thickness, spacing, 2, profile), measured, atol=1e-5)
+    # the least change: a guess whose slices already agree is kept
+    np.testing.assert_allclose(S.slice_consistency(hr, measured, spacing, 2, profile, thickness), hr, atol=1e-5)
+
+
+def test_contiguous_boxcar_consistency_adds_each_slice_residual_to_its_voxels() -> None:
+    guess = np.zeros((2, 3, 8), dtype=np.float32)
+    measured = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    fixed = S.slice_consistency(guess, measured, 4, 2)
+    np.testing.assert_allclose(fixed, np.repeat(measured, 4, axis=2), atol=1e-6)
+
+
+def test_slice_consistency_refuses_slices_of_another_shape() -> None:
+    with pytest.raises(ValueError, match=r"measured slices of shape \(2, 3, 3\) do not match the 2 slices"):
+        S.slice_consistency(np.zeros((2, 3, 8)), np.zeros((2, 3, 3)), 4, 2)

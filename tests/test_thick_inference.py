@@ -192,3 +192,22 @@ def test_without_ckpt_thick_and_isotropic_inputs_together_are_refused_in_one_lin
     assert re.search(r"b_iso.nii.gz: voxel sizes \[1, 1, 1\] mm: no thick axis .* beside thick-slice inputs "
                      r"\(.*a_thick.nii.gz\); without ckpt= each kind needs its own weights", err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_data_consistency_makes_the_output_slices_the_scans(tmp_path, monkeypatch, capsys, axis) -> None:
+    hr = _hr((18, 20, 16))
+    coarse = S.thick_slices(hr, 4, 4, axis)
+    src = _save(tmp_path / "thick.nii.gz", coarse, _thick_affine(HR_AFFINE, axis, 4))
+    ckpt = _slices_ckpt(tmp_path)
+    runs = {}
+    for dc in ("false", "true"):
+        out = tmp_path / f"sr_{dc}.nii.gz"
+        code, _, err = _infer(monkeypatch, capsys, f"input={src}", f"output={out}", f"ckpt={ckpt}", "upsample=auto",
+                              f"data_consistency={dc}")
+        assert code == 0, err
+        runs[dc] = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
+    np.testing.assert_allclose(S.thick_slices(runs["true"], 4, 4, axis), coarse, atol=1e-3)
+    assert np.abs(S.thick_slices(runs["false"], 4, 4, axis) - coarse).max() > 1e-2  # the network alone does not
+    expected = S.slice_consistency(runs["false"], coarse, 4, axis)
+    np.testing.assert_allclose(runs["true"], expected, atol=1e-3)

@@ -40,6 +40,7 @@ __all__ = [
     "SliceDegradation",
     "SliceInterpolation",
     "profile_weights",
+    "slice_consistency",
     "slice_count",
     "slice_degrade",
     "slice_matrix",
@@ -168,6 +169,25 @@ def slice_degrade(volume: np.ndarray, thickness: float, spacing: int, axis: int 
     arr = np.asarray(volume)
     coarse = thick_slices(arr, thickness, spacing, axis, profile)
     return slices_to_fine(coarse, spacing, axis, interpolation, arr.shape[_check_axis(arr, axis)])
+
+
+def slice_consistency(fine: np.ndarray, coarse: np.ndarray, spacing: int, axis: int = 2,
+                      profile: Profile = "boxcar", thickness: float | None = None) -> np.ndarray:
+    """``fine`` changed the least (sum of squares) for its thick slices to equal the measured
+    ``coarse`` ones: ``fine + pinv(M) (coarse - M fine)`` along ``axis``, ``M`` the
+    :func:`slice_matrix` of ``thickness`` (default ``spacing``: contiguous slices) and ``profile``;
+    float32, ``fine``'s shape. For contiguous boxcar slices each slice's residual is added to
+    its ``spacing`` fine voxels. ``ValueError``: ``coarse`` is not those slices' shape."""
+    arr = np.asarray(fine, dtype=np.float64)
+    ax = _check_axis(arr, axis)
+    matrix = slice_matrix(arr.shape[ax], spacing if thickness is None else thickness, spacing, profile)
+    measured = np.asarray(coarse, dtype=np.float64)
+    expected = tuple(matrix.shape[0] if i == ax else n for i, n in enumerate(arr.shape))
+    if measured.shape != expected:
+        raise ValueError(f"measured slices of shape {measured.shape} do not match the {matrix.shape[0]} slices of "
+                         f"spacing {spacing} along axis {ax} of a fine grid {arr.shape} (expected {expected})")
+    residual = measured - _along(matrix, arr, ax)
+    return (arr + _along(np.linalg.pinv(matrix), residual, ax)).astype(np.float32)
 
 
 def fine_positions(count: int, spacing: int) -> np.ndarray:

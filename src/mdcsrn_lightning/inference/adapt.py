@@ -12,11 +12,12 @@ was never trained for their slot); so the adapted model must also beat the unada
 the real task one scale down (:func:`real_task_check`: the scan's centre degraded again by the
 checkpoint's factors, restored as each model would be applied), or the unadapted one is used.
 
-A thick-slice checkpoint (``options.slice_factor`` set) is adapted the same way with
-pairs from an in-plane axis (:func:`thick_pairs`: thick slices simulated along the first
+A thick-slice checkpoint (``options.slice_factor`` set) with ``adapt.network=checkpoint`` is
+adapted the same way with pairs from an in-plane axis (:func:`thick_pairs`: thick slices simulated along the first
 in-plane axis, swapped into the network's thick slot) and applied as it is (its thick slot
 already holds the scan's thick axis). There the held-out pairs are the real task's own slot for
-both models, so self-validation alone decides.
+both models, so self-validation alone decides. (Its default, ``adapt.network=planes``, trains a
+2D network instead: :mod:`.planes`.)
 
 Built by :func:`~.build.build_inferer` (:class:`AdaptingInferer`); pure torch/numpy.
 """
@@ -60,6 +61,8 @@ __all__ = [
     "self_pairs",
     "self_validate",
     "thick_pairs",
+    "train_loop",
+    "use_bf16",
 ]
 
 # ------------------------------------------------------------------------ pairs
@@ -110,6 +113,7 @@ def pair_shape(shape: Sequence[int], options: AdaptOptions) -> tuple[int, int, i
 def check_patch_fits(shape: Sequence[int], options: AdaptOptions) -> int:
     """The held-out slab's thickness along axis 0; a scan too small for the patch (or for the
     patch plus the slab along axis 0) is one line."""
+    options = options.resolved("checkpoint")
     small = [ax for ax, n in enumerate(shape) if n < options.patch]
     if small:
         raise InferenceError(f"adapt=true: the scan {list(shape)} is smaller than adapt.patch={options.patch} "
@@ -197,6 +201,7 @@ def _psnr(mse: float, peak: float) -> float:
 class Adaptation:
     """What :func:`fine_tune` did (recorded in the provenance and the adapted checkpoint)."""
 
+    network: str = "checkpoint"
     steps: int = 0
     seconds: float = 0.0
     stopped: str = "steps"
@@ -209,7 +214,7 @@ class Adaptation:
     losses: list[float] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
-        return {"steps": self.steps, "seconds": round(self.seconds, 2), "stopped": self.stopped,
+        return {"network": self.network, "steps": self.steps, "seconds": round(self.seconds, 2), "stopped": self.stopped,
                 "best_step": self.best_step, "used": self.used, "precision": self.precision,
                 "self_validation_psnr": {"unadapted": round(self.psnr_unadapted, 4),
                                          "adapted": round(self.psnr_adapted, 4)},
@@ -234,19 +239,20 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
     held-out slab every ``validate_every`` steps (the best state kept, stopped after ``patience``
     validations without improvement); ``net`` itself when that never beats it (one info line)."""
     device = torch.device(device)
+    options = options.resolved("checkpoint")
     held = check_patch_fits(pair_shape(scan.shape, options), options)
     x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in scan_pairs(scan, options))
     slab = holdout_slab(y, held, options.patch)
     vx, vy = _validation_crop(x, y, slab, options.patch)
     result = Adaptation(psnr_unadapted=self_validate(net.to(device), vx, vy))
     result.psnr_adapted = result.psnr_unadapted
-    bf16 = device.type == "cpu" and cpu_bf16_support()[0] or device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(device)
     result.precision = "bf16" if bf16 else "32"
     work = _frozen_bn(copy.deepcopy(net))
     optimizer = torch.optim.Adam(work.parameters(), lr=options.lr)
-    pairs = (x, y, slab)
-    best = _train_loop(lambda bx, by: step(work, optimizer, bx, by, bf16), work, pairs, (vx, vy), options,
-                       result, progress)
+    best = train_loop(lambda bx, by: step(work, optimizer, bx, by, bf16), work,
+                      lambda rng: _random_batch(x, y, slab, options, rng), lambda: self_validate(work, vx, vy),
+                      options, result, progress)
     if best is None:
         result.used = "unadapted"
         log(f"adapt: self-validation PSNR {result.psnr_unadapted:.2f} dB unadapted, no better after {result.steps} "
@@ -293,15 +299,19 @@ def real_task_check(net: nn.Module, adapted: nn.Module, scan: np.ndarray, option
             "adapted": psnr(apply_permuted(whole(adapted), low, options.factors, options.order))}
 
 
-def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module,
-                pairs: tuple[Tensor, Tensor, tuple[int, int]],
-                held_out: tuple[Tensor, Tensor], options: AdaptOptions, result: Adaptation,
-                progress: bool) -> dict[str, Tensor] | None:
-    """Steps until ``steps``, ``minutes`` or early stopping; the best validated state (``None``:
-    none beat the unadapted model). Fills ``result``."""
+def use_bf16(device: torch.device) -> bool:
+    """Whether adaptation trains under bf16 autocast: where the device computes bf16 natively."""
+    return device.type == "cpu" and cpu_bf16_support()[0] or device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module,
+               draw: Callable[[np.random.Generator], tuple[Tensor, Tensor]], validate: Callable[[], float],
+               options: AdaptOptions, result: Adaptation, progress: bool) -> dict[str, Tensor] | None:
+    """Steps on ``draw``'s batches until ``steps``, ``minutes`` or early stopping (``validate``:
+    the held-out score, higher is better); the best validated state of ``work`` (``None``: none
+    beat ``result.psnr_adapted``, the unadapted model's score). Fills ``result``."""
     from tqdm.auto import tqdm  # comes with lightning
 
-    x, y, slab = pairs
     rng = np.random.default_rng(options.seed)
     torch.manual_seed(options.seed)
     start, best, waited = time.perf_counter(), None, 0
@@ -313,14 +323,14 @@ def _train_loop(run_step: Callable[[Tensor, Tensor], float], work: nn.Module,
             if time.perf_counter() - start >= limit:
                 result.stopped = "minutes"
                 break
-            result.losses.append(run_step(*_random_batch(x, y, slab, options, rng)))
+            result.losses.append(run_step(*draw(rng)))
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
             out_of_time = time.perf_counter() - start >= limit
             if result.steps % options.validate_every and result.steps < options.steps and not out_of_time:
                 continue
-            score = self_validate(work, *held_out)
+            score = validate()
             _frozen_bn(work)
             if score > result.psnr_adapted:
                 result.psnr_adapted, result.best_step, waited = score, result.steps, 0
@@ -350,6 +360,7 @@ class AdaptingInferer(Inferer):
                  log: Callable[[str], None] = info, ensemble: tuple[int, int] | None = None) -> None:
         if options.slice_factor is None:
             pair_factors(options.factors)  # no full-resolution axis: refused when built
+        options = options.resolved("checkpoint")
         self.inner, self.work, self.options, self.progress, self.log = inner, work, options, progress, log
         self.ensemble = ensemble
         self.initial = copy.deepcopy(work.state_dict())

@@ -18,6 +18,7 @@ from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.adapt import AdaptingInferer
 from mdcsrn_lightning.inference.permuted import pair_factors
+from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer
 
 __all__ = ["build_inferer"]
 
@@ -107,15 +108,22 @@ def _exact_runner(net: nn.Module, options: InferenceOptions, device: torch.devic
 
 def _adapting(net: nn.Module, options: InferenceOptions, plane: tuple[int, int]) -> Inferer:
     """The patch pass (engine torch) on a copy of ``net`` whose weights each volume's fine-tuning
-    replaces; with ``uncertainty=true``, averaged over the symmetries of ``plane`` once adapted."""
+    replaces, or (``adapt.network=planes``) a plane network trained on each volume with that pass
+    as the fallback; with ``uncertainty=true``, averaged over the symmetries of ``plane`` once adapted."""
     assert options.adapt is not None
     for refused, why in ((options.stream, "stream=true"),
                          (options.engine not in ("torch", "auto"), f"engine={options.engine}"),
                          (options.bn_mode != "eval", "bn_mode=train")):
         if refused:
             raise InferenceError(f"adapt=true runs the patch pass with engine=torch and bn_mode=eval; not with {why}")
-    pair_factors(options.adapt.factors)  # no axis at full resolution: one line now
+    try:
+        adapt = options.adapt.resolved()
+    except ValueError as exc:
+        raise InferenceError(f"adapt=true: {exc}") from None
+    ensemble = plane if options.uncertainty else None
     work = copy.deepcopy(net)
     inner = PatchInferer(work, options)
-    return AdaptingInferer(inner, work, options.adapt, progress=options.progress,
-                           ensemble=plane if options.uncertainty else None)
+    if adapt.network == "planes":
+        return PlaneAdaptingInferer(inner, work, adapt, progress=options.progress, ensemble=ensemble)
+    pair_factors(adapt.factors)  # no axis at full resolution: one line now
+    return AdaptingInferer(inner, work, adapt, progress=options.progress, ensemble=ensemble)

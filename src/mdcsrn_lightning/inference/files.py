@@ -23,6 +23,7 @@ from mdcsrn_lightning.release import RELEASED_COARSE_WEIGHTS, RELEASED_THICK_WEI
 from mdcsrn_lightning.data.degradation import data_consistency as _data_consistency
 from mdcsrn_lightning.data.degradation import degrade as _degrade
 from mdcsrn_lightning.data.degradation import fine_shape, kspace_truncate, lr_shape, to_fine_grid
+from mdcsrn_lightning.data.slices import slice_consistency as _slice_consistency
 from mdcsrn_lightning.data.intensity import InputScaleRule, input_scale, trained_input_scale
 from mdcsrn_lightning.data.volume_io import (
     LoadedVolume,
@@ -37,6 +38,8 @@ from mdcsrn_lightning.data.volume_io import (
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
 from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_shape, save_adapted
+from mdcsrn_lightning.inference.plane_data import check_plane_fits
+from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer
 from mdcsrn_lightning.inference.permuted import pair_factors
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
 from mdcsrn_lightning.inference.messages import info
@@ -123,6 +126,7 @@ class FileSettings:
     auto: bool = False
     checkpoint: str = ""
     thick_axis: int | None = None
+    slice_profile: str = "boxcar"
     uncertainty: bool = False
     provenance: bool = False
 
@@ -234,7 +238,7 @@ def file_settings(
     thick = model.degradation == "slices"
     auto = isinstance(upsample, str) and upsample.strip().lower() == "auto"
     if thick:
-        _check_thick_request(model, upsample, auto, degrade, data_consistency)
+        _check_thick_request(model, upsample, auto, degrade)
     ups = None if thick else resolve_upsample(upsample, model)
     if degrade and ups is not None:
         raise InferenceError("degrade=true and upsample exclude each other: degrade makes a fine-grid LR from an HR scan")
@@ -252,20 +256,19 @@ def file_settings(
         auto=auto,
         checkpoint=str(model.path),
         thick_axis=model.slice_axis if thick and auto else None,
+        slice_profile=str((model.data.get("slices") or {}).get("profile", "boxcar")),
     )
 
 
-def _check_thick_request(model: TrainedModel, upsample: str | Sequence[float] | None, auto: bool, degrade: bool,
-                         data_consistency: bool | str) -> None:
-    """What a checkpoint trained on thick slices refuses: explicit factors, ``degrade``, data consistency."""
+def _check_thick_request(model: TrainedModel, upsample: str | Sequence[float] | None, auto: bool,
+                         degrade: bool) -> None:
+    """What a checkpoint trained on thick slices refuses: explicit factors, ``degrade``."""
     where = f"{model.path}: trained on thick slices (degradation=slices)"
     if upsample is not None and not auto and resolve_upsample(upsample, _NO_FACTORS) is not None:
         raise InferenceError(f"{where}; use upsample=auto (the grid comes from the scan's voxel sizes), not "
                              f"upsample={upsample}")
     if degrade:
         raise InferenceError(f"{where}; degrade=true makes a k-space LR, not thick slices")
-    if data_consistency is True:
-        raise InferenceError(f"{where}; data_consistency keeps a k-space band, not thick slices")
 
 
 def resolve_memory_budget(budget: int | None = None) -> int:
@@ -410,13 +413,15 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         message = str(exc)
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
-    adaptation = inferer.adaptation if isinstance(inferer, AdaptingInferer) else None  # what adapt=true did
+    adaptation = inferer.adaptation if isinstance(inferer, (AdaptingInferer, PlaneAdaptingInferer)) else None
     if record is not None and adaptation is not None:
         record = {**record, "adapt": adaptation.record()}
     write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
     if plan is not None:  # the thick axis where the network had it in training, and back
         sr, std = plan.from_model(sr), None if std is None else plan.from_model(std)
         write = functools.partial(write_refined, offset=plan.offset())
+        if settings.data_consistency:  # the scan's slices, contiguous, of the checkpoint's profile
+            sr = _slice_consistency(sr, measured, plan.factor, plan.axis, settings.slice_profile)  # type: ignore[arg-type]
     elif settings.data_consistency:
         sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
     if settings.uncertainty and std is None:
@@ -589,7 +594,15 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
                         slice_axis=model.slice_axis)
     else:
         adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
+    try:
+        adapt = adapt.resolved()
+    except ValueError as exc:
+        raise InferenceError(f"{model.path}: adapt=true: {exc}") from None
+    if adapt.network == "checkpoint" and adapt.slice_factor is None:
         pair_factors(adapt.factors)
+    if adapt.save is not None and adapt.network == "planes":
+        raise InferenceError(f"adapt.save={adapt.save}: the plane network (adapt.network=planes) is this scan's only "
+                             "and is not a checkpoint; give adapt.network=checkpoint to save an adapted checkpoint")
     if adapt.save is not None:
         if len(inputs) != 1:
             raise InferenceError(f"adapt.save={adapt.save}: one input only (each scan gets its own adapted model)")
@@ -613,7 +626,10 @@ def _check_adapt_shapes(headers: Sequence[VolumeHeader], settings: FileSettings,
         if plan is not None:  # the network's axis order: the thick axis in its slot
             shape = plan.model_shape
         try:
-            check_patch_fits(pair_shape(shape, options.adapt), options.adapt)
+            if options.adapt.network == "planes":
+                check_plane_fits(shape, options.adapt)
+            else:
+                check_patch_fits(pair_shape(shape, options.adapt), options.adapt)
         except InferenceError as exc:
             raise InferenceError(f"{header.path}: {exc}") from None
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
 from mdcsrn_lightning.sizes import triple
 
-__all__ = ["ADAPT_ORDERS", "PRECISIONS", "AdaptOptions", "BNMode", "EngineName", "InferenceOptions", "OverlapMode"]
+__all__ = ["ADAPT_DEFAULTS", "ADAPT_ORDERS", "PRECISIONS", "AdaptNetwork", "AdaptOptions", "BNMode", "EngineName", "InferenceOptions", "OverlapMode"]
 
 EngineName = Literal["torch", "compile", "onnxruntime", "openvino", "auto"]
 OverlapMode = Literal["crop", "average", "hann"]
@@ -25,35 +25,51 @@ def _positive(value: object, name: str, kind: type = int) -> None:
         raise ValueError(f"adapt.{name}: a {'number' if kind is float else 'integer'} > 0, got {value!r}")
 
 
+#: the network ``adapt=true`` trains: ``checkpoint`` fine-tunes the given 3D generator; ``planes``
+#: trains a fresh 2D network on the scan's in-plane slices (thick-slice scans only);
+#: ``auto``: ``planes`` for a thick-slice checkpoint, ``checkpoint`` otherwise
+AdaptNetwork = Literal["auto", "checkpoint", "planes"]
+#: what ``None`` settings of :class:`AdaptOptions` become for each network (measured in
+#: ``docs/inference.md``: the 2D network takes larger batches, a higher rate and many more steps)
+ADAPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "checkpoint": {"steps": 300, "lr": 1e-4, "patch": 24, "batch": 4, "validate_every": 20, "patience": 5},
+    "planes": {"steps": 1_000_000, "lr": 5e-4, "patch": 48, "batch": 16, "validate_every": 100, "patience": 30},
+}
+
+
 @dataclass
 class AdaptOptions:
     """Per-scan self-supervised fine-tuning before inference (``adapt=true``;
-    :class:`~.adapt.AdaptingInferer`, ``docs/inference.md`` "Adapting to a scan").
+    :class:`~.adapt.AdaptingInferer`, :class:`~.planes.PlaneAdaptingInferer`,
+    ``docs/inference.md`` "Adapting to a scan").
 
-    ``steps``: at most this many Adam steps (learning rate ``lr``), and at most ``minutes``
-    (``None``: no time limit); ``patch``: the edge of the random training patches, ``batch`` of
-    them per step; ``seed``: their positions and flips; ``holdout``: the fraction of the scan
-    (a slab along axis 0, on the anatomy: :func:`~.adapt.holdout_slab`) held out for
-    self-validation every ``validate_every`` steps, stopping
-    after ``patience`` validations without improvement; ``order``: :data:`ADAPT_ORDERS`;
-    ``save``: write the adapted checkpoint there. ``factors`` and ``interpolation``: the
+    ``network``: :data:`AdaptNetwork`. ``steps``: at most this many Adam steps (learning rate
+    ``lr``), and at most ``minutes`` (``None``: no time limit); ``patch``: the edge of the random
+    training patches, ``batch`` of them per step; ``seed``: their positions and flips; ``holdout``:
+    the fraction of the scan (a slab along axis 0, or along the thick axis for ``planes``, on the
+    anatomy: :func:`~.adapt.holdout_slab`) held out for self-validation every ``validate_every``
+    steps, stopping after ``patience`` validations without improvement; ``order``:
+    :data:`ADAPT_ORDERS`; ``save``: write the adapted checkpoint there. ``steps``, ``lr``,
+    ``patch``, ``batch``, ``validate_every``, ``patience`` left ``None`` take the network's
+    :data:`ADAPT_DEFAULTS` (:meth:`resolved`). ``factors`` and ``interpolation``: the
     checkpoint's (filled by the file layer; which axis is at full resolution, how pairs are made).
     A thick-slice checkpoint: ``slice_factor`` (fine voxels per slice of the scan: the pairs'
     slice thickness and spacing), ``slice_profile`` and ``slice_axis`` (the network's thick
     axis), filled by the file layer; ``slice_factor=None`` means a k-space checkpoint.
     """
 
-    steps: int = 300
+    steps: int | None = None
     minutes: float | None = 5.0
-    lr: float = 1e-4
-    patch: int = 24
-    batch: int = 4
+    lr: float | None = None
+    patch: int | None = None
+    batch: int | None = None
     seed: int = 0
     holdout: float = 0.2
-    validate_every: int = 20
-    patience: int = 5
+    validate_every: int | None = None
+    patience: int | None = None
     order: str = "average"
     save: str | None = None
+    network: str = "auto"
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
     slice_factor: int | None = None
@@ -62,8 +78,10 @@ class AdaptOptions:
 
     def __post_init__(self) -> None:
         for name in ("steps", "patch", "batch", "validate_every", "patience"):
-            _positive(getattr(self, name), name)
-        _positive(self.lr, "lr", float)
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), name)
+        if self.lr is not None:
+            _positive(self.lr, "lr", float)
         if self.minutes is not None:
             _positive(self.minutes, "minutes", float)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -72,11 +90,26 @@ class AdaptOptions:
             raise ValueError(f"adapt.holdout: a fraction in (0, 1), got {self.holdout!r}")
         if str(self.order) not in ADAPT_ORDERS:
             raise ValueError(f"adapt.order must be one of {ADAPT_ORDERS}, got {self.order!r}")
+        if str(self.network) not in get_args(AdaptNetwork):
+            raise ValueError(f"adapt.network must be one of {get_args(AdaptNetwork)}, got {self.network!r}")
         self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]
         if self.slice_factor is not None:
             _positive(self.slice_factor, "slice_factor")
         if self.slice_axis not in (0, 1, 2) or isinstance(self.slice_axis, bool):
             raise ValueError(f"adapt.slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
+
+    def resolved(self, network: str | None = None) -> AdaptOptions:
+        """A copy for ``network`` (default: :attr:`network`; ``auto``: ``planes`` when
+        ``slice_factor`` is set, else ``checkpoint``) with every ``None`` setting filled from
+        :data:`ADAPT_DEFAULTS`. ``ValueError``: ``planes`` without a thick-slice checkpoint."""
+        chosen = str(network or self.network)
+        if chosen == "auto":
+            chosen = "planes" if self.slice_factor is not None else "checkpoint"
+        if chosen == "planes" and self.slice_factor is None:
+            raise ValueError("adapt.network=planes needs a thick-slice checkpoint and scan (a k-space scan has no "
+                             "plane at full resolution along both axes)")
+        filled = {k: v for k, v in ADAPT_DEFAULTS[chosen].items() if getattr(self, k) is None}
+        return replace(self, network=chosen, **filled)
 
 
 def _check_size(value: object, name: str, minimum: int) -> None:

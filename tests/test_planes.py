@@ -1,0 +1,211 @@
+"""``adapt.network=planes``: the per-scan 2D network for thick-slice scans (inference/planes.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mdcsrn_lightning.cli import infer as infer_cli
+from mdcsrn_lightning.data import slices as S
+from mdcsrn_lightning.inference import plane_data
+from mdcsrn_lightning.inference import planes as planes_mod
+from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.options import (
+    ADAPT_DEFAULTS,
+    AdaptOptions,
+    InferenceOptions,
+)
+from mdcsrn_lightning.inference.plane_data import (
+    apply_planes,
+    check_plane_fits,
+    plane_stacks,
+)
+from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer, train_planes
+from mdcsrn_lightning.models.plane_net import PlaneNet
+
+from .test_adapt import ADAPT_ARGS, _thick_setup
+from .test_inference import run_cli, tiny_net, write_tiny_checkpoint
+
+FAST = {"steps": 4, "minutes": None, "patch": 8, "batch": 2, "validate_every": 2, "patience": 2}
+THICK = {"slice_factor": 3, "slice_axis": 2, "interpolation": "cubic"}
+
+
+def _scan(shape=(14, 12, 18), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) + 0.5).astype(np.float32)
+
+
+def test_plane_net_keeps_the_plane_shape_and_refuses_volumes() -> None:
+    net = PlaneNet(channels=4, blocks=1)
+    assert net(torch.zeros(3, 1, 10, 7)).shape == (3, 1, 10, 7)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        net(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="channels"):
+        PlaneNet(channels=0)
+
+
+def test_options_resolve_each_networks_defaults() -> None:
+    thick = AdaptOptions(**THICK)
+    assert thick.resolved().network == "planes" and thick.resolved().lr == ADAPT_DEFAULTS["planes"]["lr"]
+    assert thick.resolved("checkpoint").patch == ADAPT_DEFAULTS["checkpoint"]["patch"]
+    assert AdaptOptions().resolved().network == "checkpoint"
+    assert AdaptOptions(patch=9, network="planes", **THICK).resolved().patch == 9  # given settings are kept
+    with pytest.raises(ValueError, match="adapt.network=planes needs a thick-slice checkpoint"):
+        AdaptOptions(network="planes").resolved()
+    with pytest.raises(ValueError, match="adapt.network must be one of"):
+        AdaptOptions(network="2d")
+
+
+def test_plane_stacks_degrade_one_inplane_axis_per_stack_with_the_thick_axis_first() -> None:
+    options = AdaptOptions(**FAST, **THICK)
+    line = np.sin(np.arange(14.0)).astype(np.float32)
+    scan = np.broadcast_to(line[:, None, None], (14, 12, 18)).astype(np.float32)  # varies along axis 0 only
+    (x0, y0), (x1, y1) = plane_stacks(scan, options)
+    assert x0.shape == y0.shape == (18, 14, 12) and x1.shape == y1.shape == (18, 12, 14)
+    np.testing.assert_array_equal(y0, np.transpose(scan, (2, 0, 1)))
+    profile = S.slice_degrade(line[:, None, None], 3, 3, 0, "boxcar", "cubic")[:, 0, 0]
+    np.testing.assert_allclose(x0, np.broadcast_to(profile[None, :, None], x0.shape), atol=1e-6)
+    np.testing.assert_allclose(x1, y1, atol=1e-6)  # constant along axis 1: its slices lose nothing
+
+
+class _MarkFirstAxis(nn.Module):
+    """Adds each row's index along the plane's first axis (H): shows which axis the planes put first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.arange(x.shape[2], dtype=x.dtype)[:, None] + self.dummy
+
+
+@pytest.mark.parametrize("slot", [0, 1, 2])
+def test_apply_planes_puts_the_thick_axis_first_and_averages_both_inplane_axes(slot: int) -> None:
+    vol = _scan((6, 7, 8))
+    out = apply_planes(_MarkFirstAxis(), vol, slot, batch=3)
+    ramp = np.arange(vol.shape[slot], dtype=np.float32).reshape([-1 if ax == slot else 1 for ax in range(3)])
+    np.testing.assert_allclose(out, vol + ramp, atol=1e-5)
+
+
+def test_a_scan_too_small_for_the_plane_patch_is_refused_in_one_line() -> None:
+    with pytest.raises(InferenceError, match=r"smaller than adapt.patch=16 along in-plane axis 1") as info:
+        check_plane_fits((20, 10, 30), AdaptOptions(patch=16, network="planes", slice_axis=2, slice_factor=3))
+    assert "\n" not in str(info.value)
+    assert check_plane_fits((20, 20, 30), AdaptOptions(patch=16, slice_factor=3, holdout=0.2)) == 6
+
+
+def test_train_planes_trains_a_fresh_network_and_records_it(monkeypatch) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)  # any plane network beats it
+    lines: list[str] = []
+    net, record = train_planes(_scan(), AdaptOptions(**FAST, **THICK), tiny_net(), progress=False, log=lines.append)
+    assert isinstance(net, PlaneNet) and record.network == "planes" and record.used == "adapted"
+    assert record.steps == 4 and record.record()["network"] == "planes"
+    assert "plane network, 4 steps" in lines[0]
+
+
+def test_the_checkpoint_is_kept_when_the_plane_network_never_beats_it(monkeypatch) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: np.inf)
+    lines: list[str] = []
+    net, record = train_planes(_scan(), AdaptOptions(**FAST, **THICK), tiny_net(), progress=False, log=lines.append)
+    assert net is None and record.used == "unadapted" and "using the checkpoint" in lines[0]
+    # the inferer then runs the checkpoint's own pass
+    checkpoint = tiny_net().eval()
+    seen: list[np.ndarray] = []
+
+    class Spy(Inferer):
+        name, device = "spy", torch.device("cpu")
+
+        def __call__(self, volume):
+            seen.append(volume)
+            return np.zeros_like(volume)
+
+    inferer = PlaneAdaptingInferer(Spy(), checkpoint, AdaptOptions(**FAST, **THICK), log=lines.append)
+    assert np.all(inferer(_scan()) == 0) and len(seen) == 1
+
+
+def test_the_checkpoint_score_puts_the_degraded_axis_in_its_thick_slot() -> None:
+    class Slot2Only(nn.Module):  # restores exactly when the degraded axis is in slot 2: returns the target
+        def __init__(self, target: Tensor) -> None:
+            super().__init__()
+            self.target, self.dummy = target, nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.target.reshape(x.shape) if tuple(x.shape[2:]) == tuple(self.target.shape) else x
+
+    y = torch.rand(4, 6, 5) + 1
+    x = y + 0.1
+    target = torch.from_numpy(np.moveaxis(y.numpy(), 1, 2).copy())  # (slices, b, a): a in slot 2
+    assert plane_data.checkpoint_score(Slot2Only(target), [(x, y)], 1, 2) == np.inf
+
+
+def test_build_gives_the_plane_inferer_for_a_thick_checkpoint_and_refuses_planes_for_kspace() -> None:
+    inferer = build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=AdaptOptions(**FAST, **THICK)))
+    assert isinstance(inferer, PlaneAdaptingInferer) and inferer.name == "adapt[planes]"
+    with pytest.raises(InferenceError, match="^adapt=true: adapt.network=planes needs"):
+        build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=AdaptOptions(**FAST, network="planes")))
+
+
+def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    import nibabel as nib
+
+    src, ckpt = _thick_setup(tmp_path)
+    out = tmp_path / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={out}", f"ckpt={ckpt}",
+                           "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS)
+    assert code == 0, err
+    record = json.loads((tmp_path / "sr.json").read_text())["adapt"]
+    assert record["network"] == "planes" and record["steps"] <= 4
+    assert nib.load(str(out)).shape == (30, 28, 30)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (("adapt_options.save=ADAPTED",), "the plane network (adapt.network=planes) is this scan's only"),
+    (("adapt_options.patch=40",), "smaller than adapt.patch=40 along in-plane axis"),
+])
+def test_cli_plane_refusals_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch, capsys, extra,
+                                                           match) -> None:
+    src, ckpt = _thick_setup(tmp_path)
+    extra = tuple(e.replace("ADAPTED", str(tmp_path / "a.ckpt")) for e in extra)
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS, *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "sr.nii.gz").exists() and not (tmp_path / "a.ckpt").exists()
+
+
+def test_cli_refuses_planes_for_a_kspace_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    from .test_inference import ANATOMICAL
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "degrade=true", "progress=false", "device=cpu", *ADAPT_ARGS,
+                           "adapt_options.network=planes")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "adapt.network=planes needs" in err, err
+    assert not (tmp_path / "sr.nii.gz").exists()
+
+
+def test_training_stops_on_the_plane_networks_own_best_not_the_checkpoints(monkeypatch) -> None:
+    scores = iter(range(1, 100))  # the network improves at every validation, but never reaches the checkpoint
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: 1000.0)
+    monkeypatch.setattr(planes_mod, "plane_score", lambda *a, **k: float(next(scores)))
+    options = AdaptOptions(**{**FAST, "steps": 8}, **THICK)
+    net, record = train_planes(_scan(), options, tiny_net(), progress=False, log=lambda _: None)
+    assert record.steps == 8 and record.stopped == "steps" and record.best_step == 8
+    assert net is None and record.used == "unadapted" and record.psnr_adapted == 4.0
+
+
+def test_cli_without_ckpt_adapts_a_thick_scan_with_the_plane_network(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mdcsrn_lightning.release import RELEASED_THICK_WEIGHTS
+
+    src, _ = _thick_setup(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}",
+                             "progress=false", "device=cpu", "data_consistency=true", *ADAPT_ARGS)
+    assert code == 0, err
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["adapt"][0]["network"] == "planes" and line["checkpoint"] == str(RELEASED_THICK_WEIGHTS)
+    assert (tmp_path / "sr.nii.gz").is_file()
