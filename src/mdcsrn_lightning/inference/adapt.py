@@ -44,7 +44,7 @@ from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
-from mdcsrn_lightning.inference.patches import PatchInferer
+from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
 from mdcsrn_lightning.inference.permuted import (
     PermutedInferer,
     apply_permuted,
@@ -373,9 +373,7 @@ class AdaptingInferer(Inferer):
         return self.mean_std(volume)[0]
 
     def mean_std(self, volume: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        scan = np.asarray(volume.cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
-        if scan.ndim != 3:
-            raise ValueError(f"expected an (X, Y, Z) volume, got shape {tuple(scan.shape)}")
+        scan = checked_volume(volume).numpy()  # float32 (X, Y, Z) on the CPU, finite
         self.work.load_state_dict(self.initial)
         model, self.adaptation = fine_tune(self.work, scan, self.options, device=self.device,
                                            progress=self.progress, log=self.log)

@@ -41,6 +41,7 @@ from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions
+from mdcsrn_lightning.inference.patches import checked_volume
 from mdcsrn_lightning.inference.plane_data import (
     PlaneInferer,
     check_plane_fits,
@@ -117,9 +118,7 @@ class PlaneAdaptingInferer(Inferer):
         return self.mean_std(volume)[0]
 
     def mean_std(self, volume: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        scan = np.asarray(volume.cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
-        if scan.ndim != 3:
-            raise ValueError(f"expected an (X, Y, Z) volume, got shape {tuple(scan.shape)}")
+        scan = checked_volume(volume).numpy()  # float32 (X, Y, Z) on the CPU, finite
         net, self.adaptation = train_planes(scan, self.options, self.checkpoint, device=self.device,
                                             progress=self.progress, log=self.log)
         apply: Inferer = self.unadapted if net is None else PlaneInferer(net, self.options.slice_axis,
