@@ -209,3 +209,28 @@ def test_cli_without_ckpt_adapts_a_thick_scan_with_the_plane_network(tmp_path: P
     line = json.loads(out.strip().splitlines()[-1])
     assert line["adapt"][0]["network"] == "planes" and line["checkpoint"] == str(RELEASED_THICK_WEIGHTS)
     assert (tmp_path / "sr.nii.gz").is_file()
+
+
+def test_cli_thick_adapt_with_uncertainty_averages_the_plane_network_over_the_inplane_symmetries(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    import nibabel as nib
+
+    calls: list[int] = []
+    real = planes_mod.train_planes
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)  # the plane network is used
+    monkeypatch.setattr(planes_mod, "train_planes", counted)
+    src, ckpt = _thick_setup(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={src}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "upsample=auto", "progress=false", "device=cpu", "uncertainty=true",
+                           *ADAPT_ARGS)
+    assert code == 0, err
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["adapt"]["network"] == "planes" and record["adapt"]["used"] == "adapted"
+    assert record["inferer"]["name"] == "ensemble[adapt[planes]]" and calls == [1]  # trained once
+    std = nib.load(str(tmp_path / "sr_std.nii.gz")).get_fdata()
+    assert std.shape == (30, 28, 30) and std.max() > 0  # a fresh 2D network is not rotation-equivariant
