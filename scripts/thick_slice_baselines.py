@@ -74,6 +74,12 @@ def sinc_to_fine(coarse: np.ndarray, spacing: int, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis).astype(np.float32)
 
 
+def _scored(volume: np.ndarray, ref: np.ndarray, metric_axis: int) -> dict[str, float]:
+    """PSNR (dB, 2 decimals) / SSIM (4) of ``volume`` against ``ref``, slices across ``metric_axis``."""
+    m = slice_metrics(volume, ref, axis=metric_axis)
+    return {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+
+
 def thick_affine(affine: np.ndarray, axis: int, spacing: int) -> np.ndarray:
     """The thick scan's affine: slice ``k`` is centred on fine voxels ``k*s .. k*s + s - 1``."""
     grid = np.eye(4)
@@ -113,12 +119,10 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
             sr = load_volume(result.output).data
             if sr.shape != ref.shape:
                 raise ValueError(f"{name}: output {sr.shape} is not the fine grid {ref.shape}")
-            m = slice_metrics(sr, ref, axis=metric_axis)
-            out[name + suffix] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4),
-                                  "seconds": round(time.perf_counter() - start, 1)}
+            out[name + suffix] = {**_scored(sr, ref, metric_axis), "seconds": round(time.perf_counter() - start, 1)}
             if consistency:  # what data_consistency=true writes (the output's slices made the scan's)
-                m = slice_metrics(slices.slice_consistency(sr, coarse, spacing, axis), ref, axis=metric_axis)
-                out[f"{name}{suffix} +dc"] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+                out[f"{name}{suffix} +dc"] = _scored(slices.slice_consistency(sr, coarse, spacing, axis), ref,
+                                                     metric_axis)
             if "adapted" in suffix:
                 record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
                 out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
@@ -162,11 +166,9 @@ def baselines(hr: np.ndarray, voxel_sizes: tuple[float, ...], mm: float, axis: i
             fine = sinc_to_fine(coarse, spacing, axis)
         else:
             fine = slices.slices_to_fine(coarse, spacing, axis, method)  # type: ignore[arg-type]
-        m = slice_metrics(fine, ref, axis=metric_axis)
-        row[method] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+        row[method] = _scored(fine, ref, metric_axis)
         if consistency and method == "cubic":
-            m = slice_metrics(slices.slice_consistency(fine, coarse, spacing, axis), ref, axis=metric_axis)
-            row["cubic +dc"] = {"psnr": round(m["psnr"], 2), "ssim": round(m["ssim"], 4)}
+            row["cubic +dc"] = _scored(slices.slice_consistency(fine, coarse, spacing, axis), ref, metric_axis)
     if ckpts:
         row.update(model_rows(coarse, np.eye(4) if affine is None else affine, spacing, axis, ref, metric_axis, ckpts,
                               adapt_minutes, adapt_patch, adapt_extra, ensemble, consistency))

@@ -56,6 +56,7 @@ __all__ = [
     "AdaptingInferer",
     "check_patch_fits",
     "fine_tune",
+    "holdout_slab",
     "real_task_check",
     "save_adapted",
     "self_pairs",
@@ -63,6 +64,7 @@ __all__ = [
     "thick_pairs",
     "train_loop",
     "use_bf16",
+    "validation_crop",
 ]
 
 # ------------------------------------------------------------------------ pairs
@@ -174,8 +176,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: T
     return float(loss.detach())
 
 
-def _validation_crop(x: Tensor, y: Tensor, slab: tuple[int, int], patch: int) -> tuple[Tensor, Tensor]:
-    """The held-out ``slab`` along axis 0, its centre at most 2 * ``patch`` wide along axes 1, 2."""
+def validation_crop(x: Tensor, y: Tensor, slab: tuple[int, int], patch: int) -> tuple[Tensor, Tensor]:
+    """The held-out ``slab`` along axis 0, its centre at most 2 * ``patch`` wide along axes 1, 2,
+    as ``(1, 1, ...)`` batches (also the plane network's held-out slices: :mod:`.plane_data`)."""
     sl = [slice(*slab)]
     for n in x.shape[1:]:
         w = min(n, 2 * patch)
@@ -243,7 +246,7 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
     held = check_patch_fits(pair_shape(scan.shape, options), options)
     x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in scan_pairs(scan, options))
     slab = holdout_slab(y, held, options.patch)
-    vx, vy = _validation_crop(x, y, slab, options.patch)
+    vx, vy = validation_crop(x, y, slab, options.patch)
     result = Adaptation(psnr_unadapted=self_validate(net.to(device), vx, vy))
     result.psnr_adapted = result.psnr_unadapted
     bf16 = use_bf16(device)
@@ -386,7 +389,7 @@ class AdaptingInferer(Inferer):
             if self.options.slice_factor is None:
                 apply = PermutedInferer(self.inner, self.options.factors, self.options.order)
         try:
-            if self.ensemble is None:
+            if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
                 return apply(scan), None
             return EnsembleInferer(apply, self.ensemble).mean_std(scan)
         finally:

@@ -590,16 +590,14 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
         return options
     if model.degradation == "slices":
         adapt = replace(adapt, interpolation=model.interpolation, slice_factor=_one_slice_factor(headers, settings),
-                        slice_profile=str((model.data.get("slices") or {}).get("profile", "boxcar")),
-                        slice_axis=model.slice_axis)
+                        slice_profile=settings.slice_profile, slice_axis=model.slice_axis)
     else:
         adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
+        pair_factors(adapt.factors)
     try:
         adapt = adapt.resolved()
     except ValueError as exc:
         raise InferenceError(f"{model.path}: adapt=true: {exc}") from None
-    if adapt.network == "checkpoint" and adapt.slice_factor is None:
-        pair_factors(adapt.factors)
     if adapt.save is not None and adapt.network == "planes":
         raise InferenceError(f"adapt.save={adapt.save}: the plane network (adapt.network=planes) is this scan's only "
                              "and is not a checkpoint; give adapt.network=checkpoint to save an adapted checkpoint")

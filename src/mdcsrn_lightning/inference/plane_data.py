@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from mdcsrn_lightning.data.slices import slice_degrade
+from mdcsrn_lightning.inference.adapt import validation_crop
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
-from mdcsrn_lightning.inference.patches import PatchInferer
+from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
 
 __all__ = [
     "PlaneInferer",
@@ -60,7 +61,8 @@ def plane_stacks(scan: np.ndarray, options: AdaptOptions) -> list[tuple[np.ndarr
 def check_plane_fits(shape: Sequence[int], options: AdaptOptions) -> int:
     """The number of in-plane slices held out; a scan whose in-plane size is below the patch, or
     whose thick axis holds no slice beside the held-out ones, is one line."""
-    slot, patch = options.slice_axis, int(options.patch or 0)
+    options = options.resolved("planes")
+    slot, patch = options.slice_axis, int(options.patch)  # type: ignore[arg-type]
     small = [ax for ax in _inplane(slot) if shape[ax] < patch]
     if small:
         raise InferenceError(f"adapt=true: the scan {list(shape)} is smaller than adapt.patch={patch} along "
@@ -78,7 +80,7 @@ def apply_planes(net: nn.Module, volume: np.ndarray | Tensor, slot: int, bf16: b
     """``(X, Y, Z)`` -> ``(X, Y, Z)`` float32: the mean over the two in-plane axes ``b`` of ``net``
     run on the planes ``(slot, b)`` (the thick axis first, as in training), one per voxel of the
     third axis, ``batch`` planes at a time on ``net``'s device."""
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    vol = checked_volume(volume)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -121,20 +123,16 @@ def plane_batch(stacks: list[Stack], rows: np.ndarray, options: AdaptOptions, fl
 
 
 def held_out_planes(stacks: list[Stack], slab: tuple[int, int], patch: int) -> list[Stack]:
-    """Each stack's held-out ``slab`` of slices, their centre at most 2 * ``patch`` wide."""
-    out = []
-    for x, y in stacks:
-        crop = [slice(*slab)] + [slice((n - min(n, 2 * patch)) // 2, (n - min(n, 2 * patch)) // 2 + min(n, 2 * patch))
-                                 for n in x.shape[1:]]
-        out.append((x[tuple(crop)], y[tuple(crop)]))
-    return out
+    """Each stack's held-out ``slab`` of slices, their centre at most 2 * ``patch`` wide (the 3D
+    fine-tuning's :func:`~.adapt.validation_crop`)."""
+    return [tuple(v[0, 0] for v in validation_crop(x, y, slab, patch)) for x, y in stacks]  # type: ignore[misc]
 
 
 def pooled_psnr(outputs: Sequence[Tensor], held: list[Stack]) -> float:
     """PSNR (dB, peak: the targets' maximum) of ``outputs`` against the held-out targets, pooled."""
     squared = sum(float(((o.float() - y) ** 2).sum()) for o, (_, y) in zip(outputs, held))
     mse = squared / sum(y.numel() for _, y in held)
-    peak = max(float(y.max()) for _, y in held)
+    peak = max(float(y.max()) for _, y in held)  # adapt._psnr's formula; not called: adapt.train_loop calls this
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
@@ -173,7 +171,6 @@ class PlaneInferer(Inferer):
         self.name = "planes"
 
     def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
-        array = volume.detach().cpu().numpy() if isinstance(volume, Tensor) else volume
-        return apply_planes(self.net, array, self.slot, self.bf16)
+        return apply_planes(self.net, volume, self.slot, self.bf16)
 
 

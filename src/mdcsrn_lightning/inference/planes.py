@@ -69,7 +69,7 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     slab = holdout_slab(stacks[0][1], held, 1)
     rows = np.array([i for i in range(scan.shape[options.slice_axis]) if not slab[0] <= i < slab[1]])
     held_out = held_out_planes(stacks, slab, int(options.patch))  # type: ignore[arg-type]
-    stride = max(1, int(options.slice_factor or 1))  # one held-out plane per thick slice
+    stride = int(options.slice_factor)  # type: ignore[arg-type]  # one held-out plane per thick slice
     bf16 = use_bf16(device)
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
                         psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, options.slice_axis))
@@ -112,7 +112,6 @@ class PlaneAdaptingInferer(Inferer):
         self.device = unadapted.device
         self.name = "adapt[planes]" if ensemble is None else "ensemble[adapt[planes]]"
         self.adaptation: Adaptation | None = None
-        self.adapted_state: dict[str, Tensor] | None = None  # a plane network is not a checkpoint: never saved
 
     def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
         return self.mean_std(volume)[0]
@@ -123,6 +122,6 @@ class PlaneAdaptingInferer(Inferer):
                                             progress=self.progress, log=self.log)
         apply: Inferer = self.unadapted if net is None else PlaneInferer(net, self.options.slice_axis,
                                                                          self.adaptation.precision == "bf16")
-        if self.ensemble is None:
+        if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
             return apply(scan), None
         return EnsembleInferer(apply, self.ensemble).mean_std(scan)

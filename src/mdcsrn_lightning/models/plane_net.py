@@ -44,6 +44,3 @@ class PlaneNet(nn.Module):
         head = self.head(x)
         return x + self.tail(head + self.body(head)).to(x.dtype)
 
-    def count_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
