@@ -16,12 +16,13 @@ from mdcsrn_lightning.inference import adapt as adapt_mod
 from mdcsrn_lightning.inference.adapt import fine_tune, self_pairs
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.build import build_inferer
+from mdcsrn_lightning.inference.holdout import holdout_slab
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.inference.permuted import apply_permuted, pair_factors
 
 from .test_inference import ANATOMICAL, run_cli, tiny_net, write_tiny_checkpoint
 
-FAST = {"steps": 4, "minutes": None, "patch": 8, "batch": 2, "validate_every": 2, "patience": 2}
+FAST = {"network": "checkpoint", "steps": 4, "minutes": None, "patch": 8, "batch": 2, "validate_every": 2, "patience": 2}
 
 
 def _scan(shape=(20, 18, 14), seed=0) -> np.ndarray:
@@ -130,15 +131,15 @@ def _signal_at(n: int, lo: int, hi: int) -> torch.Tensor:
 
 
 def test_the_held_out_slab_sits_on_the_signal_not_at_the_edge() -> None:
-    assert adapt_mod.holdout_slab(_signal_at(50, 20, 30), held=6, patch=8) == (22, 28)
-    assert adapt_mod.holdout_slab(_signal_at(50, 0, 4), held=6, patch=8) == (0, 6)  # patches fit after it
-    assert adapt_mod.holdout_slab(torch.zeros(50, 6, 6), held=6, patch=8) == (22, 28)  # no signal: the middle
+    assert holdout_slab(_signal_at(50, 20, 30), held=6, patch=8) == (22, 28)
+    assert holdout_slab(_signal_at(50, 0, 4), held=6, patch=8) == (0, 6)  # patches fit after it
+    assert holdout_slab(torch.zeros(50, 6, 6), held=6, patch=8) == (22, 28)  # no signal: the middle
 
 
 def test_the_held_out_slab_moves_the_least_way_that_leaves_a_patch_beside_it() -> None:
     # centred it would start at 8: 8 slices before, 8 after, no room for a 10-slice patch either side
-    assert adapt_mod.holdout_slab(_signal_at(20, 8, 12), held=4, patch=10) == (10, 14)
-    assert adapt_mod.holdout_slab(_signal_at(20, 6, 10), held=4, patch=10) == (6, 10)
+    assert holdout_slab(_signal_at(20, 8, 12), held=4, patch=10) == (10, 14)
+    assert holdout_slab(_signal_at(20, 6, 10), held=4, patch=10) == (6, 10)
 
 
 @pytest.mark.parametrize("slab", [(22, 28), (0, 6), (44, 50), (10, 14)])
@@ -354,3 +355,17 @@ def test_cli_thick_adapt_refuses_inputs_of_different_slice_factors(tmp_path: Pat
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "a3.nii.gz has 3 fine voxels per slice" in err and "b2.nii.gz 2" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_epochs_cap_the_checkpoints_fine_tuning_steps() -> None:
+    options = AdaptOptions(**{**FAST, "steps": 1000, "patience": 1000}, epochs=1.0)
+    scan = _scan((20, 16, 12))
+    _, result = fine_tune(tiny_net(0).eval(), scan, options, progress=False, log=lambda m: None)
+    held = round(0.2 * 20)
+    assert result.steps == int(np.ceil(20 * 16 * 12 * (1 - held / 20) / (2 * 8 ** 3))) == 3
+
+
+@pytest.mark.parametrize("epochs", [0, -1.0, "many"])
+def test_epochs_must_be_positive(epochs) -> None:
+    with pytest.raises(ValueError, match="adapt.epochs"):
+        AdaptOptions(epochs=epochs)

@@ -68,7 +68,8 @@ def _reentries(*args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
                                        "factors=[2,2,1]"],
                                       ["patches.size=16", "adapt=true", "adapt_options.steps=4",
                                        "adapt_options.validate_every=2", "adapt_options.patch=12",
-                                       "adapt_options.batch=2", "degrade=true", "uncertainty=true"]])
+                                       "adapt_options.batch=2", "degrade=true", "uncertainty=true",
+                                       "adapt_options.network=checkpoint"]])
 def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypatch, capsys, strategy) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
     bad, seen = _reentries(f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}", f"ckpt={ckpt}",
@@ -81,6 +82,8 @@ def test_infer_enters_each_file_once_along_every_stack(tmp_path: Path, monkeypat
     assert ("inference/streaming.py" in seen) == ("engine=torch" in strategy)
     assert ("inference/ensemble.py" in seen) == ("uncertainty=true" in strategy)
     assert ("inference/adapt.py" in seen) == ("adapt=true" in strategy)
+    planes = "adapt=true" in strategy and "adapt_options.network=checkpoint" not in strategy  # the default
+    assert ("inference/plane_data.py" in seen) == planes and ("models/plane_net.py" in seen) == planes
     assert ("inference/block_stream.py" in seen) == ("stream=true" in strategy and "engine=openvino" in strategy)
 
 

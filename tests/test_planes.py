@@ -1,4 +1,4 @@
-"""``adapt.network=planes``: the per-scan 2D network for thick-slice scans (inference/planes.py)."""
+"""``adapt.network=planes``: the per-scan 2D network, thick-slice and k-space (inference/planes.py, plane_data.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from mdcsrn_lightning.inference.options import (
 from mdcsrn_lightning.inference.plane_data import (
     apply_planes,
     check_plane_fits,
+    plane_layout,
     plane_stacks,
 )
 from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer, train_planes
@@ -54,10 +55,10 @@ def test_options_resolve_each_networks_defaults() -> None:
     thick = AdaptOptions(**THICK)
     assert thick.resolved().network == "planes" and thick.resolved().lr == ADAPT_DEFAULTS["planes"]["lr"]
     assert thick.resolved("checkpoint").patch == ADAPT_DEFAULTS["checkpoint"]["patch"]
-    assert AdaptOptions().resolved().network == "checkpoint"
+    assert AdaptOptions().resolved().network == "planes"  # a k-space checkpoint too
+    assert AdaptOptions(save="a.ckpt").resolved().network == "checkpoint"  # only a checkpoint can be saved
     assert AdaptOptions(patch=9, network="planes", **THICK).resolved().patch == 9  # given settings are kept
-    with pytest.raises(ValueError, match="adapt.network=planes needs a thick-slice checkpoint"):
-        AdaptOptions(network="planes").resolved()
+    assert AdaptOptions(**THICK).resolved().patch is None  # fitted to the scan
     with pytest.raises(ValueError, match="adapt.network must be one of"):
         AdaptOptions(network="2d")
 
@@ -88,13 +89,14 @@ class _MarkFirstAxis(nn.Module):
 @pytest.mark.parametrize("slot", [0, 1, 2])
 def test_apply_planes_puts_the_thick_axis_first_and_averages_both_inplane_axes(slot: int) -> None:
     vol = _scan((6, 7, 8))
-    out = apply_planes(_MarkFirstAxis(), vol, slot, batch=3)
+    layout = plane_layout(AdaptOptions(slice_factor=3, slice_axis=slot))
+    out = apply_planes(_MarkFirstAxis(), vol, layout, batch=3)
     ramp = np.arange(vol.shape[slot], dtype=np.float32).reshape([-1 if ax == slot else 1 for ax in range(3)])
     np.testing.assert_allclose(out, vol + ramp, atol=1e-5)
 
 
 def test_a_scan_too_small_for_the_plane_patch_is_refused_in_one_line() -> None:
-    with pytest.raises(InferenceError, match=r"smaller than adapt.patch=16 along in-plane axis 1") as info:
+    with pytest.raises(InferenceError, match=r"smaller than adapt.patch=16 along axis 1 of its training planes") as info:
         check_plane_fits((20, 10, 30), AdaptOptions(patch=16, network="planes", slice_axis=2, slice_factor=3))
     assert "\n" not in str(info.value)
     assert check_plane_fits((20, 20, 30), AdaptOptions(patch=16, slice_factor=3, holdout=0.2)) == 6
@@ -141,14 +143,23 @@ def test_the_checkpoint_score_puts_the_degraded_axis_in_its_thick_slot() -> None
     y = torch.rand(4, 6, 5) + 1
     x = y + 0.1
     target = torch.from_numpy(np.moveaxis(y.numpy(), 1, 2).copy())  # (slices, b, a): a in slot 2
-    assert plane_data.checkpoint_score(Slot2Only(target), [(x, y)], 1, 2) == np.inf
+    layout = plane_layout(AdaptOptions(slice_factor=3, slice_axis=2))
+    assert plane_data.checkpoint_score(Slot2Only(target), [(x, y)], 1, layout, AdaptOptions(**THICK)) == np.inf
 
 
-def test_build_gives_the_plane_inferer_for_a_thick_checkpoint_and_refuses_planes_for_kspace() -> None:
-    inferer = build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=AdaptOptions(**FAST, **THICK)))
+@pytest.mark.parametrize("adapt", [AdaptOptions(**FAST, **THICK), AdaptOptions(**FAST)])
+def test_build_gives_the_plane_inferer_by_default(adapt: AdaptOptions) -> None:
+    inferer = build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=adapt))
     assert isinstance(inferer, PlaneAdaptingInferer) and inferer.name == "adapt[planes]"
-    with pytest.raises(InferenceError, match="^adapt=true: adapt.network=planes needs"):
-        build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=AdaptOptions(**FAST, network="planes")))
+
+
+@pytest.mark.parametrize(("factors", "match"), [((2, 2, 2), "needs an axis at full resolution"),
+                                                ((2, 3, 1), "needs one factor on every degraded axis")])
+def test_build_refuses_planes_without_a_full_axis_or_with_unequal_factors(factors, match) -> None:
+    adapt = AdaptOptions(**FAST, factors=factors, network="planes")
+    with pytest.raises(InferenceError, match=f"^adapt=true: adapt.network=planes {match}") as info:
+        build_inferer(tiny_net(), InferenceOptions(device="cpu", adapt=adapt))
+    assert "\n" not in str(info.value)
 
 
 def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -165,8 +176,9 @@ def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("extra", "match"), [
-    (("adapt_options.save=ADAPTED",), "the plane network (adapt.network=planes) is this scan's only"),
-    (("adapt_options.patch=40",), "smaller than adapt.patch=40 along in-plane axis"),
+    (("adapt_options.save=ADAPTED", "adapt_options.network=planes"),
+     "the plane network (adapt.network=planes) is this scan's only"),
+    (("adapt_options.patch=40",), "smaller than adapt.patch=40 along axis"),
 ])
 def test_cli_plane_refusals_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch, capsys, extra,
                                                            match) -> None:
@@ -176,17 +188,6 @@ def test_cli_plane_refusals_are_one_line_and_write_nothing(tmp_path: Path, monke
                            f"ckpt={ckpt}", "upsample=auto", "progress=false", "device=cpu", *ADAPT_ARGS, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
     assert not (tmp_path / "sr.nii.gz").exists() and not (tmp_path / "a.ckpt").exists()
-
-
-def test_cli_refuses_planes_for_a_kspace_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
-    from .test_inference import ANATOMICAL
-
-    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
-    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}",
-                           f"ckpt={ckpt}", "degrade=true", "progress=false", "device=cpu", *ADAPT_ARGS,
-                           "adapt_options.network=planes")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "adapt.network=planes needs" in err, err
-    assert not (tmp_path / "sr.nii.gz").exists()
 
 
 def test_training_stops_on_the_plane_networks_own_best_not_the_checkpoints(monkeypatch) -> None:
@@ -234,3 +235,146 @@ def test_cli_thick_adapt_with_uncertainty_averages_the_plane_network_over_the_in
     assert record["inferer"]["name"] == "ensemble[adapt[planes]]" and calls == [1]  # trained once
     std = nib.load(str(tmp_path / "sr_std.nii.gz")).get_fdata()
     assert std.shape == (30, 28, 30) and std.max() > 0  # a fresh 2D network is not rotation-equivariant
+
+
+# ---------------------------------------------------------------- k-space checkpoints
+KSPACE = {"factors": (2, 2, 1), "interpolation": "zero_filled"}
+
+
+@pytest.mark.parametrize(("factors", "train", "apply", "hold"), [
+    ((2, 2, 1), ((1, 2, 0), (0, 2, 1)), ((2, 0, 1), (2, 1, 0)), 0),  # planes (full, degraded); run on (d0, d1)
+    ((1, 2, 2), ((2, 0, 1), (1, 0, 2)), ((0, 1, 2), (0, 2, 1)), 1),
+    ((1, 1, 2), ((2, 0, 1), (2, 1, 0)), ((1, 2, 0), (0, 2, 1)), 2),  # one degraded axis: as thick slices
+])
+def test_plane_layout_trains_on_planes_whose_other_axis_is_as_degraded_as_where_it_runs(factors, train, apply,
+                                                                                        hold) -> None:
+    layout = plane_layout(AdaptOptions(factors=factors))
+    assert (layout.train, layout.apply, layout.hold, layout.factor) == (train, apply, hold, 2.0)
+    degraded = {ax for ax, f in enumerate(factors) if f > 1}
+    for stack, h, w in layout.train:  # H at full resolution; W degraded exactly when it is where the net runs
+        assert h not in degraded
+    assert {w in degraded for *_, w in layout.train} == {w in degraded for *_, w in layout.apply}
+    assert {h for _, h, _ in layout.apply} == degraded
+
+
+def test_kspace_plane_stacks_truncate_the_full_axis_only() -> None:
+    options = AdaptOptions(**FAST, **KSPACE)
+    n = np.arange(12.0)
+    nyquist = np.cos(np.pi * n).astype(np.float32)  # the highest frequency along the full axis 2
+    scan = (2 + np.sin(np.arange(10.0))[:, None, None] + 0.5 * nyquist[None, None, :]
+            + np.zeros((10, 8, 12))).astype(np.float32)
+    (x0, y0), (x1, y1) = plane_stacks(scan, options)
+    assert x0.shape == y0.shape == (8, 12, 10) and x1.shape == y1.shape == (10, 12, 8)
+    np.testing.assert_array_equal(y0, np.transpose(scan, (1, 2, 0)))
+    expected = 2 + np.sin(np.arange(10.0))  # truncating axis 2 removes its Nyquist term, nothing along axis 0
+    np.testing.assert_allclose(x0, np.broadcast_to(expected[None, None, :], x0.shape), atol=1e-5)
+
+
+def test_kspace_apply_planes_adds_the_change_of_each_degraded_axis() -> None:
+    vol = _scan((6, 7, 8))
+    out = apply_planes(_MarkFirstAxis(), vol, plane_layout(AdaptOptions(**KSPACE)), batch=4)
+    ramps = [np.arange(n, dtype=np.float32).reshape([-1 if ax == a else 1 for ax in range(3)])
+             for a, n in ((0, 6), (1, 7))]
+    np.testing.assert_allclose(out, vol + ramps[0] + ramps[1], atol=1e-5)
+
+
+def test_kspace_training_crops_never_touch_the_held_out_slab() -> None:
+    options = AdaptOptions(**{**FAST, "patch": 6, "batch": 64}, **KSPACE).resolved()
+    scan = np.broadcast_to(np.arange(1.0, 25.0)[:, None, None], (24, 10, 12)).astype(np.float32)  # value: axis-0 index + 1
+    layout = plane_layout(options)
+    stacks = [tuple(torch.from_numpy(v) for v in pair) for pair in plane_stacks(scan, options)]
+    slab = plane_data.plane_slab(scan, options)
+    assert slab[1] - slab[0] == 5  # 0.2 of axis 0, the hold axis
+    seen = set()
+    for seed in range(20):
+        _, y = plane_data.plane_batch(stacks, layout, slab, options, [0.0, 0.0], np.random.default_rng(seed))
+        values = set(np.unique(y.numpy()).astype(int) - 1)
+        assert not values & set(range(*slab)), (slab, sorted(values))
+        seen |= values
+    assert seen == set(range(24)) - set(range(*slab))  # both stacks, both sides of the slab
+    held = plane_data.held_out_planes(stacks, layout, slab, 6)
+    for (_, y), order in zip(held, layout.train):  # the held-out blocks are the slab along axis 0
+        assert set(np.unique(y.numpy()).astype(int) - 1) == set(range(*slab))
+        assert y.shape[order.index(layout.hold)] == 5
+
+
+def test_kspace_checkpoint_score_keeps_the_targets_band_along_its_degraded_axes() -> None:
+    from mdcsrn_lightning.data.degradation import degrade
+
+    class AddsNyquist(nn.Module):  # returns the target, plus detail the target's band cannot hold
+        def __init__(self, target: np.ndarray, amplitude: float) -> None:
+            super().__init__()
+            self.target, self.amplitude = torch.from_numpy(target), amplitude
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: Tensor) -> Tensor:
+            n = torch.arange(x.shape[3], dtype=x.dtype)  # along the block's stack axis (slot 1)
+            return self.target.reshape(x.shape) + self.amplitude * torch.cos(torch.pi * n)[None, None, None, :, None]
+
+    options = AdaptOptions(**KSPACE)
+    layout = plane_layout(options)
+    y = degrade(_scan((8, 10, 12), seed=3) + 2, (2, 1, 2), "zero_filled")  # (stack, H, W): stack and W in band
+    held = [(torch.from_numpy(y) + 0.3, torch.from_numpy(y))]
+    inside = np.ascontiguousarray(np.moveaxis(y, 1, layout.apply[0][1]))  # H in the first degraded slot
+    exact, extra = (plane_data.checkpoint_score(AddsNyquist(inside, a), held, 1, layout, options) for a in (0.0, 0.5))
+    raw = plane_data.pooled_psnr([torch.from_numpy(y) + 0.5], held)  # the extra detail, were it counted
+    assert extra == pytest.approx(exact, abs=0.5) and extra > raw + 10
+
+
+def test_train_planes_on_a_kspace_scan_fits_the_patch_and_records_it(monkeypatch) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)
+    options = AdaptOptions(**{**FAST, "patch": None}, **KSPACE)
+    assert plane_data.fitted((30, 20, 9), options).patch == 9  # the smallest training-plane axis
+    assert plane_data.fitted((300, 200, 90), options).patch == plane_data.PLANE_PATCH
+    assert plane_data.fitted((30, 40, 40), options).patch == 24  # axis 0 beside its 6 held out
+    net, record = train_planes(_scan((30, 20, 9)), options, tiny_net(), progress=False, log=lambda _: None)
+    assert isinstance(net, PlaneNet) and record.network == "planes" and record.steps == 4
+
+
+def test_cli_kspace_adapt_trains_planes_by_default_with_data_consistency(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    import nibabel as nib
+
+    from .test_inference import ANATOMICAL
+
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)  # the plane network is used
+    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "sr.nii.gz"
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={out}", f"ckpt={ckpt}",
+                           "degrade=true", "data_consistency=true", "progress=false", "device=cpu",
+                           *ADAPT_ARGS)
+    assert code == 0, err
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["adapt"]["network"] == "planes" and record["adapt"]["used"] == "adapted"
+    assert record["inferer"]["name"] == "adapt[planes]"
+    assert record["data_consistency"] is True and nib.load(str(out)).shape == nib.load(str(ANATOMICAL)).shape
+
+
+def test_epochs_default_to_a_limit_only_where_every_training_plane_restores_one_axis() -> None:
+    shape = (30, 40, 40)
+    assert plane_data.fitted(shape, AdaptOptions(**KSPACE)).epochs == plane_data.ONE_AXIS_EPOCHS  # axis 2 only
+    assert plane_data.fitted(shape, AdaptOptions(factors=(1, 1, 2))).epochs is None  # axes 0 and 1 in turn
+    assert plane_data.fitted(shape, AdaptOptions(**THICK)).epochs is None
+    assert plane_data.fitted(shape, AdaptOptions(epochs=3.0, **KSPACE)).epochs == 3.0  # given: kept
+
+
+def test_epochs_cap_the_steps_at_that_many_passes_over_the_training_planes(monkeypatch) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)
+    scan = _scan((20, 16, 10))
+    options = AdaptOptions(**{**FAST, "steps": 1000, "patch": 8, "batch": 2, "patience": 1000}, epochs=0.5, **KSPACE)
+    _, record = train_planes(scan, options, tiny_net(), progress=False, log=lambda _: None)
+    # two stacks of 20x16x10 planes, axis 0 (4 of 20 held out) outside the slab: 0.5 passes of 8^2 crops, 2 a step
+    training = 2 * 20 * 16 * 10 * (1 - 4 / 20)
+    assert record.steps == int(np.ceil(0.5 * training / (2 * 64))) == 20 and record.stopped == "steps"
+
+
+def test_kspace_planes_with_uncertainty_train_once_and_give_a_spread(monkeypatch) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)
+    calls: list[int] = []
+    real = planes_mod.train_planes
+    monkeypatch.setattr(planes_mod, "train_planes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inferer = build_inferer(tiny_net(), InferenceOptions(device="cpu", uncertainty=True,
+                                                         adapt=AdaptOptions(**FAST, **KSPACE)))
+    mean, std = inferer.mean_std(_scan((16, 16, 12)))
+    assert inferer.name == "ensemble[adapt[planes]]" and calls == [1]
+    assert mean.shape == std.shape == (16, 16, 12) and std.max() > 0  # a fresh 2D network is not equivariant

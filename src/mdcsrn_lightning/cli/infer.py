@@ -103,13 +103,14 @@ def adapt_options(cfg: DictConfig) -> AdaptOptions | None:
         return None
     block = cfg.get("adapt_options") or {}
     values = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
-    known = {"steps", "minutes", "lr", "patch", "batch", "seed", "holdout", "validate_every", "patience", "order", "save",
-             "network"}
+    known = {"steps", "epochs", "minutes", "lr", "patch", "batch", "seed", "holdout", "validate_every", "patience",
+             "order", "save", "network"}
     unknown = sorted(set(values) - known)  # type: ignore[arg-type]
     if unknown:
         raise InferenceError(f"adapt_options.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    if isinstance(values.get("lr"), int) and not isinstance(values.get("lr"), bool):  # type: ignore[union-attr]
-        values["lr"] = float(values["lr"])  # type: ignore[index]
+    for name in ("lr", "epochs"):
+        if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):  # type: ignore[union-attr]
+            values[name] = float(values[name])  # type: ignore[index]
     if values.get("order") is not None:  # type: ignore[union-attr]
         values["order"] = str(values["order"])  # type: ignore[index]  # a YAML 01 / 10 is read as a number
     return AdaptOptions(**values)  # type: ignore[arg-type]

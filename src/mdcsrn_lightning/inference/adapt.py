@@ -1,4 +1,5 @@
-"""Per-scan self-supervised fine-tuning before inference (``adapt=true``).
+"""Per-scan self-supervised fine-tuning of the checkpoint before inference (``adapt=true``
+with ``adapt.network=checkpoint``; the default, ``planes``, trains a 2D network instead: :mod:`.planes`).
 
 A scan on the fine grid, degraded along the checkpoint's axes (axes 0 and 1 for 2x2x1), is
 still at full resolution along the others (axis 2). Degrading it once more along that axis by
@@ -16,8 +17,7 @@ A thick-slice checkpoint (``options.slice_factor`` set) with ``adapt.network=che
 adapted the same way with pairs from an in-plane axis (:func:`thick_pairs`: thick slices simulated along the first
 in-plane axis, swapped into the network's thick slot) and applied as it is (its thick slot
 already holds the scan's thick axis). There the held-out pairs are the real task's own slot for
-both models, so self-validation alone decides. (Its default, ``adapt.network=planes``, trains a
-2D network instead: :mod:`.planes`.)
+both models, so self-validation alone decides.
 
 Built by :func:`~.build.build_inferer` (:class:`AdaptingInferer`); pure torch/numpy.
 """
@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,11 @@ from mdcsrn_lightning.data.degradation import data_consistency, degrade
 from mdcsrn_lightning.data.slices import slice_degrade
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
+from mdcsrn_lightning.inference.holdout import (
+    holdout_slab,
+    start_outside,
+    validation_crop,
+)
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
@@ -55,8 +60,8 @@ __all__ = [
     "Adaptation",
     "AdaptingInferer",
     "check_patch_fits",
+    "epoch_capped",
     "fine_tune",
-    "holdout_slab",
     "real_task_check",
     "save_adapted",
     "self_pairs",
@@ -64,7 +69,6 @@ __all__ = [
     "thick_pairs",
     "train_loop",
     "use_bf16",
-    "validation_crop",
 ]
 
 # ------------------------------------------------------------------------ pairs
@@ -129,33 +133,15 @@ def check_patch_fits(shape: Sequence[int], options: AdaptOptions) -> int:
 
 
 # ------------------------------------------------------------------------ training
-def holdout_slab(target: Tensor, held: int, patch: int) -> tuple[int, int]:
-    """``(start, stop)`` along axis 0 of the slab of ``held`` slices held out for self-validation:
-    centred on the target's intensity centre along axis 0 (where the anatomy is: a slab at the
-    volume's edge may hold only air), moved the least way that leaves a ``patch``-wide training
-    patch on one side (:func:`check_patch_fits` has made sure that ``held + patch`` fit)."""
-    n = target.shape[0]
-    weights = target.detach().abs().double().sum(dim=tuple(range(1, target.ndim)))
-    total = float(weights.sum())
-    centre = float((weights * torch.arange(n, dtype=torch.float64)).sum()) / total if total > 0 else n / 2
-    start = min(max(0, round(centre - held / 2)), n - held)
-    if start < patch and n - start - held < patch:  # neither side holds a patch: move it the least way
-        after_one, before_one = patch, n - held - patch  # the slab just after one patch, or just before one
-        start = after_one if abs(after_one - start) <= abs(before_one - start) else before_one
-    return start, start + held
-
-
 def _random_batch(x: Tensor, y: Tensor, slab: tuple[int, int], options: AdaptOptions,
                   rng: np.random.Generator) -> tuple[Tensor, Tensor]:
     """``batch`` random patches of the pairs that do not overlap the held-out ``slab`` along axis 0
     (patches start before it or after it, in proportion to the starts each side offers), each
     flipped at random along axes 0 and 1 (flips keep which axis is degraded)."""
     p = options.patch
-    before, after = max(0, slab[0] - p + 1), max(0, x.shape[0] - p + 1 - slab[1])
     xs, ys = [], []
     for _ in range(options.batch):
-        i = int(rng.integers(0, before + after))
-        i = i if i < before else slab[1] + i - before
+        i = start_outside(x.shape[0], p, slab, rng)
         j, k = (int(rng.integers(0, n - p + 1)) for n in x.shape[1:])
         px, py = x[i:i + p, j:j + p, k:k + p], y[i:i + p, j:j + p, k:k + p]
         dims = [d for d in (0, 1) if rng.random() < 0.5]
@@ -174,16 +160,6 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: T
     loss.backward()
     optimizer.step()
     return float(loss.detach())
-
-
-def validation_crop(x: Tensor, y: Tensor, slab: tuple[int, int], patch: int) -> tuple[Tensor, Tensor]:
-    """The held-out ``slab`` along axis 0, its centre at most 2 * ``patch`` wide along axes 1, 2,
-    as ``(1, 1, ...)`` batches (also the plane network's held-out slices: :mod:`.plane_data`)."""
-    sl = [slice(*slab)]
-    for n in x.shape[1:]:
-        w = min(n, 2 * patch)
-        sl.append(slice((n - w) // 2, (n - w) // 2 + w))
-    return x[tuple(sl)][None, None], y[tuple(sl)][None, None]
 
 
 @torch.no_grad()
@@ -234,6 +210,16 @@ def _frozen_bn(net: nn.Module) -> nn.Module:
     return net
 
 
+def epoch_capped(options: AdaptOptions, training_voxels: float, patch_voxels: int) -> AdaptOptions:
+    """``options`` with ``steps`` cut to ``epochs`` passes over ``training_voxels`` (``batch``
+    crops of ``patch_voxels`` a step; at least one step). The held-out pairs cannot see a network
+    memorise a small scan: they test the axis it trains on, not the axes it is run on."""
+    if options.epochs is None:
+        return options
+    cap = math.ceil(options.epochs * training_voxels / (int(options.batch) * patch_voxels))  # type: ignore[arg-type]
+    return replace(options, steps=max(1, min(int(options.steps), cap)))  # type: ignore[arg-type]
+
+
 def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device: torch.device | str = "cpu",
               progress: bool = True, log: Callable[[str], None] = info,
               step: Callable[..., float] = train_step) -> tuple[nn.Module, Adaptation]:
@@ -246,6 +232,7 @@ def fine_tune(net: nn.Module, scan: np.ndarray, options: AdaptOptions, *, device
     held = check_patch_fits(pair_shape(scan.shape, options), options)
     x, y = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in scan_pairs(scan, options))
     slab = holdout_slab(y, held, options.patch)
+    options = epoch_capped(options, x.numel() * (1 - held / x.shape[0]), options.patch ** 3)
     vx, vy = validation_crop(x, y, slab, options.patch)
     result = Adaptation(psnr_unadapted=self_validate(net.to(device), vx, vy))
     result.psnr_adapted = result.psnr_unadapted

@@ -26,14 +26,15 @@ def _positive(value: object, name: str, kind: type = int) -> None:
 
 
 #: the network ``adapt=true`` trains: ``checkpoint`` fine-tunes the given 3D generator; ``planes``
-#: trains a fresh 2D network on the scan's in-plane slices (thick-slice scans only);
-#: ``auto``: ``planes`` for a thick-slice checkpoint, ``checkpoint`` otherwise
+#: trains a fresh 2D network on the scan's own planes (:mod:`.plane_data`); ``auto``: ``planes``
+#: (``checkpoint`` when ``adapt.save`` is given)
 AdaptNetwork = Literal["auto", "checkpoint", "planes"]
 #: what ``None`` settings of :class:`AdaptOptions` become for each network (measured in
-#: ``docs/inference.md``: the 2D network takes larger batches, a higher rate and many more steps)
+#: ``docs/inference.md``: the 2D network takes larger batches, a higher rate and many more steps;
+#: its ``patch`` and ``epochs`` are fitted to the scan, :func:`~.plane_data.fitted`)
 ADAPT_DEFAULTS: dict[str, dict[str, Any]] = {
     "checkpoint": {"steps": 300, "lr": 1e-4, "patch": 24, "batch": 4, "validate_every": 20, "patience": 5},
-    "planes": {"steps": 1_000_000, "lr": 5e-4, "patch": 48, "batch": 16, "validate_every": 100, "patience": 30},
+    "planes": {"steps": 1_000_000, "lr": 5e-4, "batch": 16, "validate_every": 100, "patience": 30},
 }
 
 
@@ -44,14 +45,18 @@ class AdaptOptions:
     ``docs/inference.md`` "Adapting to a scan").
 
     ``network``: :data:`AdaptNetwork`. ``steps``: at most this many Adam steps (learning rate
-    ``lr``), and at most ``minutes`` (``None``: no time limit); ``patch``: the edge of the random
+    ``lr``), at most ``epochs`` passes over the training voxels (``None``: no limit; a small scan
+    is otherwise memorised, :func:`~.adapt.epoch_capped`), and at most ``minutes`` (``None``: no
+    time limit); ``patch``: the edge of the random
     training patches, ``batch`` of them per step; ``seed``: their positions and flips; ``holdout``:
-    the fraction of the scan (a slab along axis 0, or along the thick axis for ``planes``, on the
-    anatomy: :func:`~.adapt.holdout_slab`) held out for self-validation every ``validate_every``
+    the fraction of the scan (a slab along axis 0, or for ``planes`` along the first degraded
+    axis, on the anatomy: :func:`~.holdout.holdout_slab`) held out for self-validation every ``validate_every``
     steps, stopping after ``patience`` validations without improvement; ``order``:
     :data:`ADAPT_ORDERS`; ``save``: write the adapted checkpoint there. ``steps``, ``lr``,
-    ``patch``, ``batch``, ``validate_every``, ``patience`` left ``None`` take the network's
-    :data:`ADAPT_DEFAULTS` (:meth:`resolved`). ``factors`` and ``interpolation``: the
+    ``patch``, ``batch``, ``validate_every``, ``patience``, ``epochs`` left ``None`` take the network's
+    :data:`ADAPT_DEFAULTS` (:meth:`resolved`; the plane network's ``patch``: the largest square
+    up to 48 its training planes hold; its ``epochs``: 200 where its pairs restore one axis only,
+    as for 2x2x1). ``factors`` and ``interpolation``: the
     checkpoint's (filled by the file layer; which axis is at full resolution, how pairs are made).
     A thick-slice checkpoint: ``slice_factor`` (fine voxels per slice of the scan: the pairs'
     slice thickness and spacing), ``slice_profile`` and ``slice_axis`` (the network's thick
@@ -59,6 +64,7 @@ class AdaptOptions:
     """
 
     steps: int | None = None
+    epochs: float | None = None
     minutes: float | None = 5.0
     lr: float | None = None
     patch: int | None = None
@@ -82,8 +88,9 @@ class AdaptOptions:
                 _positive(getattr(self, name), name)
         if self.lr is not None:
             _positive(self.lr, "lr", float)
-        if self.minutes is not None:
-            _positive(self.minutes, "minutes", float)
+        for name in ("minutes", "epochs"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), name, float)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"adapt.seed: an integer, got {self.seed!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
@@ -99,15 +106,12 @@ class AdaptOptions:
             raise ValueError(f"adapt.slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
 
     def resolved(self, network: str | None = None) -> AdaptOptions:
-        """A copy for ``network`` (default: :attr:`network`; ``auto``: ``planes`` when
-        ``slice_factor`` is set, else ``checkpoint``) with every ``None`` setting filled from
-        :data:`ADAPT_DEFAULTS`. ``ValueError``: ``planes`` without a thick-slice checkpoint."""
+        """A copy for ``network`` (default: :attr:`network`; ``auto``: ``planes``, or
+        ``checkpoint`` with ``save``, as only a checkpoint can be saved) with every ``None``
+        setting in :data:`ADAPT_DEFAULTS` filled from it."""
         chosen = str(network or self.network)
         if chosen == "auto":
-            chosen = "planes" if self.slice_factor is not None else "checkpoint"
-        if chosen == "planes" and self.slice_factor is None:
-            raise ValueError("adapt.network=planes needs a thick-slice checkpoint and scan (a k-space scan has no "
-                             "plane at full resolution along both axes)")
+            chosen = "checkpoint" if self.save is not None else "planes"
         filled = {k: v for k, v in ADAPT_DEFAULTS[chosen].items() if getattr(self, k) is None}
         return replace(self, network=chosen, **filled)
 

@@ -1,116 +1,222 @@
 """The plane network's data, scores and application (``adapt.network=planes``; trained by
-:mod:`.planes`): the scan's in-plane pairs (:func:`plane_stacks`), random crops of them
-(:func:`plane_batch`), held-out scores of the network and of the checkpoint
-(:func:`plane_score`, :func:`checkpoint_score`), and the network run on the planes that hold the
-thick axis (:func:`apply_planes`, :class:`PlaneInferer`). Below :mod:`.planes` and
-:mod:`.adapt`, whose training loop calls :func:`plane_batch` and :func:`plane_score`. Pure torch/numpy.
+:mod:`.planes`): where its planes lie (:func:`plane_layout`), the scan's own 2D pairs
+(:func:`plane_stacks`), random crops of them (:func:`plane_batch`), held-out scores of the
+network and of the checkpoint (:func:`plane_score`, :func:`checkpoint_score`), and the network
+run on the planes that hold a degraded axis (:func:`apply_planes`, :class:`PlaneInferer`).
+Below :mod:`.planes` and :mod:`.adapt`, whose training loop calls :func:`plane_batch` and
+:func:`plane_score`. Pure torch/numpy.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdcsrn_lightning.data.degradation import degrade
 from mdcsrn_lightning.data.slices import slice_degrade
-from mdcsrn_lightning.inference.adapt import validation_crop
 from mdcsrn_lightning.inference.base import InferenceError, Inferer
+from mdcsrn_lightning.inference.holdout import (
+    holdout_slab,
+    start_outside,
+    validation_crop,
+)
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
 
 __all__ = [
+    "ONE_AXIS_EPOCHS",
+    "PLANE_PATCH",
     "PlaneInferer",
+    "PlaneLayout",
     "Stack",
     "apply_planes",
     "check_plane_fits",
     "checkpoint_score",
+    "degrade_axis",
+    "fitted",
     "held_out_planes",
     "plane_batch",
+    "plane_layout",
     "plane_score",
+    "plane_slab",
     "plane_stacks",
     "pooled_psnr",
 ]
 
 Stack = tuple[Tensor, Tensor]
+Order = tuple[int, int, int]
+#: the largest square training crop (``adapt.patch``) the plane network takes when none is given
+PLANE_PATCH = 48
+#: ``adapt.epochs`` when none is given and every training plane restores the same axis: such a
+#: network learns that axis's look, and on a small scan (33x41x25) it memorises it within a few
+#: hundred passes while its held-out pairs (the same axis) still improve; chosen on a 2 mm crop
+#: of the ICBM 2009c template (peak near 185 passes), not on the scans the results are reported on
+ONE_AXIS_EPOCHS = 200.0
 
 
-def _inplane(slot: int) -> tuple[int, int]:
-    a, b = (ax for ax in range(3) if ax != slot)
-    return a, b
+@dataclass(frozen=True)
+class PlaneLayout:
+    """Where the plane network's planes lie in a scan (the network's axis order), each plane kind
+    as a ``(stack, H, W)`` axis order: ``train``, the pairs' planes (H at full resolution, degraded
+    by the pairs; W in the state the application's W has); ``apply``, the planes it is run on
+    (H a degraded axis); ``hold``: the axis of the held-out slab; ``factor``: the scan's (fine
+    voxels per slice, or the k-space factor of every degraded axis)."""
+
+    train: tuple[Order, ...]
+    apply: tuple[Order, ...]
+    hold: int
+    factor: float
+
+
+def plane_layout(options: AdaptOptions) -> PlaneLayout:
+    """The planes for ``options``' checkpoint. One degraded axis ``t`` (thick slices, or k-space
+    ``1x1xf``): pairs from the planes of the two full axes, each in turn degraded, and the planes
+    ``(t, a)`` stacked along ``b`` and ``(t, b)`` along ``a``. Two degraded axes ``d0, d1``
+    (k-space ``fxfx1``): pairs from the planes ``(s, d)`` of the full axis ``s``, ``s`` degraded
+    (the other axis already is), run on the planes ``(d0, d1)`` and ``(d1, d0)``, where the other
+    axis is degraded too, as in training. ``ValueError``: no full axis, or unequal factors."""
+    if options.slice_factor is not None:
+        degraded, factor = (options.slice_axis,), float(options.slice_factor)
+    else:
+        degraded = tuple(ax for ax, f in enumerate(options.factors) if f > 1)
+        factors = sorted({options.factors[ax] for ax in degraded})
+        if not degraded or len(degraded) == 3:
+            raise ValueError(f"adapt.network=planes needs an axis at full resolution and one degraded, "
+                             f"got factors {list(options.factors)}")
+        if len(factors) > 1:
+            raise ValueError(f"adapt.network=planes needs one factor on every degraded axis, got factors "
+                             f"{list(options.factors)}; give adapt.network=checkpoint")
+        factor = factors[0]
+    full = tuple(ax for ax in range(3) if ax not in degraded)
+    if len(full) == 2:
+        (t,), (a, b) = degraded, full
+        return PlaneLayout(train=((t, a, b), (t, b, a)), apply=((b, t, a), (a, t, b)), hold=t, factor=factor)
+    (s,), (d0, d1) = full, degraded
+    return PlaneLayout(train=((d1, s, d0), (d0, s, d1)), apply=((s, d0, d1), (s, d1, d0)), hold=d0, factor=factor)
+
+
+def degrade_axis(volume: np.ndarray, axis: int, options: AdaptOptions, factor: float) -> np.ndarray:
+    """``volume`` degraded along ``axis`` only, as the checkpoint's scans are along theirs: thick
+    slices of ``factor`` fine voxels (its profile), or k-space truncation by ``factor``; back onto
+    the fine grid by its interpolation."""
+    if options.slice_factor is not None:
+        f = int(factor)
+        return slice_degrade(volume, f, f, axis, options.slice_profile,  # type: ignore[arg-type]
+                             options.interpolation)  # type: ignore[arg-type]
+    factors = [1.0, 1.0, 1.0]
+    factors[axis] = factor
+    return degrade(volume, factors, options.interpolation)  # type: ignore[arg-type]
 
 
 def plane_stacks(scan: np.ndarray, options: AdaptOptions) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each in-plane axis ``a`` of ``scan`` (the network's axis order, thick axis in
-    ``options.slice_axis``): ``(input, target)`` stacks of shape ``(n_thick, n_a, n_b)``, the
-    in-plane slices with thick slices simulated along ``a`` (their first axis), and the slices."""
-    if options.slice_factor is None:
-        raise ValueError("plane_stacks needs options.slice_factor (a thick-slice checkpoint)")
-    slot, f = options.slice_axis, int(options.slice_factor)
+    """For each training order ``(stack, H, W)`` of :func:`plane_layout`: ``(input, target)``
+    stacks of shape ``(n_stack, n_H, n_W)``, ``scan`` degraded along ``H`` and ``scan``."""
+    layout = plane_layout(options)
     target = np.asarray(scan, dtype=np.float32)
+    degraded: dict[int, np.ndarray] = {}
     stacks = []
-    for a, b in (_inplane(slot), _inplane(slot)[::-1]):
-        degraded = slice_degrade(target, f, f, a, options.slice_profile,  # type: ignore[arg-type]
-                                 options.interpolation)  # type: ignore[arg-type]
-        stacks.append(tuple(np.ascontiguousarray(np.transpose(v, (slot, a, b))) for v in (degraded, target)))
+    for order in layout.train:
+        if order[1] not in degraded:
+            degraded[order[1]] = degrade_axis(target, order[1], options, layout.factor)
+        stacks.append(tuple(np.ascontiguousarray(np.transpose(v, order)) for v in (degraded[order[1]], target)))
     return stacks  # type: ignore[return-value]
 
 
-def check_plane_fits(shape: Sequence[int], options: AdaptOptions) -> int:
-    """The number of in-plane slices held out; a scan whose in-plane size is below the patch, or
-    whose thick axis holds no slice beside the held-out ones, is one line."""
+def _plane_axes(layout: PlaneLayout) -> set[int]:
+    return {ax for order in layout.train for ax in order[1:]}
+
+
+def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
+    """``options`` resolved for ``planes`` and a scan of ``shape``: ``patch`` (when not given) the
+    largest square up to :data:`PLANE_PATCH` that the training planes hold beside the held-out
+    slab; ``epochs`` (when not given) :data:`ONE_AXIS_EPOCHS` where every training plane restores
+    the same axis (one axis at full resolution, as for 2x2x1), else no limit."""
     options = options.resolved("planes")
-    slot, patch = options.slice_axis, int(options.patch)  # type: ignore[arg-type]
-    small = [ax for ax in _inplane(slot) if shape[ax] < patch]
+    layout = plane_layout(options)
+    if options.patch is None:
+        room = [shape[ax] - (_held(shape, options, layout) if ax == layout.hold else 0) for ax in _plane_axes(layout)]
+        options = replace(options, patch=max(1, min(PLANE_PATCH, *room)))
+    if options.epochs is None and len({h for _, h, _ in layout.train}) == 1:
+        options = replace(options, epochs=ONE_AXIS_EPOCHS)
+    return options
+
+
+def _held(shape: Sequence[int], options: AdaptOptions, layout: PlaneLayout) -> int:
+    return max(1, round(options.holdout * shape[layout.hold]))
+
+
+def check_plane_fits(shape: Sequence[int], options: AdaptOptions) -> int:
+    """The number of slices held out (along the layout's ``hold`` axis); a scan whose training
+    planes are below the patch, or that holds no training plane or patch beside the held-out
+    slab, is one line."""
+    options = fitted(shape, options)
+    layout, patch = plane_layout(options), int(options.patch)  # type: ignore[arg-type]
+    small = sorted(ax for ax in _plane_axes(layout) if shape[ax] < patch)
     if small:
         raise InferenceError(f"adapt=true: the scan {list(shape)} is smaller than adapt.patch={patch} along "
-                             f"in-plane axis {small[0]}; give a smaller patch")
-    held = max(1, round(options.holdout * shape[slot]))
-    if shape[slot] - held < 1:
-        raise InferenceError(f"adapt=true: thick axis {slot} of the scan {list(shape)} has no slice to train on "
-                             f"beside the {held} held out (adapt.holdout={options.holdout})")
+                             f"axis {small[0]} of its training planes; give a smaller patch")
+    held = _held(shape, options, layout)
+    need = patch if layout.hold in _plane_axes(layout) else 1
+    if shape[layout.hold] - held < need:
+        raise InferenceError(f"adapt=true: axis {layout.hold} of the scan {list(shape)} holds no "
+                             f"{'patch' if need > 1 else 'slice'} to train on beside the {held} held out "
+                             f"(adapt.holdout={options.holdout})")
     return held
 
 
+def plane_slab(scan: np.ndarray, options: AdaptOptions) -> tuple[int, int]:
+    """``(start, stop)`` along the layout's ``hold`` axis of the slab held out for self-validation
+    (:func:`~.holdout.holdout_slab`: on the anatomy, leaving a training patch on one side where the
+    slab crosses the training planes); ``options``: :func:`fitted`'s."""
+    layout = plane_layout(options)
+    held = check_plane_fits(scan.shape, options)
+    side = int(options.patch) if layout.hold in _plane_axes(layout) else 1  # type: ignore[arg-type]
+    return holdout_slab(torch.from_numpy(np.moveaxis(np.asarray(scan), layout.hold, 0)), held, side)
+
+
 @torch.no_grad()
-def apply_planes(net: nn.Module, volume: np.ndarray | Tensor, slot: int, bf16: bool = False,
+def apply_planes(net: nn.Module, volume: np.ndarray | Tensor, layout: PlaneLayout, bf16: bool = False,
                  batch: int = 8) -> np.ndarray:
-    """``(X, Y, Z)`` -> ``(X, Y, Z)`` float32: the mean over the two in-plane axes ``b`` of ``net``
-    run on the planes ``(slot, b)`` (the thick axis first, as in training), one per voxel of the
-    third axis, ``batch`` planes at a time on ``net``'s device."""
+    """``(X, Y, Z)`` -> ``(X, Y, Z)`` float32: ``net`` run on the planes of each ``layout.apply``
+    order ``(stack, H, W)`` (the degraded axis ``H`` first, as in training), ``batch`` planes at a
+    time on ``net``'s device; the volume plus, for each degraded axis, the mean change of the
+    orders that restore it (thick slices: the mean of both; k-space: both axes' changes added)."""
     vol = checked_volume(volume)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    total = torch.zeros_like(vol)
-    for keep, across in (_inplane(slot), _inplane(slot)[::-1]):
-        order = (across, slot, keep)
+    changes: dict[int, list[Tensor]] = {}
+    for order in layout.apply:
         planes = vol.permute(*order).contiguous()
         out = torch.empty_like(planes)
         for i in range(0, planes.shape[0], batch):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 out[i:i + batch] = net(planes[i:i + batch, None].to(device)).float()[:, 0].cpu()
-        total += out.permute(*np.argsort(order).tolist())
+        changes.setdefault(order[1], []).append(out.permute(*np.argsort(order).tolist()) - vol)
     net.train(was_training)
-    return (total / 2).numpy()
+    return (vol + sum(torch.stack(c).mean(dim=0) for c in changes.values())).numpy()
 
 
-def plane_batch(stacks: list[Stack], rows: np.ndarray, options: AdaptOptions, floors: list[float],
-                rng: np.random.Generator, device: torch.device | str = "cpu") -> Stack:
-    """``batch`` random ``patch``-square crops of training slices ``rows`` (either stack), each
-    redrawn up to 10 times while its target's mean is below the stack's ``floors`` (air), then
-    flipped at random along each axis (flips keep which axis is degraded); ``(batch, 1, patch,
-    patch)`` inputs and targets on ``device``."""
+def plane_batch(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int], options: AdaptOptions,
+                floors: list[float], rng: np.random.Generator, device: torch.device | str = "cpu") -> Stack:
+    """``batch`` random ``patch``-square crops of either stack that do not overlap the held-out
+    ``slab`` along ``layout.hold``, each redrawn up to 10 times while its target's mean is below
+    the stack's ``floors`` (air), then flipped at random along each axis (flips keep which axis
+    is degraded); ``(batch, 1, patch, patch)`` inputs and targets on ``device``."""
     p = int(options.patch)  # type: ignore[arg-type]
     xs, ys = [], []
     for _ in range(int(options.batch)):  # type: ignore[arg-type]
         s = int(rng.integers(len(stacks)))
         x, y = stacks[s]
+        held = layout.train[s].index(layout.hold)
         for _ in range(10):
-            i = int(rows[rng.integers(len(rows))])
-            h, w = (int(rng.integers(0, n - p + 1)) for n in x.shape[1:])
+            i, h, w = (start_outside(n, length, slab, rng) if dim == held else int(rng.integers(0, n - length + 1))
+                       for dim, (n, length) in enumerate(zip(x.shape, (1, p, p))))
             if float(y[i, h:h + p, w:w + p].mean()) >= floors[s]:
                 break
         px, py = x[i, h:h + p, w:w + p], y[i, h:h + p, w:w + p]
@@ -122,10 +228,16 @@ def plane_batch(stacks: list[Stack], rows: np.ndarray, options: AdaptOptions, fl
     return torch.stack(xs)[:, None].to(device), torch.stack(ys)[:, None].to(device)
 
 
-def held_out_planes(stacks: list[Stack], slab: tuple[int, int], patch: int) -> list[Stack]:
-    """Each stack's held-out ``slab`` of slices, their centre at most 2 * ``patch`` wide (the 3D
-    fine-tuning's :func:`~.adapt.validation_crop`)."""
-    return [tuple(v[0, 0] for v in validation_crop(x, y, slab, patch)) for x, y in stacks]  # type: ignore[misc]
+def held_out_planes(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int], patch: int) -> list[Stack]:
+    """Each stack's held-out ``slab`` along ``layout.hold``, its centre at most 2 * ``patch`` wide
+    along the other two axes (the 3D fine-tuning's :func:`~.holdout.validation_crop`), as
+    ``(stack, H, W)`` blocks."""
+    blocks = []
+    for (x, y), order in zip(stacks, layout.train):
+        k = order.index(layout.hold)
+        moved = validation_crop(x.movedim(k, 0), y.movedim(k, 0), slab, patch)
+        blocks.append(tuple(v[0, 0].movedim(0, k) for v in moved))
+    return blocks  # type: ignore[return-value]
 
 
 def pooled_psnr(outputs: Sequence[Tensor], held: list[Stack]) -> float:
@@ -138,7 +250,7 @@ def pooled_psnr(outputs: Sequence[Tensor], held: list[Stack]) -> float:
 
 @torch.no_grad()
 def plane_score(net: nn.Module, held: list[Stack], stride: int, bf16: bool) -> float:
-    """The plane network's PSNR on every ``stride``-th held-out slice."""
+    """The plane network's PSNR on every ``stride``-th held-out plane."""
     device = next(net.parameters()).device
     net.eval()
     outs = []
@@ -149,28 +261,34 @@ def plane_score(net: nn.Module, held: list[Stack], stride: int, bf16: bool) -> f
     return pooled_psnr(outs, [(x[::stride], y[::stride]) for x, y in held])
 
 
-def checkpoint_score(checkpoint: nn.Module, held: list[Stack], stride: int, slot: int) -> float:
-    """The 3D generator's PSNR on the same slices: each held-out slab (``(slices, a, b)``) as a
-    volume with its degraded axis ``a`` in the thick ``slot``, one patch holding it."""
+def checkpoint_score(checkpoint: nn.Module, held: list[Stack], stride: int, layout: PlaneLayout,
+                     options: AdaptOptions) -> float:
+    """The 3D generator's PSNR on the same planes: each held-out block ``(stack, H, W)`` as a
+    volume with ``H`` in the slot of the first degraded axis (one patch holding it). A k-space
+    checkpoint also restores its other degraded slot, which the target keeps degraded: its
+    output is degraded again along the block's stack and W axes (the checkpoint's truncation),
+    so that only its restoration of ``H`` is scored."""
     device = next(checkpoint.parameters()).device
+    slot = layout.apply[0][1]
     outs = []
     for x, _ in held:
         volume = np.ascontiguousarray(np.moveaxis(x.numpy(), 1, slot))
         whole = PatchInferer(checkpoint.eval(), InferenceOptions(device=str(device), patch_size=list(volume.shape),
                                                                  margin=0))
-        outs.append(torch.from_numpy(np.moveaxis(whole(volume), slot, 1)[::stride].copy()))
+        out = np.moveaxis(whole(volume), slot, 1)
+        if options.slice_factor is None:
+            out = degrade(out, (layout.factor, 1.0, layout.factor), options.interpolation)  # type: ignore[arg-type]
+        outs.append(torch.from_numpy(out[::stride].copy()))
     return pooled_psnr(outs, [(x[::stride], y[::stride]) for x, y in held])
 
 
 class PlaneInferer(Inferer):
     """``inferer(volume)``: :func:`apply_planes` with a trained plane network."""
 
-    def __init__(self, net: nn.Module, slot: int, bf16: bool = False) -> None:
-        self.net, self.slot, self.bf16 = net, int(slot), bool(bf16)
+    def __init__(self, net: nn.Module, layout: PlaneLayout, bf16: bool = False) -> None:
+        self.net, self.layout, self.bf16 = net, layout, bool(bf16)
         self.device = next(net.parameters()).device
         self.name = "planes"
 
     def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
-        return apply_planes(self.net, volume, self.slot, self.bf16)
-
-
+        return apply_planes(self.net, volume, self.layout, self.bf16)

@@ -1,23 +1,25 @@
-"""Per-scan adaptation of a thick-slice scan with a 2D network (``adapt=true``, ``adapt.network=planes``,
-the default for thick-slice checkpoints).
+"""Per-scan adaptation with a 2D network (``adapt=true``; ``adapt.network=planes``, the default).
 
-The scan's in-plane slices are sharp along both of their axes. Thick slices simulated along one
-in-plane axis (the checkpoint's profile, ``slice_factor`` fine voxels per slice, back onto the
-fine grid by its interpolation) give 2D pairs whose target is the slice itself
-(:func:`plane_stacks`). A fresh :class:`~mdcsrn_lightning.models.plane_net.PlaneNet` learns to undo
-them (:func:`train_planes`) and is applied to the planes that hold the thick axis, with the thick
-axis as the plane's first axis as in training, beside each in-plane axis in turn; the two results
-are averaged (:func:`apply_planes`). Training and application planes are of one kind (one axis
-degraded, the other sharp), which a 3D network fine-tuned on in-plane pairs cannot have: its
-third axis is the blurred thick axis in training. The idea is SMORE's (Zhao et al., IEEE TMI 2021),
-written here from the paper.
+The scan is sharp along its full-resolution axes. Degrading one of them the way the scan's
+degraded axes are degraded (thick slices of ``slice_factor`` fine voxels with the checkpoint's
+profile, or k-space truncation by the checkpoint's factor; back onto the fine grid by its
+interpolation) gives 2D pairs whose target is the scan's own plane (:func:`plane_stacks`). A
+fresh :class:`~mdcsrn_lightning.models.plane_net.PlaneNet` learns to undo it
+(:func:`train_planes`) and is run on the planes that hold a degraded axis, that axis first as in
+training (:func:`apply_planes`). The planes are chosen so that the plane's other axis is in the
+same state in training and application (:func:`plane_layout`): sharp for a thick-slice scan
+(the in-plane slices; the two in-plane axes beside the thick axis, averaged), degraded for a
+2x2x1 k-space scan (pairs from the planes of axis 2 and a degraded axis; run on the planes of
+axes 0 and 1, once for each, their changes added). A 3D network fine-tuned on such pairs cannot
+match them: its third axis differs between the two. The thick-slice idea is SMORE's (Zhao et
+al., IEEE TMI 2021), written here from the paper.
 
-Self-validation: a slab of in-plane slices along the thick axis, on the anatomy
-(:func:`~.adapt.holdout_slab`), is held out; every ``validate_every`` steps the network's PSNR
-on its pairs picks the best state (training stops after ``patience`` validations without a new
-best). The checkpoint's 3D generator is scored on the same held-out pairs (their degraded axis
-in its thick slot); if the plane network's best is not above it, the checkpoint is used (one
-info line). Pure torch/numpy.
+Self-validation: a slab along the first degraded axis, on the anatomy
+(:func:`~.holdout.holdout_slab`), is held out of every training plane; every ``validate_every``
+steps the network's PSNR on its pairs picks the best state (training stops after ``patience``
+validations without a new best). The checkpoint's 3D generator is scored on the same held-out
+pairs (:func:`~.plane_data.checkpoint_score`); if the plane network's best is not above it, the
+checkpoint is used (one info line). Pure torch/numpy.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from mdcsrn_lightning.inference.adapt import (
     Adaptation,
-    holdout_slab,
+    epoch_capped,
     train_loop,
     train_step,
     use_bf16,
@@ -44,11 +46,13 @@ from mdcsrn_lightning.inference.options import AdaptOptions
 from mdcsrn_lightning.inference.patches import checked_volume
 from mdcsrn_lightning.inference.plane_data import (
     PlaneInferer,
-    check_plane_fits,
     checkpoint_score,
+    fitted,
     held_out_planes,
     plane_batch,
+    plane_layout,
     plane_score,
+    plane_slab,
     plane_stacks,
 )
 from mdcsrn_lightning.models.plane_net import PlaneNet
@@ -62,17 +66,18 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     :func:`plane_stacks` (``scan``: the fine grid, the network's axis order), at most
     ``options.steps`` steps and ``options.minutes``, the best held-out state kept; ``None`` (use
     ``checkpoint``, one info line) when it never beats ``checkpoint`` on the held-out slices."""
-    options = options.resolved("planes")
+    options = fitted(scan.shape, options)
     device = torch.device(device)
-    held = check_plane_fits(scan.shape, options)
+    layout = plane_layout(options)
+    slab = plane_slab(scan, options)
     stacks = [tuple(torch.from_numpy(v) for v in pair) for pair in plane_stacks(scan, options)]
-    slab = holdout_slab(stacks[0][1], held, 1)
-    rows = np.array([i for i in range(scan.shape[options.slice_axis]) if not slab[0] <= i < slab[1]])
-    held_out = held_out_planes(stacks, slab, int(options.patch))  # type: ignore[arg-type]
-    stride = int(options.slice_factor)  # type: ignore[arg-type]  # one held-out plane per thick slice
+    held_out = held_out_planes(stacks, layout, slab, int(options.patch))  # type: ignore[arg-type]
+    training = sum(x.numel() for x, _ in stacks) * (1 - (slab[1] - slab[0]) / scan.shape[layout.hold])
+    options = epoch_capped(options, training, int(options.patch) ** 2)  # type: ignore[arg-type]
+    stride = max(1, round(layout.factor))  # one held-out plane per coarse sample
     bf16 = use_bf16(device)
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
-                        psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, options.slice_axis))
+                        psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options))
     result.psnr_adapted = -math.inf  # a fresh network starts far below: stop on its own best, compare at the end
     torch.manual_seed(options.seed)
     net = PlaneNet().to(device).train()
@@ -80,7 +85,7 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     floors = [0.5 * float(y.mean()) for _, y in stacks]
     # partials of lower modules' functions, so the loop in adapt.py never calls back into this file
     best = train_loop(functools.partial(train_step, net, optimizer, bf16=bf16), net,
-                      functools.partial(plane_batch, stacks, rows, options, floors, device=device),
+                      functools.partial(plane_batch, stacks, layout, slab, options, floors, device=device),
                       functools.partial(plane_score, net, held_out, stride, bf16), options, result, progress)
     if best is None or not result.psnr_adapted > result.psnr_unadapted:
         result.used = "unadapted"
@@ -105,6 +110,7 @@ class PlaneAdaptingInferer(Inferer):
                  log: Callable[[str], None] = info, ensemble: tuple[int, int] | None = None) -> None:
         try:
             self.options = options.resolved("planes")
+            plane_layout(self.options)
         except ValueError as exc:
             raise InferenceError(f"adapt=true: {exc}") from None
         self.unadapted, self.checkpoint, self.progress, self.log = unadapted, checkpoint, progress, log
@@ -120,7 +126,7 @@ class PlaneAdaptingInferer(Inferer):
         scan = checked_volume(volume).numpy()  # float32 (X, Y, Z) on the CPU, finite
         net, self.adaptation = train_planes(scan, self.options, self.checkpoint, device=self.device,
                                             progress=self.progress, log=self.log)
-        apply: Inferer = self.unadapted if net is None else PlaneInferer(net, self.options.slice_axis,
+        apply: Inferer = self.unadapted if net is None else PlaneInferer(net, plane_layout(self.options),
                                                                          self.adaptation.precision == "bf16")
         if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
             return apply(scan), None

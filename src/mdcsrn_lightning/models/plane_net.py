@@ -1,9 +1,9 @@
-"""A small 2D residual network for per-scan thick-slice adaptation (``adapt.network=planes``).
+"""A small 2D residual network for per-scan adaptation (``adapt.network=planes``).
 
-Trained from scratch on one scan's in-plane slices (:mod:`mdcsrn_lightning.inference.planes`):
+Trained from scratch on one scan's own planes (:mod:`mdcsrn_lightning.inference.planes`):
 2D convolutions are several times cheaper per voxel than 3D ones, so on a CPU it sees far more
-patches in the same minutes, and its training planes (both axes sharp, one degraded) are the
-same kind of plane it is applied to (the thick axis beside one sharp in-plane axis).
+patches in the same minutes, and its training planes are the same kind of plane it is applied
+to (:func:`~mdcsrn_lightning.inference.plane_data.plane_layout`).
 """
 
 from __future__ import annotations
