@@ -378,3 +378,16 @@ def test_kspace_planes_with_uncertainty_train_once_and_give_a_spread(monkeypatch
     mean, std = inferer.mean_std(_scan((16, 16, 12)))
     assert inferer.name == "ensemble[adapt[planes]]" and calls == [1]
     assert mean.shape == std.shape == (16, 16, 12) and std.max() > 0  # a fresh 2D network is not equivariant
+
+
+def test_cli_refuses_planes_for_unequal_factors_in_one_line_naming_the_checkpoint(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    from .test_inference import ANATOMICAL
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, f"input={ANATOMICAL}", f"output={tmp_path / 'sr.nii.gz'}",
+                           f"ckpt={ckpt}", "degrade=true", "factors=[2,3,1]", "progress=false", "device=cpu",
+                           *ADAPT_ARGS)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{ckpt}: adapt=true: adapt.network=planes needs one factor on every degraded axis" in err, err
+    assert not (tmp_path / "sr.nii.gz").exists()

@@ -17,7 +17,6 @@ from mdcsrn_lightning.inference.patches import PatchInferer, resolve_device
 from mdcsrn_lightning.inference.exact import ExactInferer, SlabRunner
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.adapt import AdaptingInferer
-from mdcsrn_lightning.inference.permuted import pair_factors
 from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer
 
 __all__ = ["build_inferer"]
@@ -116,14 +115,10 @@ def _adapting(net: nn.Module, options: InferenceOptions, plane: tuple[int, int])
                          (options.bn_mode != "eval", "bn_mode=train")):
         if refused:
             raise InferenceError(f"adapt=true runs the patch pass with engine=torch and bn_mode=eval; not with {why}")
-    try:
-        adapt = options.adapt.resolved()
-    except ValueError as exc:
-        raise InferenceError(f"adapt=true: {exc}") from None
+    adapt = options.adapt.resolved()
     ensemble = plane if options.uncertainty else None
     work = copy.deepcopy(net)
     inner = PatchInferer(work, options)
     if adapt.network == "planes":
         return PlaneAdaptingInferer(inner, work, adapt, progress=options.progress, ensemble=ensemble)
-    pair_factors(adapt.factors)  # no axis at full resolution: one line now
     return AdaptingInferer(inner, work, adapt, progress=options.progress, ensemble=ensemble)

@@ -38,7 +38,7 @@ from mdcsrn_lightning.data.volume_io import (
 from mdcsrn_lightning import __version__
 from mdcsrn_lightning.inference import bids as _bids
 from mdcsrn_lightning.inference.adapt import AdaptingInferer, check_patch_fits, pair_shape, save_adapted
-from mdcsrn_lightning.inference.plane_data import check_plane_fits
+from mdcsrn_lightning.inference.plane_data import check_plane_fits, plane_layout
 from mdcsrn_lightning.inference.planes import PlaneAdaptingInferer
 from mdcsrn_lightning.inference.permuted import pair_factors
 from mdcsrn_lightning.inference.base import InferenceError, Inferer, predict_volume_std
@@ -594,10 +594,12 @@ def _with_adapt(options: InferenceOptions, model: TrainedModel, settings: FileSe
     else:
         adapt = replace(adapt, factors=tuple(model.factors or settings.factors), interpolation=model.interpolation)
         pair_factors(adapt.factors)
-    try:
-        adapt = adapt.resolved()
-    except ValueError as exc:
-        raise InferenceError(f"{model.path}: adapt=true: {exc}") from None
+    adapt = adapt.resolved()
+    if adapt.network == "planes":
+        try:
+            plane_layout(adapt)  # degraded axes of different factors: one line, with the checkpoint
+        except ValueError as exc:
+            raise InferenceError(f"{model.path}: adapt=true: {exc}") from None
     if adapt.save is not None and adapt.network == "planes":
         raise InferenceError(f"adapt.save={adapt.save}: the plane network (adapt.network=planes) is this scan's only "
                              "and is not a checkpoint; give adapt.network=checkpoint to save an adapted checkpoint")

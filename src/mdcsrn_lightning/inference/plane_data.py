@@ -72,6 +72,12 @@ class PlaneLayout:
     hold: int
     factor: float
 
+    @property
+    def hold_in_planes(self) -> bool:
+        """Whether the held-out slab cuts across training planes (then a training crop must fit
+        beside it) rather than only between them."""
+        return self.hold in _plane_axes(self)
+
 
 def plane_layout(options: AdaptOptions) -> PlaneLayout:
     """The planes for ``options``' checkpoint. One degraded axis ``t`` (thick slices, or k-space
@@ -161,7 +167,7 @@ def check_plane_fits(shape: Sequence[int], options: AdaptOptions) -> int:
         raise InferenceError(f"adapt=true: the scan {list(shape)} is smaller than adapt.patch={patch} along "
                              f"axis {small[0]} of its training planes; give a smaller patch")
     held = _held(shape, options, layout)
-    need = patch if layout.hold in _plane_axes(layout) else 1
+    need = patch if layout.hold_in_planes else 1
     if shape[layout.hold] - held < need:
         raise InferenceError(f"adapt=true: axis {layout.hold} of the scan {list(shape)} holds no "
                              f"{'patch' if need > 1 else 'slice'} to train on beside the {held} held out "
@@ -175,7 +181,7 @@ def plane_slab(scan: np.ndarray, options: AdaptOptions) -> tuple[int, int]:
     slab crosses the training planes); ``options``: :func:`fitted`'s."""
     layout = plane_layout(options)
     held = check_plane_fits(scan.shape, options)
-    side = int(options.patch) if layout.hold in _plane_axes(layout) else 1  # type: ignore[arg-type]
+    side = int(options.patch) if layout.hold_in_planes else 1  # type: ignore[arg-type]
     return holdout_slab(torch.from_numpy(np.moveaxis(np.asarray(scan), layout.hold, 0)), held, side)
 
 

@@ -108,9 +108,9 @@ class PlaneAdaptingInferer(Inferer):
 
     def __init__(self, unadapted: Inferer, checkpoint: nn.Module, options: AdaptOptions, progress: bool = False,
                  log: Callable[[str], None] = info, ensemble: tuple[int, int] | None = None) -> None:
+        self.options = options.resolved("planes")
         try:
-            self.options = options.resolved("planes")
-            plane_layout(self.options)
+            self.layout = plane_layout(self.options)
         except ValueError as exc:
             raise InferenceError(f"adapt=true: {exc}") from None
         self.unadapted, self.checkpoint, self.progress, self.log = unadapted, checkpoint, progress, log
@@ -126,7 +126,7 @@ class PlaneAdaptingInferer(Inferer):
         scan = checked_volume(volume).numpy()  # float32 (X, Y, Z) on the CPU, finite
         net, self.adaptation = train_planes(scan, self.options, self.checkpoint, device=self.device,
                                             progress=self.progress, log=self.log)
-        apply: Inferer = self.unadapted if net is None else PlaneInferer(net, plane_layout(self.options),
+        apply: Inferer = self.unadapted if net is None else PlaneInferer(net, self.layout,
                                                                          self.adaptation.precision == "bf16")
         if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
             return apply(scan), None
