@@ -125,7 +125,8 @@ def model_rows(coarse: np.ndarray, affine: np.ndarray, spacing: int, axis: int, 
                                                      metric_axis)
             if "adapted" in suffix:
                 record = json.loads((Path(tmp) / f"{name}.json").read_text())["adapt"]
-                out[name + suffix].update({k: record[k] for k in ("steps", "used", "self_validation_psnr")})
+                kept = ("steps", "used", "self_validation_psnr", "settings")
+                out[name + suffix].update({k: record[k] for k in kept if k in record})
     return out
 
 
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--adapt-network", default="auto", help="adapt.network: auto, checkpoint or planes")
     parser.add_argument("--adapt-lr", type=float, default=AdaptOptions.lr)
     parser.add_argument("--adapt-patience", type=int, default=AdaptOptions.patience)
+    parser.add_argument("--adapt-rotations", type=int, default=None,
+                        help="adapt.rotations (default: the plane network's, 5 for thick slices)")
+    parser.add_argument("--adapt-no-flips", action="store_true", help="adapt.flips=false")
     parser.add_argument("--ensemble", action="store_true",
                         help="also each checkpoint (and adapted one) averaged over the in-plane symmetries")
     parser.add_argument("--dc", action="store_true",
@@ -201,7 +205,9 @@ def main() -> None:
                 row = {"volume": name, **baselines(hr, sizes, mm, axis, affine, args.ckpt, args.adapt_minutes,
                                                    args.adapt_patch, {"lr": args.adapt_lr,
                                                                       "patience": args.adapt_patience,
-                                                                      "network": args.adapt_network},
+                                                                      "network": args.adapt_network,
+                                                                      "rotations": args.adapt_rotations,
+                                                                      "flips": not args.adapt_no_flips},
                                                    args.ensemble, args.dc)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)

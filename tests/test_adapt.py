@@ -196,6 +196,7 @@ def test_cli_adapt_writes_an_output_its_record_and_the_adapted_checkpoint(tmp_pa
     (("adapt_options.patch=30",), "smaller than adapt.patch=30 along axis 2"),
     (("factors=[2,2,2]", "degrade=true"), "full resolution"),
     (("+adapt_options.bogus=1",), "adapt_options.bogus: unknown key"),
+    (("adapt_options.flips=2",), "adapt.flips: true or false, got 2"),
 ])
 def test_cli_adapt_refusals_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch, capsys, extra, match) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "m.ckpt")

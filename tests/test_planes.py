@@ -35,6 +35,7 @@ from .test_inference import run_cli, tiny_net, write_tiny_checkpoint
 
 FAST = {"steps": 4, "minutes": None, "patch": 8, "batch": 2, "validate_every": 2, "patience": 2}
 THICK = {"slice_factor": 3, "slice_axis": 2, "interpolation": "cubic"}
+KSPACE_FACTORS = {"factors": (2, 2, 1)}
 
 
 def _scan(shape=(14, 12, 18), seed=0) -> np.ndarray:
@@ -75,6 +76,45 @@ def test_plane_stacks_degrade_one_inplane_axis_per_stack_with_the_thick_axis_fir
     np.testing.assert_allclose(x1, y1, atol=1e-6)  # constant along axis 1: its slices lose nothing
 
 
+def test_plane_stacks_add_copies_of_a_thick_scan_turned_in_its_planes() -> None:
+    scan = _scan((12, 12, 6))
+    stacks = plane_stacks(scan, AdaptOptions(**FAST, **THICK, rotations=1))  # one copy, turned by 90 degrees
+    assert len(stacks) == 4
+    quarter = np.rot90(scan, 1, (0, 1))
+    np.testing.assert_allclose(stacks[2][1], np.transpose(quarter, (2, 0, 1)), atol=1e-5)
+    thick = S.slice_degrade(quarter, 3, 3, 0, "boxcar", "cubic")  # its first order degrades axis 0, as stack 0's
+    np.testing.assert_allclose(stacks[2][0], np.transpose(thick, (2, 0, 1)), atol=1e-5)
+
+
+def test_rotations_default_to_five_only_where_the_training_planes_are_sharp_both_ways() -> None:
+    shape = (30, 40, 40)
+    assert plane_data.fitted(shape, AdaptOptions(**THICK)).rotations == plane_data.PLANE_ROTATIONS == 5
+    assert plane_data.fitted(shape, AdaptOptions(factors=(1, 1, 2))).rotations == 5
+    assert plane_data.fitted(shape, AdaptOptions(**KSPACE)).rotations == 0  # planes (2; d): d is degraded
+    assert plane_data.fitted(shape, AdaptOptions(**THICK, rotations=0)).rotations == 0
+    with pytest.raises(InferenceError, match=r"adapt.rotations=2 needs training planes sharp along both axes") as info:
+        plane_data.fitted(shape, AdaptOptions(**KSPACE, rotations=2))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="adapt.rotations: an integer >= 0, got -1"):
+        AdaptOptions(rotations=-1)
+
+
+def test_turned_copies_are_trained_on_outside_the_slab_but_not_validated_on() -> None:
+    options = AdaptOptions(**{**FAST, "patch": 6, "batch": 64}, **THICK, rotations=2).resolved()
+    layout = plane_layout(options)  # thick axis 2: the stack axis of every training plane
+    # target value = 100 * stack + plane index + 1: shows where each crop came from
+    stacks = [(torch.zeros(15, 12, 12), torch.full((15, 12, 12), 100.0 * s) + torch.arange(1.0, 16.0)[:, None, None])
+              for s in range(6)]
+    slab = (5, 8)
+    seen = set()
+    for seed in range(10):
+        _, y = plane_data.plane_batch(stacks, layout, slab, options, [0.0] * 6, np.random.default_rng(seed))
+        seen |= {(int(v) // 100, int(v) % 100 - 1) for v in np.unique(y.numpy())}
+    assert {s for s, _ in seen} == set(range(6)) and not {i for _, i in seen} & set(range(*slab))
+    held = plane_data.held_out_planes(stacks, layout, slab, 6)
+    assert len(held) == 2 and {int(v) // 100 for _, y in held for v in np.unique(y.numpy())} == {0, 1}
+
+
 class _MarkFirstAxis(nn.Module):
     """Adds each row's index along the plane's first axis (H): shows which axis the planes put first."""
 
@@ -93,6 +133,50 @@ def test_apply_planes_puts_the_thick_axis_first_and_averages_both_inplane_axes(s
     out = apply_planes(_MarkFirstAxis(), vol, layout, batch=3)
     ramp = np.arange(vol.shape[slot], dtype=np.float32).reshape([-1 if ax == slot else 1 for ax in range(3)])
     np.testing.assert_allclose(out, vol + ramp, atol=1e-5)
+
+
+@pytest.mark.parametrize("slot", [0, 2])
+def test_apply_planes_with_flips_is_the_mean_over_the_flipped_scans(slot: int) -> None:
+    vol = _scan((6, 7, 8))
+    layout = plane_layout(AdaptOptions(slice_factor=3, slice_axis=slot))
+    out = apply_planes(_MarkFirstAxis(), vol, layout, batch=3, flips=True)
+    # the row ramp 0..n-1 along the thick axis, and its flip n-1..0: their mean is (n - 1) / 2 everywhere
+    np.testing.assert_allclose(out, vol + (vol.shape[slot] - 1) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout_options", [AdaptOptions(**THICK), AdaptOptions(**KSPACE_FACTORS)])
+def test_flips_make_the_plane_networks_output_follow_a_flipped_scan(layout_options: AdaptOptions) -> None:
+    torch.manual_seed(0)
+    net, vol, layout = PlaneNet(channels=4, blocks=1), _scan((6, 7, 9)), plane_layout(layout_options)
+    flipped = np.flip(vol, (0, 2)).copy()
+    with_flips = apply_planes(net, flipped, layout, flips=True)
+    np.testing.assert_allclose(with_flips, np.flip(apply_planes(net, vol, layout, flips=True), (0, 2)), atol=1e-5)
+    without = apply_planes(net, flipped, layout)
+    assert np.abs(without - np.flip(apply_planes(net, vol, layout), (0, 2))).max() > 1e-3  # a fresh network is not
+
+
+def test_adapt_flips_must_be_a_boolean() -> None:
+    assert AdaptOptions().flips is True
+    with pytest.raises(ValueError, match=r"adapt.flips: true or false, got 'yes'"):
+        AdaptOptions(flips="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("ensemble", "flips", "expected"), [(None, True, True), (None, False, False),
+                                                             ((0, 1), True, False)])
+def test_the_adapted_plane_network_runs_with_flips_unless_an_ensemble_averages_it(monkeypatch, ensemble, flips,
+                                                                                  expected) -> None:
+    seen: list[bool] = []
+
+    def recorded(net, volume, layout, bf16=False, batch=8, flips=False):
+        seen.append(flips)
+        return np.asarray(volume, dtype=np.float32)
+
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)  # the plane network is used
+    monkeypatch.setattr(plane_data, "apply_planes", recorded)
+    inferer = PlaneAdaptingInferer(build_inferer(tiny_net(), InferenceOptions(device="cpu")), tiny_net(),
+                                   AdaptOptions(**FAST, **THICK, flips=flips), log=lambda _: None, ensemble=ensemble)
+    inferer(_scan((14, 12, 16)))
+    assert seen and set(seen) == {expected}
 
 
 def test_a_scan_too_small_for_the_plane_patch_is_refused_in_one_line() -> None:
@@ -172,6 +256,7 @@ def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path,
     assert code == 0, err
     record = json.loads((tmp_path / "sr.json").read_text())["adapt"]
     assert record["network"] == "planes" and record["steps"] <= 4
+    assert record["settings"] == {"patch": 12, "epochs": None, "rotations": 5, "flips": True}  # resolved for the scan
     assert nib.load(str(out)).shape == (30, 28, 30)
 
 
@@ -233,6 +318,7 @@ def test_cli_thick_adapt_with_uncertainty_averages_the_plane_network_over_the_in
     record = json.loads((tmp_path / "sr.json").read_text())
     assert record["adapt"]["network"] == "planes" and record["adapt"]["used"] == "adapted"
     assert record["inferer"]["name"] == "ensemble[adapt[planes]]" and calls == [1]  # trained once
+    assert record["adapt"]["settings"]["flips"] is False  # the ensemble averages instead
     std = nib.load(str(tmp_path / "sr_std.nii.gz")).get_fdata()
     assert std.shape == (30, 28, 30) and std.max() > 0  # a fresh 2D network is not rotation-equivariant
 

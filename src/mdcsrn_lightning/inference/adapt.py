@@ -191,13 +191,16 @@ class Adaptation:
     precision: str = "32"
     real_task_psnr: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
+        """JSON-ready; ``settings``: the settings the network resolved for this scan (plane network)."""
         return {"network": self.network, "steps": self.steps, "seconds": round(self.seconds, 2), "stopped": self.stopped,
                 "best_step": self.best_step, "used": self.used, "precision": self.precision,
                 "self_validation_psnr": {"unadapted": round(self.psnr_unadapted, 4),
                                          "adapted": round(self.psnr_adapted, 4)},
-                "real_task_psnr": {k: round(v, 4) for k, v in self.real_task_psnr.items()}}
+                "real_task_psnr": {k: round(v, 4) for k, v in self.real_task_psnr.items()},
+                **({"settings": dict(self.settings)} if self.settings else {})}
 
 
 def _frozen_bn(net: nn.Module) -> nn.Module:

@@ -52,7 +52,11 @@ class AdaptOptions:
     the fraction of the scan (a slab along axis 0, or for ``planes`` along the first degraded
     axis, on the anatomy: :func:`~.holdout.holdout_slab`) held out for self-validation every ``validate_every``
     steps, stopping after ``patience`` validations without improvement; ``order``:
-    :data:`ADAPT_ORDERS`; ``save``: write the adapted checkpoint there. ``steps``, ``lr``,
+    :data:`ADAPT_ORDERS`; ``save``: write the adapted checkpoint there; ``flips``: the plane
+    network's output on each plane averaged over the plane's 4 flips (4 passes of a cheap network;
+    :data:`~.plane_data.FLIPS`); ``rotations``: the plane network's pairs also from that many
+    copies of the scan turned in the training plane (``None``: 5 where both its axes are sharp,
+    as for thick slices, else 0; :data:`~.plane_data.PLANE_ROTATIONS`). ``steps``, ``lr``,
     ``patch``, ``batch``, ``validate_every``, ``patience``, ``epochs`` left ``None`` take the network's
     :data:`ADAPT_DEFAULTS` (:meth:`resolved`; the plane network's ``patch``: the largest square
     up to 48 its training planes hold; its ``epochs``: 200 where its pairs restore one axis only,
@@ -76,6 +80,8 @@ class AdaptOptions:
     order: str = "average"
     save: str | None = None
     network: str = "auto"
+    flips: bool = True
+    rotations: int | None = None
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
     slice_factor: int | None = None
@@ -97,6 +103,11 @@ class AdaptOptions:
             raise ValueError(f"adapt.holdout: a fraction in (0, 1), got {self.holdout!r}")
         if str(self.order) not in ADAPT_ORDERS:
             raise ValueError(f"adapt.order must be one of {ADAPT_ORDERS}, got {self.order!r}")
+        if self.rotations is not None and (isinstance(self.rotations, bool) or not isinstance(self.rotations, int)
+                                           or self.rotations < 0):
+            raise ValueError(f"adapt.rotations: an integer >= 0, got {self.rotations!r}")
+        if not isinstance(self.flips, bool):
+            raise ValueError(f"adapt.flips: true or false, got {self.flips!r}")
         if str(self.network) not in get_args(AdaptNetwork):
             raise ValueError(f"adapt.network must be one of {get_args(AdaptNetwork)}, got {self.network!r}")
         self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import scipy.ndimage
 import torch
 from torch import Tensor, nn
 
@@ -29,8 +30,10 @@ from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
 
 __all__ = [
+    "FLIPS",
     "ONE_AXIS_EPOCHS",
     "PLANE_PATCH",
+    "PLANE_ROTATIONS",
     "PlaneInferer",
     "PlaneLayout",
     "Stack",
@@ -46,6 +49,7 @@ __all__ = [
     "plane_slab",
     "plane_stacks",
     "pooled_psnr",
+    "turned",
 ]
 
 Stack = tuple[Tensor, Tensor]
@@ -57,6 +61,12 @@ PLANE_PATCH = 48
 #: hundred passes while its held-out pairs (the same axis) still improve; chosen on a 2 mm crop
 #: of the ICBM 2009c template (peak near 185 passes), not on the scans the results are reported on
 ONE_AXIS_EPOCHS = 200.0
+#: ``adapt.rotations`` when none is given and both axes of every training plane are sharp (one
+#: degraded axis, as for thick slices): the pairs also come from copies of the scan turned in
+#: that plane by ``k * 180 / (n + 1)`` degrees, ``k = 1..n``. A small, noisy scan's few planes are
+#: otherwise memorised early (noise and all); chosen on a noisy 2 mm crop of the ICBM template,
+#: not on the scans the results are reported on
+PLANE_ROTATIONS = 5
 
 
 @dataclass(frozen=True)
@@ -121,16 +131,28 @@ def degrade_axis(volume: np.ndarray, axis: int, options: AdaptOptions, factor: f
 
 def plane_stacks(scan: np.ndarray, options: AdaptOptions) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each training order ``(stack, H, W)`` of :func:`plane_layout`: ``(input, target)``
-    stacks of shape ``(n_stack, n_H, n_W)``, ``scan`` degraded along ``H`` and ``scan``."""
+    stacks of shape ``(n_stack, n_H, n_W)``, ``scan`` degraded along ``H`` and ``scan``; then the
+    same for each of ``options.rotations`` copies of ``scan`` turned in the training planes
+    (:func:`turned`), in that order (stack ``i`` has order ``layout.train[i % len(layout.train)]``)."""
     layout = plane_layout(options)
     target = np.asarray(scan, dtype=np.float32)
-    degraded: dict[int, np.ndarray] = {}
+    turns = int(options.rotations or 0)
+    views = [target] + [turned(target, layout.train[0][1:], 180.0 * k / (turns + 1)) for k in range(1, turns + 1)]
     stacks = []
-    for order in layout.train:
-        if order[1] not in degraded:
-            degraded[order[1]] = degrade_axis(target, order[1], options, layout.factor)
-        stacks.append(tuple(np.ascontiguousarray(np.transpose(v, order)) for v in (degraded[order[1]], target)))
+    for view in views:
+        degraded: dict[int, np.ndarray] = {}
+        for order in layout.train:
+            if order[1] not in degraded:
+                degraded[order[1]] = degrade_axis(view, order[1], options, layout.factor)
+            stacks.append(tuple(np.ascontiguousarray(np.transpose(v, order)) for v in (degraded[order[1]], view)))
     return stacks  # type: ignore[return-value]
+
+
+def turned(scan: np.ndarray, axes: Sequence[int], degrees: float) -> np.ndarray:
+    """``scan`` turned by ``degrees`` in the plane of ``axes`` about its centre, same shape (cubic
+    B-spline; what leaves the grid is lost, what enters is 0), float32."""
+    return scipy.ndimage.rotate(scan, degrees, axes=tuple(axes), reshape=False, order=3, mode="constant",
+                                cval=0.0).astype(np.float32)
 
 
 def _plane_axes(layout: PlaneLayout) -> set[int]:
@@ -141,14 +163,23 @@ def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
     """``options`` resolved for ``planes`` and a scan of ``shape``: ``patch`` (when not given) the
     largest square up to :data:`PLANE_PATCH` that the training planes hold beside the held-out
     slab; ``epochs`` (when not given) :data:`ONE_AXIS_EPOCHS` where every training plane restores
-    the same axis (one axis at full resolution, as for 2x2x1), else no limit."""
+    the same axis (one axis at full resolution, as for 2x2x1), else no limit; ``rotations`` (when
+    not given) :data:`PLANE_ROTATIONS` where both axes of the training planes are sharp, else 0.
+    Rotations asked for where a training plane has a degraded axis are one line."""
     options = options.resolved("planes")
     layout = plane_layout(options)
     if options.patch is None:
         room = [shape[ax] - (_held(shape, options, layout) if ax == layout.hold else 0) for ax in _plane_axes(layout)]
         options = replace(options, patch=max(1, min(PLANE_PATCH, *room)))
-    if options.epochs is None and len({h for _, h, _ in layout.train}) == 1:
+    one_axis = len({h for _, h, _ in layout.train}) == 1  # then W is degraded too: no plane is sharp both ways
+    if options.epochs is None and one_axis:
         options = replace(options, epochs=ONE_AXIS_EPOCHS)
+    if options.rotations is None:
+        options = replace(options, rotations=0 if one_axis else PLANE_ROTATIONS)
+    elif options.rotations and one_axis:
+        raise InferenceError(f"adapt=true: adapt.rotations={options.rotations} needs training planes sharp along both "
+                             f"axes (one degraded axis); factors {list(options.factors)} leave one axis sharp; "
+                             f"give adapt.rotations=0")
     return options
 
 
@@ -185,25 +216,38 @@ def plane_slab(scan: np.ndarray, options: AdaptOptions) -> tuple[int, int]:
     return holdout_slab(torch.from_numpy(np.moveaxis(np.asarray(scan), layout.hold, 0)), held, side)
 
 
+#: the flips of a plane (of a ``(N, H, W)`` stack's last two dims) that :func:`apply_planes` averages
+#: over with ``flips``: each keeps which axis is degraded and how (the slices' grid, the k-space
+#: band and both interpolations are symmetric), so each is a valid view of the plane; with the
+#: stack axis, which a 2D network does not see, they cover all 8 flips of the volume's axes
+FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
+
+
 @torch.no_grad()
 def apply_planes(net: nn.Module, volume: np.ndarray | Tensor, layout: PlaneLayout, bf16: bool = False,
-                 batch: int = 8) -> np.ndarray:
+                 batch: int = 8, flips: bool = False) -> np.ndarray:
     """``(X, Y, Z)`` -> ``(X, Y, Z)`` float32: ``net`` run on the planes of each ``layout.apply``
     order ``(stack, H, W)`` (the degraded axis ``H`` first, as in training), ``batch`` planes at a
     time on ``net``'s device; the volume plus, for each degraded axis, the mean change of the
-    orders that restore it (thick slices: the mean of both; k-space: both axes' changes added)."""
+    orders that restore it (thick slices: the mean of both; k-space: both axes' changes added).
+    With ``flips``, each plane's output is the mean over its 4 :data:`FLIPS`, each flipped back
+    (4 times the cost; then a flipped volume gives the flipped result)."""
     vol = checked_volume(volume)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
+    views = FLIPS if flips else ((),)
     changes: dict[int, list[Tensor]] = {}
     for order in layout.apply:
         planes = vol.permute(*order).contiguous()
-        out = torch.empty_like(planes)
-        for i in range(0, planes.shape[0], batch):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out[i:i + batch] = net(planes[i:i + batch, None].to(device)).float()[:, 0].cpu()
-        changes.setdefault(order[1], []).append(out.permute(*np.argsort(order).tolist()) - vol)
+        out = torch.zeros_like(planes)
+        for dims in views:
+            seen = torch.flip(planes, dims) if dims else planes
+            for i in range(0, planes.shape[0], batch):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    restored = net(seen[i:i + batch, None].to(device)).float()[:, 0].cpu()
+                out[i:i + batch] += torch.flip(restored, dims) if dims else restored
+        changes.setdefault(order[1], []).append((out / len(views)).permute(*np.argsort(order).tolist()) - vol)
     net.train(was_training)
     return (vol + sum(torch.stack(c).mean(dim=0) for c in changes.values())).numpy()
 
@@ -219,7 +263,7 @@ def plane_batch(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int],
     for _ in range(int(options.batch)):  # type: ignore[arg-type]
         s = int(rng.integers(len(stacks)))
         x, y = stacks[s]
-        held = layout.train[s].index(layout.hold)
+        held = layout.train[s % len(layout.train)].index(layout.hold)
         for _ in range(10):
             i, h, w = (start_outside(n, length, slab, rng) if dim == held else int(rng.integers(0, n - length + 1))
                        for dim, (n, length) in enumerate(zip(x.shape, (1, p, p))))
@@ -237,9 +281,9 @@ def plane_batch(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int],
 def held_out_planes(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int], patch: int) -> list[Stack]:
     """Each stack's held-out ``slab`` along ``layout.hold``, its centre at most 2 * ``patch`` wide
     along the other two axes (the 3D fine-tuning's :func:`~.holdout.validation_crop`), as
-    ``(stack, H, W)`` blocks."""
+    ``(stack, H, W)`` blocks; the scan's own stacks only (not turned copies)."""
     blocks = []
-    for (x, y), order in zip(stacks, layout.train):
+    for (x, y), order in zip(stacks[:len(layout.train)], layout.train):
         k = order.index(layout.hold)
         moved = validation_crop(x.movedim(k, 0), y.movedim(k, 0), slab, patch)
         blocks.append(tuple(v[0, 0].movedim(0, k) for v in moved))
@@ -289,12 +333,13 @@ def checkpoint_score(checkpoint: nn.Module, held: list[Stack], stride: int, layo
 
 
 class PlaneInferer(Inferer):
-    """``inferer(volume)``: :func:`apply_planes` with a trained plane network."""
+    """``inferer(volume)``: :func:`apply_planes` with a trained plane network (``flips``: each
+    plane averaged over its :data:`FLIPS`)."""
 
-    def __init__(self, net: nn.Module, layout: PlaneLayout, bf16: bool = False) -> None:
-        self.net, self.layout, self.bf16 = net, layout, bool(bf16)
+    def __init__(self, net: nn.Module, layout: PlaneLayout, bf16: bool = False, flips: bool = False) -> None:
+        self.net, self.layout, self.bf16, self.flips = net, layout, bool(bf16), bool(flips)
         self.device = next(net.parameters()).device
         self.name = "planes"
 
     def __call__(self, volume: np.ndarray | Tensor) -> np.ndarray:
-        return apply_planes(self.net, volume, self.layout, self.bf16)
+        return apply_planes(self.net, volume, self.layout, self.bf16, flips=self.flips)

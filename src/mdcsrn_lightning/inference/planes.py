@@ -10,7 +10,9 @@ training (:func:`apply_planes`). The planes are chosen so that the plane's other
 same state in training and application (:func:`plane_layout`): sharp for a thick-slice scan
 (the in-plane slices; the two in-plane axes beside the thick axis, averaged), degraded for a
 2x2x1 k-space scan (pairs from the planes of axis 2 and a degraded axis; run on the planes of
-axes 0 and 1, once for each, their changes added). A 3D network fine-tuned on such pairs cannot
+axes 0 and 1, once for each, their changes added). Where the training planes are sharp both
+ways (thick slices), turned copies of the scan add pairs (``adapt.rotations``); each plane's
+output is averaged over its flips (``adapt.flips``). A 3D network fine-tuned on such pairs cannot
 match them: its third axis differs between the two. The thick-slice idea is SMORE's (Zhao et
 al., IEEE TMI 2021), written here from the paper.
 
@@ -77,7 +79,9 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     stride = max(1, round(layout.factor))  # one held-out plane per coarse sample
     bf16 = use_bf16(device)
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
-                        psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options))
+                        psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options),
+                        settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations,
+                                  "flips": options.flips})
     result.psnr_adapted = -math.inf  # a fresh network starts far below: stop on its own best, compare at the end
     torch.manual_seed(options.seed)
     net = PlaneNet().to(device).train()
@@ -102,9 +106,10 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
 class PlaneAdaptingInferer(Inferer):
     """``inferer(volume)``: train a plane network on ``volume`` (:func:`train_planes`), then run it
     (:class:`PlaneInferer`); when self-validation keeps the checkpoint, ``unadapted`` (the
-    checkpoint's patch pass over ``checkpoint``) runs instead. With ``ensemble`` (a plane), that
-    application is averaged over the plane's symmetries (:class:`~.ensemble.EnsembleInferer`) and
-    :meth:`mean_std` reports their spread. :attr:`adaptation`: the last volume's."""
+    checkpoint's patch pass over ``checkpoint``) runs instead. The plane network's output is
+    averaged over the scan's flips (``options.flips``), except with ``ensemble`` (a plane): then
+    the plane's symmetries average it (:class:`~.ensemble.EnsembleInferer`) and :meth:`mean_std`
+    reports their spread. :attr:`adaptation`: the last volume's."""
 
     def __init__(self, unadapted: Inferer, checkpoint: nn.Module, options: AdaptOptions, progress: bool = False,
                  log: Callable[[str], None] = info, ensemble: tuple[int, int] | None = None) -> None:
@@ -126,8 +131,11 @@ class PlaneAdaptingInferer(Inferer):
         scan = checked_volume(volume).numpy()  # float32 (X, Y, Z) on the CPU, finite
         net, self.adaptation = train_planes(scan, self.options, self.checkpoint, device=self.device,
                                             progress=self.progress, log=self.log)
-        apply: Inferer = self.unadapted if net is None else PlaneInferer(net, self.layout,
-                                                                         self.adaptation.precision == "bf16")
+        # under an ensemble its symmetries do the averaging, so that their spread stays the network's
+        flips = self.options.flips and self.ensemble is None
+        self.adaptation.settings["flips"] = flips
+        apply: Inferer = self.unadapted if net is None else PlaneInferer(
+            net, self.layout, self.adaptation.precision == "bf16", flips=flips)
         if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
             return apply(scan), None
         return EnsembleInferer(apply, self.ensemble).mean_std(scan)
