@@ -213,6 +213,7 @@ def test_the_checkpoint_is_kept_when_the_plane_network_never_beats_it(monkeypatc
 
     inferer = PlaneAdaptingInferer(Spy(), checkpoint, AdaptOptions(**FAST, **THICK), log=lines.append)
     assert np.all(inferer(_scan()) == 0) and len(seen) == 1
+    assert inferer.adaptation.settings["flips"] is False  # the record says what ran: no plane network, no flips
 
 
 def test_the_checkpoint_score_puts_the_degraded_axis_in_its_thick_slot() -> None:

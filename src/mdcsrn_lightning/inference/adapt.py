@@ -194,7 +194,8 @@ class Adaptation:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        """JSON-ready; ``settings``: the settings the network resolved for this scan (plane network)."""
+        """JSON-ready; ``settings`` (plane network): what it resolved for this scan, and whether its
+        output was averaged over flips."""
         return {"network": self.network, "steps": self.steps, "seconds": round(self.seconds, 2), "stopped": self.stopped,
                 "best_step": self.best_step, "used": self.used, "precision": self.precision,
                 "self_validation_psnr": {"unadapted": round(self.psnr_unadapted, 4),

@@ -80,8 +80,7 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     bf16 = use_bf16(device)
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
                         psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options),
-                        settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations,
-                                  "flips": options.flips})
+                        settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations})
     result.psnr_adapted = -math.inf  # a fresh network starts far below: stop on its own best, compare at the end
     torch.manual_seed(options.seed)
     net = PlaneNet().to(device).train()
@@ -132,8 +131,8 @@ class PlaneAdaptingInferer(Inferer):
         net, self.adaptation = train_planes(scan, self.options, self.checkpoint, device=self.device,
                                             progress=self.progress, log=self.log)
         # under an ensemble its symmetries do the averaging, so that their spread stays the network's
-        flips = self.options.flips and self.ensemble is None
-        self.adaptation.settings["flips"] = flips
+        flips = net is not None and self.options.flips and self.ensemble is None
+        self.adaptation.settings["flips"] = flips  # as applied (the checkpoint's fallback pass has none)
         apply: Inferer = self.unadapted if net is None else PlaneInferer(
             net, self.layout, self.adaptation.precision == "bf16", flips=flips)
         if self.ensemble is None:  # not apply.mean_std: Inferer's default would re-enter base.py
