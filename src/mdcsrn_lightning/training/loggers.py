@@ -245,3 +245,4 @@ def log_test_results(loggers: Sequence[Logger], result: Mapping[str, Any], files
             body = "\n".join("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |"
                              for r in rows)
             logger.experiment.add_text("test/metrics", header + body, global_step=step)
+            logger.experiment.flush()  # after the trainer's finalize: nothing else writes these to disk
