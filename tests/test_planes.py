@@ -99,6 +99,78 @@ def test_rotations_default_to_five_only_where_the_training_planes_are_sharp_both
         AdaptOptions(rotations=-1)
 
 
+def test_noise_matching_defaults_on_only_where_the_training_planes_are_sharp_both_ways() -> None:
+    shape = (30, 40, 40)
+    assert plane_data.fitted(shape, AdaptOptions(**THICK)).noise is True
+    assert plane_data.fitted(shape, AdaptOptions(**KSPACE)).noise is False  # 2x2x1: a training axis is degraded
+    assert plane_data.fitted(shape, AdaptOptions(**THICK, noise=False)).noise is False
+    with pytest.raises(InferenceError, match=r"adapt.noise=True needs training planes sharp along both axes") as info:
+        plane_data.fitted(shape, AdaptOptions(**KSPACE, noise=True))
+    assert "\n" not in str(info.value) and "give adapt.noise=false" in str(info.value)
+    with pytest.raises(ValueError, match="adapt.noise: true, false or null, got 2"):
+        AdaptOptions(noise=2)
+    assert plane_data.pair_noise(_scan(), plane_data.fitted((14, 12, 18), AdaptOptions(**THICK, noise=False))) == (
+        None, [])
+
+
+def test_pair_noise_brings_a_pairs_input_to_the_scans_noise() -> None:
+    """A thick-slice scan of pure noise: its in-plane noise is white; a pair's input (degraded again
+    along a sharp axis) keeps a fraction k of its variance; with the added noise it has all of it."""
+    rng = np.random.default_rng(1)
+    scan = S.slice_degrade(rng.standard_normal((96, 96, 48)).astype(np.float32), 3, 3, 2, "boxcar", "cubic")
+    options = plane_data.fitted(scan.shape, AdaptOptions(**FAST, **THICK))
+    sigma, noise = plane_data.pair_noise(scan, options)
+    assert sigma == pytest.approx(float(scan.std()), rel=0.05)  # estimated from the scan's planes
+    layout = plane_layout(options)
+    inputs = [x for x, _ in plane_stacks(scan, options)[:len(layout.train)]]
+    assert [tuple(n.shape) for n in noise] == [x.shape for x in inputs]
+    for x, n in zip(inputs, noise):
+        k = float(x.var()) / float(scan.var())
+        assert 0.2 < k < 0.8  # the pair's input is quieter than the scan
+        assert float(x.var()) + float(n.var()) == pytest.approx(float(scan.var()), rel=0.05)
+        # the added noise is correlated along H as the input's is (same degradation): equal lag-1 correlation
+        assert float(np.corrcoef(n[:, :-1].flatten(), n[:, 1:].flatten())[0, 1]) == pytest.approx(
+            float(np.corrcoef(x[:, :-1].flatten(), x[:, 1:].flatten())[0, 1]), abs=0.03)
+
+
+def test_scan_noise_reads_white_noise_and_ignores_ramps() -> None:
+    from mdcsrn_lightning.inference.plane_noise import scan_noise
+
+    z, y, x = np.meshgrid(np.arange(20.0), np.arange(30.0), np.arange(16.0), indexing="ij")
+    ramp = 5 * z - 3 * y + 7 * x  # no response to planes: only noise is read
+    assert scan_noise(ramp, (0, 1)) == pytest.approx(0.0, abs=1e-6)
+    noisy = ramp + np.random.default_rng(2).normal(0, 2.0, ramp.shape)
+    assert scan_noise(noisy, (0, 1)) == pytest.approx(2.0, rel=0.05)
+    masked = noisy.copy()
+    masked[:, :20] = 0  # a background set to 0 (two thirds of each plane) holds no noise: not read as none
+    assert scan_noise(masked, (0, 1)) == pytest.approx(2.0, rel=0.1)
+    assert scan_noise(np.zeros((4, 5, 6)), (0, 1)) == 0.0
+
+
+def test_noisy_crops_keep_the_slices_grid() -> None:
+    from mdcsrn_lightning.inference.plane_noise import noisy
+
+    noise = torch.arange(10.0)[None, :, None].expand(4, 10, 9).contiguous()  # value = H index
+    rng = np.random.default_rng(3)
+    for h in (0, 1, 2, 5):
+        for _ in range(20):
+            out = noisy(torch.zeros(4, 4), noise, h, 3, rng)
+            first = abs(float(out[0, 0]))
+            assert first % 3 == h % 3 and first <= 6  # a start on the crop's slice grid, inside the stack
+            assert torch.equal(out.abs(), noise[0, int(first):int(first) + 4, :4])
+
+
+def test_pair_inputs_get_the_noise_only_when_given() -> None:
+    options = AdaptOptions(**{**FAST, "patch": 6, "batch": 8}, **THICK).resolved()
+    layout = plane_layout(options)
+    stacks = [(torch.zeros(15, 12, 12), torch.ones(15, 12, 12)) for _ in layout.train]
+    noise = [torch.full((15, 12, 12), 0.5) for _ in layout.train]
+    x, y = plane_data.plane_batch(stacks, layout, (5, 8), options, [0.0, 0.0], np.random.default_rng(0))
+    assert float(x.abs().max()) == 0.0
+    x, y = plane_data.plane_batch(stacks, layout, (5, 8), options, [0.0, 0.0], np.random.default_rng(0), noise=noise)
+    assert torch.equal(x.abs(), torch.full_like(x, 0.5)) and torch.equal(y, torch.ones_like(y))
+
+
 def test_turned_copies_are_trained_on_outside_the_slab_but_not_validated_on() -> None:
     options = AdaptOptions(**{**FAST, "patch": 6, "batch": 64}, **THICK, rotations=2).resolved()
     layout = plane_layout(options)  # thick axis 2: the stack axis of every training plane
@@ -257,7 +329,10 @@ def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path,
     assert code == 0, err
     record = json.loads((tmp_path / "sr.json").read_text())["adapt"]
     assert record["network"] == "planes" and record["steps"] <= 4
+    noise = record["settings"].pop("noise")  # the scan's noise std, in the network's input units
+    assert isinstance(noise, float) and noise > 0
     assert record["settings"] == {"patch": 12, "epochs": None, "rotations": 5, "flips": True}  # resolved for the scan
+    assert json.loads((tmp_path / "sr.json").read_text())["data_consistency"] is True  # auto, under the plane network
     assert nib.load(str(out)).shape == (30, 28, 30)
 
 

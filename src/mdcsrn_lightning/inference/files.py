@@ -211,15 +211,17 @@ def resolve_upsample(upsample: str | Sequence[float] | None, model: TrainedModel
     return fs  # type: ignore[return-value]
 
 
-def resolve_data_consistency(value: bool | str, model: TrainedModel) -> bool:
-    """``True``/``False`` as given; ``"auto"``: what the checkpoint's release record recommends
-    (measured on held-out real scans, ``release/MODEL_CARD.md``), else ``False``: whether the
-    step helps depends on how the model was trained."""
+def resolve_data_consistency(value: bool | str, model: TrainedModel, planes: bool = False) -> bool:
+    """``True``/``False`` as given; ``"auto"``: ``True`` under the plane network (``planes``:
+    measured better with it; where its pairs are noise-matched, its output is a denoised estimate
+    that the scan's measured data complete; ``docs/inference.md``), else what the checkpoint's release record
+    recommends (measured on held-out real scans, ``release/MODEL_CARD.md``), else ``False``:
+    whether the step helps depends on how the model was trained."""
     if isinstance(value, bool):
         return value
     if str(value).lower() != "auto":
         raise InferenceError(f"data_consistency must be true, false or auto, got {value!r}")
-    return model.recommends_data_consistency
+    return planes or model.recommends_data_consistency
 
 
 def file_settings(
@@ -232,9 +234,11 @@ def file_settings(
     upsample_shape: Sequence[int] | None = None,
     data_consistency: bool | Literal["auto"] = False,
     overwrite: bool = False,
+    planes: bool = False,
 ) -> FileSettings:
     """The request's :class:`FileSettings`, the checkpoint's records filling what is not given
-    (see :func:`predict`); the input scale rule is set after the inputs are checked."""
+    (see :func:`predict`; ``planes``: ``adapt=true`` trains the plane network); the input scale
+    rule is set after the inputs are checked."""
     thick = model.degradation == "slices"
     auto = isinstance(upsample, str) and upsample.strip().lower() == "auto"
     if thick:
@@ -251,7 +255,7 @@ def file_settings(
         interpolation=interpolation,
         upsample=ups,
         upsample_shape=tuple(upsample_shape) if upsample_shape is not None else None,  # checked by fine_shape
-        data_consistency=resolve_data_consistency(data_consistency, model),
+        data_consistency=resolve_data_consistency(data_consistency, model, planes),
         overwrite=bool(overwrite),
         auto=auto,
         checkpoint=str(model.path),
@@ -526,7 +530,8 @@ def predict(
     model = load_trained_model(ckpt)
     settings = file_settings(model, degrade=degrade, factors=factors, degrade_interpolation=degrade_interpolation,
                              upsample=upsample, upsample_shape=upsample_shape, data_consistency=data_consistency,
-                             overwrite=overwrite)
+                             overwrite=overwrite,
+                             planes=options.adapt is not None and options.adapt.resolved().network == "planes")
     settings = replace(settings, uncertainty=options.uncertainty, provenance=bool(provenance))
     plane = _ensemble_plane(settings)
     outputs = _bids.plan_bids_outputs(inputs, output) if bids else plan_outputs(inputs, output, is_collection)

@@ -56,7 +56,9 @@ class AdaptOptions:
     network's output on each plane averaged over the plane's 4 flips (4 passes of a cheap network;
     :data:`~.plane_data.FLIPS`); ``rotations``: the plane network's pairs also from that many
     copies of the scan turned in the training plane (``None``: 5 where both its axes are sharp,
-    as for thick slices, else 0; :data:`~.plane_data.PLANE_ROTATIONS`). ``steps``, ``lr``,
+    as for thick slices, else 0; :data:`~.plane_data.PLANE_ROTATIONS`); ``noise``: noise added to
+    the plane network's pair inputs so that theirs matches the scan's (``None``: on where both
+    axes of its training planes are sharp, else off; :mod:`~.plane_noise`). ``steps``, ``lr``,
     ``patch``, ``batch``, ``validate_every``, ``patience``, ``epochs`` left ``None`` take the network's
     :data:`ADAPT_DEFAULTS` (:meth:`resolved`; the plane network's ``patch``: the largest square
     up to 48 its training planes hold; its ``epochs``: 200 where its pairs restore one axis only,
@@ -82,6 +84,7 @@ class AdaptOptions:
     network: str = "auto"
     flips: bool = True
     rotations: int | None = None
+    noise: bool | None = None
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
     slice_factor: int | None = None
@@ -108,6 +111,8 @@ class AdaptOptions:
             raise ValueError(f"adapt.rotations: an integer >= 0, got {self.rotations!r}")
         if not isinstance(self.flips, bool):
             raise ValueError(f"adapt.flips: true or false, got {self.flips!r}")
+        if self.noise is not None and not isinstance(self.noise, bool):
+            raise ValueError(f"adapt.noise: true, false or null, got {self.noise!r}")
         if str(self.network) not in get_args(AdaptNetwork):
             raise ValueError(f"adapt.network must be one of {get_args(AdaptNetwork)}, got {self.network!r}")
         self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]

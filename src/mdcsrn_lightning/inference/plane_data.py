@@ -28,6 +28,7 @@ from mdcsrn_lightning.inference.holdout import (
 )
 from mdcsrn_lightning.inference.options import AdaptOptions, InferenceOptions
 from mdcsrn_lightning.inference.patches import PatchInferer, checked_volume
+from mdcsrn_lightning.inference.plane_noise import noise_stacks, noisy, scan_noise
 
 __all__ = [
     "FLIPS",
@@ -43,6 +44,7 @@ __all__ = [
     "degrade_axis",
     "fitted",
     "held_out_planes",
+    "pair_noise",
     "plane_batch",
     "plane_layout",
     "plane_score",
@@ -148,6 +150,21 @@ def plane_stacks(scan: np.ndarray, options: AdaptOptions) -> list[tuple[np.ndarr
     return stacks  # type: ignore[return-value]
 
 
+def pair_noise(scan: np.ndarray, options: AdaptOptions) -> tuple[float | None, list[Tensor]]:
+    """``(sigma, noise)``: with ``options.noise`` (:func:`fitted`'s), ``scan``'s noise std from its
+    training planes (:func:`~.plane_noise.scan_noise`) and, for each of the scan's training orders,
+    the noise that brings its pairs' inputs to it (:func:`~.plane_noise.noise_stacks`); else
+    ``(None, [])``."""
+    if not options.noise:
+        return None, []
+    layout = plane_layout(options)
+    sigma = scan_noise(scan, layout.train[0][1:])
+    rng = np.random.default_rng(options.seed)
+    shaped = [degrade_axis(rng.standard_normal([scan.shape[ax] for ax in order]).astype(np.float32), 1, options,
+                           layout.factor) for order in layout.train]
+    return sigma, noise_stacks(shaped, sigma)
+
+
 def turned(scan: np.ndarray, axes: Sequence[int], degrees: float) -> np.ndarray:
     """``scan`` turned by ``degrees`` in the plane of ``axes`` about its centre, same shape (cubic
     B-spline; what leaves the grid is lost, what enters is 0), float32."""
@@ -164,8 +181,9 @@ def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
     largest square up to :data:`PLANE_PATCH` that the training planes hold beside the held-out
     slab; ``epochs`` (when not given) :data:`ONE_AXIS_EPOCHS` where every training plane restores
     the same axis (one axis at full resolution, as for 2x2x1), else no limit; ``rotations`` (when
-    not given) :data:`PLANE_ROTATIONS` where both axes of the training planes are sharp, else 0.
-    Rotations asked for where a training plane has a degraded axis are one line."""
+    not given) :data:`PLANE_ROTATIONS` where both axes of the training planes are sharp, else 0;
+    ``noise`` (when not given) on where they are, else off. Rotations or noise asked for where a
+    training plane has a degraded axis are one line."""
     options = options.resolved("planes")
     layout = plane_layout(options)
     if options.patch is None:
@@ -176,10 +194,13 @@ def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
         options = replace(options, epochs=ONE_AXIS_EPOCHS)
     if options.rotations is None:
         options = replace(options, rotations=0 if one_axis else PLANE_ROTATIONS)
-    elif options.rotations and one_axis:
-        raise InferenceError(f"adapt=true: adapt.rotations={options.rotations} needs training planes sharp along both "
-                             f"axes (one degraded axis); factors {list(options.factors)} leave one axis sharp; "
-                             f"give adapt.rotations=0")
+    if options.noise is None:
+        options = replace(options, noise=not one_axis)
+    for name, asked in (("rotations", options.rotations), ("noise", options.noise)):
+        if asked and one_axis:
+            raise InferenceError(f"adapt=true: adapt.{name}={asked} needs training planes sharp along both axes (one "
+                                 f"degraded axis); factors {list(options.factors)} leave one axis sharp; give "
+                                 f"adapt.{name}={0 if name == 'rotations' else 'false'}")
     return options
 
 
@@ -253,12 +274,16 @@ def apply_planes(net: nn.Module, volume: np.ndarray | Tensor, layout: PlaneLayou
 
 
 def plane_batch(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int], options: AdaptOptions,
-                floors: list[float], rng: np.random.Generator, device: torch.device | str = "cpu") -> Stack:
+                floors: list[float], rng: np.random.Generator, device: torch.device | str = "cpu",
+                noise: Sequence[Tensor] = ()) -> Stack:
     """``batch`` random ``patch``-square crops of either stack that do not overlap the held-out
     ``slab`` along ``layout.hold``, each redrawn up to 10 times while its target's mean is below
-    the stack's ``floors`` (air), then flipped at random along each axis (flips keep which axis
-    is degraded); ``(batch, 1, patch, patch)`` inputs and targets on ``device``."""
+    the stack's ``floors`` (air); with ``noise`` (one per training order, :func:`~.plane_noise.noise_stacks`),
+    a crop of it added to each input on the slices' grid (:func:`~.plane_noise.noisy`); then
+    flipped at random along each axis (flips keep which axis is degraded);
+    ``(batch, 1, patch, patch)`` inputs and targets on ``device``."""
     p = int(options.patch)  # type: ignore[arg-type]
+    step = int(layout.factor) if options.slice_factor is not None else 1
     xs, ys = [], []
     for _ in range(int(options.batch)):  # type: ignore[arg-type]
         s = int(rng.integers(len(stacks)))
@@ -270,6 +295,8 @@ def plane_batch(stacks: list[Stack], layout: PlaneLayout, slab: tuple[int, int],
             if float(y[i, h:h + p, w:w + p].mean()) >= floors[s]:
                 break
         px, py = x[i, h:h + p, w:w + p], y[i, h:h + p, w:w + p]
+        if noise:
+            px = noisy(px, noise[s % len(noise)], h, step, rng)
         dims = [d for d in (0, 1) if rng.random() < 0.5]
         if dims:
             px, py = torch.flip(px, dims), torch.flip(py, dims)

@@ -11,8 +11,9 @@ same state in training and application (:func:`plane_layout`): sharp for a thick
 (the in-plane slices; the two in-plane axes beside the thick axis, averaged), degraded for a
 2x2x1 k-space scan (pairs from the planes of axis 2 and a degraded axis; run on the planes of
 axes 0 and 1, once for each, their changes added). Where the training planes are sharp both
-ways (thick slices), turned copies of the scan add pairs (``adapt.rotations``); each plane's
-output is averaged over its flips (``adapt.flips``). A 3D network fine-tuned on such pairs cannot
+ways (thick slices), turned copies of the scan add pairs (``adapt.rotations``) and the pairs'
+inputs, degraded twice, get noise that brings theirs to the scan's (``adapt.noise``,
+:mod:`.plane_noise`); each plane's output is averaged over its flips (``adapt.flips``). A 3D network fine-tuned on such pairs cannot
 match them: its third axis differs between the two. The thick-slice idea is SMORE's (Zhao et
 al., IEEE TMI 2021), written here from the paper.
 
@@ -51,6 +52,7 @@ from mdcsrn_lightning.inference.plane_data import (
     checkpoint_score,
     fitted,
     held_out_planes,
+    pair_noise,
     plane_batch,
     plane_layout,
     plane_score,
@@ -74,13 +76,15 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     slab = plane_slab(scan, options)
     stacks = [tuple(torch.from_numpy(v) for v in pair) for pair in plane_stacks(scan, options)]
     held_out = held_out_planes(stacks, layout, slab, int(options.patch))  # type: ignore[arg-type]
+    sigma, noise = pair_noise(scan, options)
     training = sum(x.numel() for x, _ in stacks) * (1 - (slab[1] - slab[0]) / scan.shape[layout.hold])
     options = epoch_capped(options, training, int(options.patch) ** 2)  # type: ignore[arg-type]
     stride = max(1, round(layout.factor))  # one held-out plane per coarse sample
     bf16 = use_bf16(device)
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
                         psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options),
-                        settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations})
+                        settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations,
+                                  "noise": None if sigma is None else round(sigma, 6)})
     result.psnr_adapted = -math.inf  # a fresh network starts far below: stop on its own best, compare at the end
     torch.manual_seed(options.seed)
     net = PlaneNet().to(device).train()
@@ -88,7 +92,7 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     floors = [0.5 * float(y.mean()) for _, y in stacks]
     # partials of lower modules' functions, so the loop in adapt.py never calls back into this file
     best = train_loop(functools.partial(train_step, net, optimizer, bf16=bf16), net,
-                      functools.partial(plane_batch, stacks, layout, slab, options, floors, device=device),
+                      functools.partial(plane_batch, stacks, layout, slab, options, floors, device=device, noise=noise),
                       functools.partial(plane_score, net, held_out, stride, bf16), options, result, progress)
     if best is None or not result.psnr_adapted > result.psnr_unadapted:
         result.used = "unadapted"
