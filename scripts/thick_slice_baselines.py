@@ -191,6 +191,8 @@ def main() -> None:
                         help="adapt.rotations (default: the plane network's, 5 for thick slices)")
     parser.add_argument("--adapt-no-flips", action="store_true", help="adapt.flips=false")
     parser.add_argument("--adapt-no-noise", action="store_true", help="adapt.noise=false (no noise matching)")
+    parser.add_argument("--adapt-no-prior", action="store_true",
+                        help="adapt.prior=false (the plane network from scratch, not from the released prior)")
     parser.add_argument("--ensemble", action="store_true",
                         help="also each checkpoint (and adapted one) averaged over the in-plane symmetries")
     parser.add_argument("--dc", action="store_true",
@@ -209,7 +211,8 @@ def main() -> None:
                                                                       "network": args.adapt_network,
                                                                       "rotations": args.adapt_rotations,
                                                                       "flips": not args.adapt_no_flips,
-                                                                      "noise": False if args.adapt_no_noise else None},
+                                                                      "noise": False if args.adapt_no_noise else None,
+                                                                      "prior": False if args.adapt_no_prior else None},
                                                    args.ensemble, args.dc)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 rows.append(row)

@@ -258,7 +258,7 @@ def test_a_scan_too_small_for_the_plane_patch_is_refused_in_one_line() -> None:
     assert check_plane_fits((20, 20, 30), AdaptOptions(patch=16, slice_factor=3, holdout=0.2)) == 6
 
 
-def test_train_planes_trains_a_fresh_network_and_records_it(monkeypatch) -> None:
+def test_train_planes_trains_a_plane_network_and_records_it(monkeypatch) -> None:
     monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)  # any plane network beats it
     lines: list[str] = []
     net, record = train_planes(_scan(), AdaptOptions(**FAST, **THICK), tiny_net(), progress=False, log=lines.append)
@@ -331,7 +331,8 @@ def test_cli_thick_adapt_trains_planes_by_default_and_records_it(tmp_path: Path,
     assert record["network"] == "planes" and record["steps"] <= 4
     noise = record["settings"].pop("noise")  # the scan's noise std, in the network's input units
     assert isinstance(noise, float) and noise > 0
-    assert record["settings"] == {"patch": 12, "epochs": None, "rotations": 5, "flips": True}  # resolved for the scan
+    assert record["settings"] == {"patch": 12, "epochs": None, "rotations": 5, "flips": True,  # resolved for the scan
+                                  "prior": "planenet_thick_prior.pt"}
     assert json.loads((tmp_path / "sr.json").read_text())["data_consistency"] is True  # auto, under the plane network
     assert nib.load(str(out)).shape == (30, 28, 30)
 

@@ -104,7 +104,7 @@ def adapt_options(cfg: DictConfig) -> AdaptOptions | None:
     block = cfg.get("adapt_options") or {}
     values = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
     known = {"steps", "epochs", "minutes", "lr", "patch", "batch", "seed", "holdout", "validate_every", "patience",
-             "order", "save", "network", "flips", "rotations", "noise"}
+             "order", "save", "network", "flips", "rotations", "noise", "prior"}
     unknown = sorted(set(values) - known)  # type: ignore[arg-type]
     if unknown:
         raise InferenceError(f"adapt_options.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")

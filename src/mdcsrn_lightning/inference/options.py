@@ -58,7 +58,10 @@ class AdaptOptions:
     copies of the scan turned in the training plane (``None``: 5 where both its axes are sharp,
     as for thick slices, else 0; :data:`~.plane_data.PLANE_ROTATIONS`); ``noise``: noise added to
     the plane network's pair inputs so that theirs matches the scan's (``None``: on where both
-    axes of its training planes are sharp, else off; :mod:`~.plane_noise`). ``steps``, ``lr``,
+    axes of its training planes are sharp, else off; :mod:`~.plane_noise`); ``prior``: the plane
+    network starts from the released prior trained across scans instead of from scratch
+    (``None``: the prior where both axes of its training planes are sharp, else from scratch;
+    :mod:`~.plane_prior`). ``steps``, ``lr``,
     ``patch``, ``batch``, ``validate_every``, ``patience``, ``epochs`` left ``None`` take the network's
     :data:`ADAPT_DEFAULTS` (:meth:`resolved`; the plane network's ``patch``: the largest square
     up to 48 its training planes hold; its ``epochs``: 200 where its pairs restore one axis only,
@@ -85,6 +88,7 @@ class AdaptOptions:
     flips: bool = True
     rotations: int | None = None
     noise: bool | None = None
+    prior: bool | None = None
     factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
     interpolation: str = "linear"
     slice_factor: int | None = None
@@ -111,8 +115,9 @@ class AdaptOptions:
             raise ValueError(f"adapt.rotations: an integer >= 0, got {self.rotations!r}")
         if not isinstance(self.flips, bool):
             raise ValueError(f"adapt.flips: true or false, got {self.flips!r}")
-        if self.noise is not None and not isinstance(self.noise, bool):
-            raise ValueError(f"adapt.noise: true, false or null, got {self.noise!r}")
+        for name in ("noise", "prior"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"adapt.{name}: true, false or null, got {getattr(self, name)!r}")
         if str(self.network) not in get_args(AdaptNetwork):
             raise ValueError(f"adapt.network must be one of {get_args(AdaptNetwork)}, got {self.network!r}")
         self.factors = tuple(float(f) for f in self.factors)  # type: ignore[assignment]

@@ -182,8 +182,9 @@ def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
     slab; ``epochs`` (when not given) :data:`ONE_AXIS_EPOCHS` where every training plane restores
     the same axis (one axis at full resolution, as for 2x2x1), else no limit; ``rotations`` (when
     not given) :data:`PLANE_ROTATIONS` where both axes of the training planes are sharp, else 0;
-    ``noise`` (when not given) on where they are, else off. Rotations or noise asked for where a
-    training plane has a degraded axis are one line."""
+    ``noise`` (when not given) on where they are, else off; ``prior`` (when not given) on where
+    they are and the pairs are thick slices (what the prior was trained on), else off. Rotations,
+    noise or the prior asked for where a training plane has a degraded axis are one line."""
     options = options.resolved("planes")
     layout = plane_layout(options)
     if options.patch is None:
@@ -196,7 +197,9 @@ def fitted(shape: Sequence[int], options: AdaptOptions) -> AdaptOptions:
         options = replace(options, rotations=0 if one_axis else PLANE_ROTATIONS)
     if options.noise is None:
         options = replace(options, noise=not one_axis)
-    for name, asked in (("rotations", options.rotations), ("noise", options.noise)):
+    if options.prior is None:
+        options = replace(options, prior=not one_axis and options.slice_factor is not None)  # trained on slices
+    for name, asked in (("rotations", options.rotations), ("noise", options.noise), ("prior", options.prior)):
         if asked and one_axis:
             raise InferenceError(f"adapt=true: adapt.{name}={asked} needs training planes sharp along both axes (one "
                                  f"degraded axis); factors {list(options.factors)} leave one axis sharp; give "

@@ -4,7 +4,8 @@ The scan is sharp along its full-resolution axes. Degrading one of them the way 
 degraded axes are degraded (thick slices of ``slice_factor`` fine voxels with the checkpoint's
 profile, or k-space truncation by the checkpoint's factor; back onto the fine grid by its
 interpolation) gives 2D pairs whose target is the scan's own plane (:func:`plane_stacks`). A
-fresh :class:`~mdcsrn_lightning.models.plane_net.PlaneNet` learns to undo it
+:class:`~mdcsrn_lightning.models.plane_net.PlaneNet` (fresh, or for thick slices the released
+prior trained across scans, ``adapt.prior``, :mod:`.plane_prior`) learns to undo it
 (:func:`train_planes`) and is run on the planes that hold a degraded axis, that axis first as in
 training (:func:`apply_planes`). The planes are chosen so that the plane's other axis is in the
 same state in training and application (:func:`plane_layout`): sharp for a thick-slice scan
@@ -59,14 +60,17 @@ from mdcsrn_lightning.inference.plane_data import (
     plane_slab,
     plane_stacks,
 )
+from mdcsrn_lightning.inference.plane_prior import load_prior
 from mdcsrn_lightning.models.plane_net import PlaneNet
+from mdcsrn_lightning.release import RELEASED_PLANE_PRIOR
 
 __all__ = ["PlaneAdaptingInferer", "train_planes"]
 
 def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module, *,
                  device: torch.device | str = "cpu", progress: bool = True,
                  log: Callable[[str], None] = info) -> tuple[PlaneNet | None, Adaptation]:
-    """``(plane network to use, what happened)``: a fresh :class:`PlaneNet` trained on ``scan``'s
+    """``(plane network to use, what happened)``: a :class:`PlaneNet` (fresh, or the released
+    prior with ``options.prior``, :mod:`.plane_prior`) trained on ``scan``'s
     :func:`plane_stacks` (``scan``: the fine grid, the network's axis order), at most
     ``options.steps`` steps and ``options.minutes``, the best held-out state kept; ``None`` (use
     ``checkpoint``, one info line) when it never beats ``checkpoint`` on the held-out slices."""
@@ -84,10 +88,11 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     result = Adaptation(network="planes", precision="bf16" if bf16 else "32",
                         psnr_unadapted=checkpoint_score(checkpoint.to(device), held_out, stride, layout, options),
                         settings={"patch": options.patch, "epochs": options.epochs, "rotations": options.rotations,
-                                  "noise": None if sigma is None else round(sigma, 6)})
-    result.psnr_adapted = -math.inf  # a fresh network starts far below: stop on its own best, compare at the end
+                                  "noise": None if sigma is None else round(sigma, 6),
+                                  "prior": RELEASED_PLANE_PRIOR.name if options.prior else None})
+    result.psnr_adapted = -math.inf  # stop on the network's own best (a fresh one starts far below), compare at the end
     torch.manual_seed(options.seed)
-    net = PlaneNet().to(device).train()
+    net = (load_prior()[0] if options.prior else PlaneNet()).to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=options.lr)
     floors = [0.5 * float(y.mean()) for _, y in stacks]
     # partials of lower modules' functions, so the loop in adapt.py never calls back into this file

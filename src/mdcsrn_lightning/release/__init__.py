@@ -17,6 +17,9 @@ RELEASED_COARSE_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_realmix_magnitude.ckpt"
 # (MODEL_CARD_thick.md); mdcsrn-infer picks it for thick-slice scans when no ckpt is given
 RELEASED_THICK_WEIGHTS = RELEASE_DIR / "mdcsrn_b2u4k8_thick.ckpt"
 THICK_MODEL_CARD = RELEASE_DIR / "MODEL_CARD_thick.md"
+# the 2D plane network trained across scans on thick-slice pairs (scripts/train_plane_prior.py;
+# MODEL_CARD_thick.md "The plane prior"): where adaptation to a thick-slice scan starts (adapt.prior)
+RELEASED_PLANE_PRIOR = RELEASE_DIR / "planenet_thick_prior.pt"
 
 
 def released_weights() -> Path:
