@@ -48,10 +48,12 @@ def noise_stacks(shaped: Sequence[np.ndarray], sigma: float) -> list[Tensor]:
     noise degraded as those inputs are along ``H``), scaled so that its variance is
     ``sigma**2 * (1 - k)``, ``k`` the variance the degradation leaves of unit white noise (the
     variance of ``shaped``); empty when ``sigma`` is 0 or ``k >= 1``."""
+    if sigma <= 0:
+        return []
     stacks = []
     for unit in shaped:
         k = float(np.var(unit))
-        if sigma <= 0 or not 0 < k < 1:
+        if not 0 < k < 1:
             return []
         stacks.append(torch.from_numpy((unit * (sigma * math.sqrt((1 - k) / k))).astype(np.float32)))
     return stacks
