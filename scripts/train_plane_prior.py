@@ -6,9 +6,12 @@ into 5 slabs along axis 2 over their foreground, slabs 1-3 kept (4 and 5 are tha
 validation and test slabs; pycortex S1 and nibabel's anatomical.nii, the scans results are
 reported on, are in no part of it). Each is used at 1 mm with slices of 2-6 voxels and, as a
 2x2x2 block mean, at 2 mm with slices of 2-3 voxels (thick slices of 2-6 mm, in voxels of either
-size).
+size). ``--itk N`` adds ITK's real low-resolution scan (``mdcsrn-data itk_lowres``, 2x2x3 mm:
+its 2 mm planes, slices of 2-3 voxels) N times, so that one real person's contrast and noise
+weigh beside the two smooth templates; ``--synthetic N`` adds N synthetic subjects
+(``data/synthetic.py``, seed ``SYNTHETIC_SEED``) as the templates are used.
 
-    python scripts/train_plane_prior.py --minutes 20 --out src/mdcsrn_lightning/release/planenet_thick_prior.pt
+    python scripts/train_plane_prior.py --minutes 20 --itk 3 --out src/mdcsrn_lightning/release/planenet_thick_prior.pt
 
 A developer's command (what it wrote: MODEL_CARD_thick.md "The plane prior"), not part of the
 installed package.
@@ -25,6 +28,7 @@ import torch
 
 from mdcsrn_lightning.data.fetch import data_path
 from mdcsrn_lightning.data.registry_sources import foreground_extent, slab_edges
+from mdcsrn_lightning.data.synthetic import SyntheticSource
 from mdcsrn_lightning.data.volume_io import load_volume
 from mdcsrn_lightning.inference.plane_prior import save_prior, train_prior
 
@@ -32,6 +36,7 @@ KEYS = ("icbm152_t1", "icbm152_t2")
 TRAIN_SLABS = (0, 3)  # of 5 along axis 2, as experiment=release_thick_cpu's slab_roles
 FACTORS_1MM = [2, 3, 4, 5, 6]
 FACTORS_2MM = [2, 3]
+SYNTHETIC_SEED = 7  # not the seeds of experiment=release_thick_cpu's subjects
 
 
 def training_slabs(key: str) -> np.ndarray:
@@ -54,15 +59,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--itk", type=int, default=0, help="copies of ITK's real 2x2x3 mm scan (its 2 mm planes)")
+    parser.add_argument("--synthetic", type=int, default=0, help="synthetic subjects, used as the templates are")
     args = parser.parse_args()
     volumes, factors, names = [], [], []
-    for key in KEYS:
-        slabs = training_slabs(key)
+    sets = [(f"{key} slabs {TRAIN_SLABS[0] + 1}-{TRAIN_SLABS[1]} of 5 along axis 2", training_slabs(key)) for key in KEYS]
+    if args.synthetic:
+        source = SyntheticSource(num_subjects=args.synthetic, seed=SYNTHETIC_SEED, crop=(144, 176, 144))
+        sets += [(f"synthetic {i}", source.render(i)[0]) for i in range(args.synthetic)]
+    for name, slabs in sets:
         for volume, fs, mm in ((slabs, FACTORS_1MM, 1), (block_mean(slabs), FACTORS_2MM, 2)):
             volumes.append(volume)
             factors.append(fs)
-            names.append(f"{key} slabs {TRAIN_SLABS[0] + 1}-{TRAIN_SLABS[1]} of 5 along axis 2, {mm} mm "
-                         f"{list(volume.shape)}")
+            names.append(f"{name}, {mm} mm {list(volume.shape)}")
+    if args.itk:  # axis 2 is its 3 mm slice axis: the planes (X, Y) are sharp at 2 mm
+        itk = np.asarray(load_volume(str(data_path("itk_lowres"))).data, dtype=np.float32)
+        volumes += [itk] * args.itk
+        factors += [FACTORS_2MM] * args.itk
+        names += [f"itk_lowres 2 mm planes {list(itk.shape)}"] * args.itk
     net, record = train_prior(volumes, factors, steps=args.steps, minutes=args.minutes, seed=args.seed, progress=True)
     record.update(volumes=names, command="python scripts/train_plane_prior.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None),

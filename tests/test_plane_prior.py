@@ -105,8 +105,10 @@ def test_the_released_prior_loads_weights_only_and_names_its_training_volumes() 
     assert RELEASED_PLANE_PRIOR.stat().st_size < 1_000_000
     net, record = load_prior()
     assert (net.channels, net.blocks) == (32, 6)
-    assert record["volumes"] and all(v.startswith(("icbm152_t1 slabs 1-3", "icbm152_t2 slabs 1-3"))
-                                     for v in record["volumes"])  # never a scan results are reported on
+    # the templates' training slabs and ITK's scan, never a scan results are reported on (S1, anatomical.nii)
+    assert record["volumes"] and all(v.startswith(("icbm152_t1 slabs 1-3", "icbm152_t2 slabs 1-3", "itk_lowres"))
+                                     for v in record["volumes"])
+    assert any(v.startswith("itk_lowres") for v in record["volumes"])
     assert record["steps"] > 1000
 
 

@@ -7,7 +7,8 @@ slice factors and noise levels (:func:`train_prior`: each volume's
 :func:`~.plane_data.plane_stacks` for each factor, its inputs noise-matched as adaptation's are);
 adaptation then fits it to the scan (:mod:`.planes`). The released prior
 (``release/planenet_thick_prior.pt``) is written by ``scripts/train_plane_prior.py`` from the
-ICBM 2009c T1/T2 training slabs only. Below :mod:`.planes`. Pure torch/numpy.
+ICBM 2009c T1/T2 training slabs and the 2 mm planes of ITK's real 2x2x3 mm scan. Below
+:mod:`.planes`. Pure torch/numpy.
 """
 
 from __future__ import annotations
