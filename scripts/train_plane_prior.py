@@ -11,7 +11,7 @@ its 2 mm planes, slices of 2-3 voxels) N times, so that one real person's contra
 weigh beside the two smooth templates; ``--synthetic N`` adds N synthetic subjects
 (``data/synthetic.py``, seed ``SYNTHETIC_SEED``) as the templates are used.
 
-    python scripts/train_plane_prior.py --minutes 20 --itk 3 --out src/mdcsrn_lightning/release/planenet_thick_prior.pt
+    OMP_NUM_THREADS=2 python scripts/train_plane_prior.py --minutes 40 --itk 3 --out src/mdcsrn_lightning/release/planenet_thick_prior.pt
 
 A developer's command (what it wrote: MODEL_CARD_thick.md "The plane prior"), not part of the
 installed package.
