@@ -288,6 +288,27 @@ def test_the_checkpoint_is_kept_when_the_plane_network_never_beats_it(monkeypatc
     assert inferer.adaptation.settings["flips"] is False  # the record says what ran: no plane network, no flips
 
 
+@pytest.mark.parametrize(("given", "applied"), [("auto", False), ("true", True)])
+def test_where_the_checkpoint_is_kept_auto_data_consistency_is_the_checkpoints_own(
+        tmp_path: Path, monkeypatch, capsys, given, applied) -> None:
+    import nibabel as nib
+
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: np.inf)  # self-validation keeps it
+    src, ckpt = _thick_setup(tmp_path)  # a thick-slice checkpoint whose record does not recommend it
+    common = (f"input={src}", f"ckpt={ckpt}", "upsample=auto", "progress=false", "device=cpu")
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, *common, f"output={tmp_path / 'sr.nii.gz'}",
+                           f"data_consistency={given}", *ADAPT_ARGS)
+    assert code == 0, err
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["adapt"]["used"] == "unadapted" and record["data_consistency"] is applied
+    # the checkpoint's plain pass with data consistency as applied gives the same file
+    code, _, err = run_cli(monkeypatch, capsys, infer_cli, *common, f"output={tmp_path / 'plain.nii.gz'}",
+                           f"data_consistency={str(applied).lower()}")
+    assert code == 0, err
+    np.testing.assert_allclose(nib.load(str(tmp_path / "sr.nii.gz")).get_fdata(),
+                               nib.load(str(tmp_path / "plain.nii.gz")).get_fdata(), atol=1e-5)
+
+
 def test_the_checkpoint_score_puts_the_degraded_axis_in_its_thick_slot() -> None:
     class Slot2Only(nn.Module):  # restores exactly when the degraded axis is in slot 2: returns the target
         def __init__(self, target: Tensor) -> None:

@@ -112,7 +112,10 @@ class FileSettings:
     (:func:`~.sidecars.std_path`); ``provenance``: ``<out>.json`` is written beside each output.
     ``auto``: ``upsample=auto`` was asked, by ``checkpoint`` (named when a scan does not fit
     it); ``thick_axis``: the network's thick axis when that checkpoint was trained on thick
-    slices (each input is then a thick-slice scan, ``inference/thick.py``).
+    slices (each input is then a thick-slice scan, ``inference/thick.py``);
+    ``unadapted_consistency``: the data consistency of a file whose adaptation kept the
+    checkpoint (``auto`` under the plane network: the checkpoint's own record; ``None``: as
+    ``data_consistency``).
     """
 
     degrade: bool = False
@@ -127,6 +130,7 @@ class FileSettings:
     checkpoint: str = ""
     thick_axis: int | None = None
     slice_profile: str = "boxcar"
+    unadapted_consistency: bool | None = None
     uncertainty: bool = False
     provenance: bool = False
 
@@ -216,7 +220,8 @@ def resolve_data_consistency(value: bool | str, model: TrainedModel, planes: boo
     measured better with it; where its pairs are noise-matched, its output is a denoised estimate
     that the scan's measured data complete; ``docs/inference.md``), else what the checkpoint's release record
     recommends (measured on held-out real scans, ``release/MODEL_CARD.md``), else ``False``:
-    whether the step helps depends on how the model was trained."""
+    whether the step helps depends on how the model was trained. Where self-validation keeps the
+    checkpoint, ``auto`` is the checkpoint's (:attr:`FileSettings.unadapted_consistency`)."""
     if isinstance(value, bool):
         return value
     if str(value).lower() != "auto":
@@ -261,6 +266,7 @@ def file_settings(
         checkpoint=str(model.path),
         thick_axis=model.slice_axis if thick and auto else None,
         slice_profile=str((model.data.get("slices") or {}).get("profile", "boxcar")),
+        unadapted_consistency=resolve_data_consistency(data_consistency, model) if planes else None,
     )
 
 
@@ -418,15 +424,18 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         raise InferenceError(message if message.startswith(str(src)) else f"{src}: {message}") from None
     sr, std = predict_volume_std(inferer, plan.to_model(data) if plan is not None else data, scale=scale)
     adaptation = inferer.adaptation if isinstance(inferer, (AdaptingInferer, PlaneAdaptingInferer)) else None
+    consistency = settings.data_consistency
+    if adaptation is not None and adaptation.used == "unadapted" and settings.unadapted_consistency is not None:
+        consistency = settings.unadapted_consistency  # the checkpoint ran: auto is its own record's
     if record is not None and adaptation is not None:
-        record = {**record, "adapt": adaptation.record()}
+        record = {**record, "adapt": adaptation.record(), "data_consistency": consistency}
     write: Callable[..., Path] = write_refined if settings.upsample is not None else write_like
     if plan is not None:  # the thick axis where the network had it in training, and back
         sr, std = plan.from_model(sr), None if std is None else plan.from_model(std)
         write = functools.partial(write_refined, offset=plan.offset())
-        if settings.data_consistency:  # the scan's slices, contiguous, of the checkpoint's profile
+        if consistency:  # the scan's slices, contiguous, of the checkpoint's profile
             sr = _slice_consistency(sr, measured, plan.factor, plan.axis, settings.slice_profile)  # type: ignore[arg-type]
-    elif settings.data_consistency:
+    elif consistency:
         sr = _data_consistency(sr, measured, band, settings.interpolation)  # type: ignore[arg-type]
     if settings.uncertainty and std is None:
         raise InferenceError(f"{inferer.name}: uncertainty=true needs an inferer that reports a spread")
@@ -443,7 +452,7 @@ def predict_file(volume: LoadedVolume, output: str | os.PathLike[str], inferer: 
         seconds=time.perf_counter() - start,
         degraded=settings.degrade,
         upsampled=list(band) if settings.upsample is not None or plan is not None else None,
-        data_consistency=settings.data_consistency,
+        data_consistency=consistency,
         std=str(std_path(output)) if settings.uncertainty else None,
         sidecar=str(sidecar_path(output)) if record is not None else None,
         extra={"adapt": adaptation.record()} if adaptation is not None else {},
