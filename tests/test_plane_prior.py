@@ -59,6 +59,7 @@ def test_prior_pairs_cut_each_inplane_axis_into_slices_of_the_factor() -> None:
         assert not np.allclose(x.numpy(), y.numpy())
     x, y = pairs.crop(np.random.default_rng(1))
     assert tuple(x.shape) == tuple(y.shape) == (1, 1, 6, 6)
+    assert pairs.layout is pairs.layout and pairs.layout == plane_data.plane_layout(pairs.options)  # worked out once
 
 
 def test_train_prior_scales_each_volume_and_stops_at_its_budget() -> None:

@@ -86,6 +86,49 @@ def test_plane_stacks_add_copies_of_a_thick_scan_turned_in_its_planes() -> None:
     np.testing.assert_allclose(stacks[2][0], np.transpose(thick, (2, 0, 1)), atol=1e-5)
 
 
+def test_plane_stacks_are_views_of_one_copy_and_one_degraded_array_per_axis() -> None:
+    scan = _scan((12, 12, 6))
+    options = AdaptOptions(**FAST, **THICK, rotations=2)
+    stacks = plane_stacks(scan, options)
+    for k in range(3):  # the scan, then its two turned copies
+        (x0, y0), (x1, y1) = stacks[2 * k:2 * k + 2]
+        assert np.shares_memory(y0, y1) and not np.shares_memory(x0, x1)  # one target, two degradations
+        assert y0.base is not None and x0.base is not None  # transposed views, not copies
+        arrays = {id(a.base) for a in (x0, y0, x1, y1)}
+        assert len(arrays) == 3 and 3 * scan.nbytes == plane_data.stack_bytes(scan.shape, options)
+    assert np.shares_memory(stacks[0][1], scan)  # the scan's own planes are the scan (float32 already)
+    kspace = AdaptOptions(**FAST, **KSPACE_FACTORS)  # both orders degrade the full axis: one array
+    (x0, _), (x1, _) = plane_stacks(_scan((12, 12, 8)), kspace)
+    assert np.shares_memory(x0, x1) and plane_data.stack_bytes((12, 12, 8), kspace) == 2 * 4 * 12 * 12 * 8
+
+
+def test_turned_copies_are_capped_to_what_half_the_free_memory_holds() -> None:
+    options = AdaptOptions(**THICK, rotations=5)
+    shape = (40, 40, 10)  # 16,000 voxels: 192,000 bytes a copy (3 float32 arrays), 128,000 to turn one
+    assert plane_data.stack_bytes(shape, options) == 192_000
+    assert plane_data.rotations_that_fit(shape, options, 2 * (128_000 + 2 * 192_000)) == 2
+    assert plane_data.rotations_that_fit(shape, options, 2 * (128_000 + 2 * 192_000) - 2) == 1
+    assert plane_data.rotations_that_fit(shape, options, 100_000) == 0
+    assert plane_data.rotations_that_fit(shape, options, 10**12) == 5  # never more than asked
+
+
+@pytest.mark.parametrize("asked", [None, 3])
+def test_train_planes_caps_default_turned_copies_in_little_memory_and_says_so(monkeypatch, asked) -> None:
+    monkeypatch.setattr(planes_mod, "checkpoint_score", lambda *a, **k: -np.inf)
+    scan = _scan()
+    per_copy = plane_data.stack_bytes(scan.shape, AdaptOptions(**THICK))
+    monkeypatch.setattr(planes_mod, "free_memory_bytes", lambda device: 2 * (8 * scan.size + 2 * per_copy))
+    lines: list[str] = []
+    _, record = train_planes(scan, AdaptOptions(**FAST, **THICK, rotations=asked), tiny_net(), progress=False,
+                             log=lines.append)
+    if asked is None:  # the default 5 does not fit: 2 do, and one line says so
+        assert record.settings["rotations"] == 2
+        assert lines[0].startswith("adapt: 2 of 5 turned copies fit in half the free memory")
+        assert "adapt.rotations=2" in lines[0] and "\n" not in lines[0]
+    else:  # a given number is kept
+        assert record.settings["rotations"] == 3 and "turned copies" not in " ".join(lines)
+
+
 def test_rotations_default_to_five_only_where_the_training_planes_are_sharp_both_ways() -> None:
     shape = (30, 40, 40)
     assert plane_data.fitted(shape, AdaptOptions(**THICK)).rotations == plane_data.PLANE_ROTATIONS == 5

@@ -56,7 +56,8 @@ class AdaptOptions:
     network's output on each plane averaged over the plane's 4 flips (4 passes of a cheap network;
     :data:`~.plane_data.FLIPS`); ``rotations``: the plane network's pairs also from that many
     copies of the scan turned in the training plane (``None``: 5 where both its axes are sharp,
-    as for thick slices, else 0; :data:`~.plane_data.PLANE_ROTATIONS`); ``noise``: noise added to
+    as for thick slices, else 0, :data:`~.plane_data.PLANE_ROTATIONS`; the 5 cut to what half the
+    free memory holds, :func:`~.plane_data.rotations_that_fit`); ``noise``: noise added to
     the plane network's pair inputs so that theirs matches the scan's (``None``: on where both
     axes of its training planes are sharp, else off; :mod:`~.plane_noise`); ``prior``: the plane
     network starts from the released prior trained across scans instead of from scratch

@@ -51,6 +51,8 @@ __all__ = [
     "plane_slab",
     "plane_stacks",
     "pooled_psnr",
+    "rotations_that_fit",
+    "stack_bytes",
     "turned",
 ]
 
@@ -135,19 +137,37 @@ def plane_stacks(scan: np.ndarray, options: AdaptOptions) -> list[tuple[np.ndarr
     """For each training order ``(stack, H, W)`` of :func:`plane_layout`: ``(input, target)``
     stacks of shape ``(n_stack, n_H, n_W)``, ``scan`` degraded along ``H`` and ``scan``; then the
     same for each of ``options.rotations`` copies of ``scan`` turned in the training planes
-    (:func:`turned`), in that order (stack ``i`` has order ``layout.train[i % len(layout.train)]``)."""
+    (:func:`turned`), in that order (stack ``i`` has order ``layout.train[i % len(layout.train)]``).
+    The stacks are transposed views (crops are all that is read from them): per copy, the copy
+    and one degraded array per distinct ``H`` (:func:`stack_bytes`)."""
     layout = plane_layout(options)
     target = np.asarray(scan, dtype=np.float32)
     turns = int(options.rotations or 0)
-    views = [target] + [turned(target, layout.train[0][1:], 180.0 * k / (turns + 1)) for k in range(1, turns + 1)]
     stacks = []
-    for view in views:
+    for k in range(turns + 1):
+        view = target if k == 0 else turned(target, layout.train[0][1:], 180.0 * k / (turns + 1))
         degraded: dict[int, np.ndarray] = {}
         for order in layout.train:
             if order[1] not in degraded:
                 degraded[order[1]] = degrade_axis(view, order[1], options, layout.factor)
-            stacks.append(tuple(np.ascontiguousarray(np.transpose(v, order)) for v in (degraded[order[1]], view)))
+            stacks.append((np.transpose(degraded[order[1]], order), np.transpose(view, order)))
     return stacks  # type: ignore[return-value]
+
+
+def stack_bytes(shape: Sequence[int], options: AdaptOptions) -> int:
+    """Bytes that each turned copy adds to :func:`plane_stacks` for a scan of ``shape``: the copy
+    and its degraded arrays, float32."""
+    distinct = len({order[1] for order in plane_layout(options).train})
+    return 4 * math.prod(int(n) for n in shape) * (1 + distinct)
+
+
+def rotations_that_fit(shape: Sequence[int], options: AdaptOptions, free_bytes: int, fraction: float = 0.5) -> int:
+    """The most turned copies, up to ``options.rotations``, whose stacks (:func:`stack_bytes`) plus
+    one copy's turning take at most ``fraction`` of ``free_bytes``; may be 0."""
+    per_copy = stack_bytes(shape, options)
+    turning = 8 * math.prod(int(n) for n in shape)  # scipy's spline coefficients, float64, one copy at a time
+    room = int((fraction * free_bytes - turning) // per_copy)
+    return max(0, min(int(options.rotations or 0), room))
 
 
 def pair_noise(scan: np.ndarray, options: AdaptOptions) -> tuple[float | None, list[Tensor]]:

@@ -13,6 +13,7 @@ ICBM 2009c T1/T2 training slabs and the 2 mm planes of ITK's real 2x2x3 mm scan.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import time
@@ -29,6 +30,7 @@ from mdcsrn_lightning.inference.adapt import train_step, use_bf16
 from mdcsrn_lightning.inference.base import InferenceError
 from mdcsrn_lightning.inference.options import AdaptOptions
 from mdcsrn_lightning.inference.plane_data import (
+    PlaneLayout,
     Stack,
     pair_noise,
     plane_batch,
@@ -57,11 +59,15 @@ class PriorPairs:
     noise: list[torch.Tensor]
     thick_length: int
 
+    @functools.cached_property
+    def layout(self) -> PlaneLayout:
+        """Where its planes lie (:func:`~.plane_data.plane_layout`), worked out once."""
+        return plane_layout(self.options)
+
     def crop(self, rng: np.random.Generator) -> Stack:
         """One random ``(1, 1, patch, patch)`` pair (nothing held out)."""
         empty = (self.thick_length, self.thick_length)
-        return plane_batch(self.stacks, plane_layout(self.options), empty, self.options, self.floors, rng,
-                           noise=self.noise)
+        return plane_batch(self.stacks, self.layout, empty, self.options, self.floors, rng, noise=self.noise)
 
 
 def prior_pairs(volume: np.ndarray, factor: int, sigma: float, patch: int, rng: np.random.Generator) -> PriorPairs:

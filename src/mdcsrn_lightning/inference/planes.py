@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from mdcsrn_lightning.inference.base import InferenceError, Inferer
 from mdcsrn_lightning.inference.ensemble import EnsembleInferer
 from mdcsrn_lightning.inference.messages import info
 from mdcsrn_lightning.inference.options import AdaptOptions
-from mdcsrn_lightning.inference.patches import checked_volume
+from mdcsrn_lightning.inference.patches import checked_volume, free_memory_bytes
 from mdcsrn_lightning.inference.plane_data import (
     PlaneInferer,
     checkpoint_score,
@@ -59,6 +60,8 @@ from mdcsrn_lightning.inference.plane_data import (
     plane_score,
     plane_slab,
     plane_stacks,
+    rotations_that_fit,
+    stack_bytes,
 )
 from mdcsrn_lightning.inference.plane_prior import load_prior
 from mdcsrn_lightning.models.plane_net import PlaneNet
@@ -74,7 +77,10 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
     :func:`plane_stacks` (``scan``: the fine grid, the network's axis order), at most
     ``options.steps`` steps and ``options.minutes``, the best held-out state kept; ``None`` (use
     ``checkpoint``, one info line) when it never beats ``checkpoint`` on the held-out slices."""
+    asked = options.rotations
     options = fitted(scan.shape, options)
+    if asked is None:  # the default, not a given setting: fewer turned copies where they would not fit
+        options = _rotations_capped(scan.shape, options, log)
     device = torch.device(device)
     layout = plane_layout(options)
     slab = plane_slab(scan, options)
@@ -109,6 +115,18 @@ def train_planes(scan: np.ndarray, options: AdaptOptions, checkpoint: nn.Module,
         f"held-out PSNR {result.psnr_unadapted:.2f} dB (checkpoint) -> {result.psnr_adapted:.2f} dB "
         f"(best at step {result.best_step})")
     return net.eval(), result
+
+
+def _rotations_capped(shape: tuple[int, ...], options: AdaptOptions, log: Callable[[str], None]) -> AdaptOptions:
+    """``options`` with at most the turned copies whose pairs fit half the free memory
+    (:func:`~.plane_data.rotations_that_fit`; one info line where that is fewer)."""
+    free = free_memory_bytes(torch.device("cpu"))  # the pairs stay on the CPU; crops go to the device
+    fit = rotations_that_fit(shape, options, free)
+    if fit < int(options.rotations or 0):
+        log(f"adapt: {fit} of {options.rotations} turned copies fit in half the free memory ({free / 2**30:.1f} GiB; "
+            f"{stack_bytes(shape, options) / 2**30:.2f} GiB each); adapt.rotations={fit}")
+        options = replace(options, rotations=fit)
+    return options
 
 
 class PlaneAdaptingInferer(Inferer):
